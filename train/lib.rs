@@ -1,0 +1,1 @@
+//! clover: train and evaluate Clover-2 speculative-decoding draft heads with libtorch.
