@@ -145,7 +145,7 @@ fn kv_cache_compaction_keeps_the_accepted_rows() {
             None,
             Some(&mut cache),
         );
-        let branch = Tensor::from_slice(&[33i64, 99, 2, 7]).unsqueeze(0);
+        let branch = Tensor::from_slice(&[33i64, 90, 2, 7]).unsqueeze(0);
         let pos = Tensor::from_slice(&[3i64, 4, 4, 5]).unsqueeze(0);
         let m = Tensor::from_slice(&[
             true, true, true, true, false, false, false, //

@@ -18,11 +18,14 @@ struct Cli {
 enum Command {
     /// Show the libtorch version, CUDA availability and devices, and the paths in use.
     Doctor,
+    /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
+    Bench(crate::bench::BenchArgs),
 }
 
 pub fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Doctor => doctor(),
+        Command::Bench(args) => crate::bench::run(&args),
     }
 }
 

@@ -4,5 +4,7 @@
 //! to tokenized parquet) → `targets` (teacher states) → `head` + `trainer` (the draft head) →
 //! `export` → `tree` + `speculative` → `eval`. `teacher` is the frozen model every stage runs.
 
+pub mod bench;
 pub mod cli;
+pub mod generate;
 pub mod teacher;
