@@ -5,6 +5,7 @@
 //! `export` → `tree` + `speculative` → `eval`. `teacher` is the frozen model every stage runs.
 
 pub mod bench;
+pub mod chat;
 pub mod cli;
 pub mod generate;
 pub mod teacher;
