@@ -192,3 +192,86 @@ fn prefill_mask(valid: &Tensor, device: Device) -> Tensor {
     let eye = Tensor::eye(w, (Kind::Bool, device)).view([1, 1, w, w]);
     causal.logical_and(&keys).logical_or(&eye)
 }
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// Teacher model directory (HF layout).
+    #[arg(long)]
+    pub model: std::path::PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, f16 or bf16 (default: f32 on the CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Print one JSON object {"text", "token_ids", "tokens_per_s"} instead of the text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The dtype a device runs best: f32 on the CPU (16-bit matmuls are slow there), else bf16.
+pub fn default_kind(device: Device, requested: Option<&str>) -> Result<Kind> {
+    match requested {
+        Some(name) => crate::teacher::parse_kind(name),
+        None if device == Device::Cpu => Ok(Kind::Float),
+        None => Ok(Kind::BFloat16),
+    }
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let device = crate::teacher::parse_device(&args.device)?;
+    let kind = default_kind(device, args.dtype.as_deref())?;
+    let teacher = Teacher::load(&args.model, device, kind)?;
+    // Without --chat no template is rendered; naming a built-in one keeps a model that has no
+    // chat_template of its own usable for plain completion.
+    let template = if args.chat { None } else { Some("chatml") };
+    let chat = crate::chat::ChatTokenizer::from_model_dir(&args.model, template)?;
+    let (prompt, stop_ids) = if args.chat {
+        let messages = [crate::chat::Message::new(
+            crate::chat::Role::User,
+            args.prompt.clone(),
+        )];
+        (chat.encode_prompt(&messages)?, chat.stop_ids())
+    } else {
+        let encoding = chat
+            .tokenizer
+            .encode(args.prompt.as_str(), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+        let ids = encoding.get_ids().iter().map(|&i| i as i64).collect();
+        (ids, teacher.config.eos_token_ids.clone())
+    };
+    let cfg = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        seed: args.seed,
+        stop_ids,
+    };
+    let timed = generate(&teacher, &prompt, &cfg)?;
+    let text = chat.decode(&timed.answer.token_ids)?;
+    let n = timed.answer.token_ids.len();
+    let tokens_per_s = n as f64 / (timed.prefill_seconds + timed.decode_seconds);
+    if args.json {
+        let out = serde_json::json!({
+            "text": text,
+            "token_ids": timed.answer.token_ids,
+            "tokens_per_s": tokens_per_s,
+        });
+        println!("{out}");
+    } else {
+        println!("{text}");
+        eprintln!("[{n} tokens, {tokens_per_s:.1} tokens/s]");
+    }
+    Ok(())
+}
