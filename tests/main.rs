@@ -3,4 +3,6 @@
 
 mod chat;
 mod common;
+mod generate;
+mod gguf;
 mod teacher;
