@@ -15,7 +15,11 @@ fn greedy(max_new_tokens: usize) -> GenerationConfig {
 #[test]
 fn left_padded_batch_equals_one_prompt_at_a_time() {
     let teacher = Teacher::load(&fixture("tiny-llama-untied"), Device::Cpu, Kind::Float).unwrap();
-    let prompts = vec![vec![1i64, 5, 17, 33, 2, 64, 70], vec![1, 9], vec![1, 44, 45, 46]];
+    let prompts = vec![
+        vec![1i64, 5, 17, 33, 2, 64, 70],
+        vec![1, 9],
+        vec![1, 44, 45, 46],
+    ];
     let batched = generate_batch(&teacher, &prompts, &greedy(12)).unwrap();
     for (prompt, answer) in prompts.iter().zip(&batched) {
         let single = generate(&teacher, prompt, &greedy(12)).unwrap().answer;
@@ -29,7 +33,10 @@ fn stop_tokens_end_a_row_without_being_returned() {
     let teacher = Teacher::load(&fixture("tiny-llama-tied"), Device::Cpu, Kind::Float).unwrap();
     let free = generate(&teacher, &[1, 5, 17], &greedy(10)).unwrap().answer;
     let stop = free.token_ids[3];
-    let cfg = GenerationConfig { stop_ids: vec![stop], ..greedy(10) };
+    let cfg = GenerationConfig {
+        stop_ids: vec![stop],
+        ..greedy(10)
+    };
     let stopped = generate(&teacher, &[1, 5, 17], &cfg).unwrap().answer;
     let first = free.token_ids.iter().position(|&t| t == stop).unwrap();
     assert!(stopped.stopped);
@@ -49,12 +56,21 @@ struct GreedyCase {
 fn smollm2_greedy_ids_equal_transformers() {
     let dir = smollm2_dir();
     let cases: Vec<GreedyCase> =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_greedy.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_greedy.json")).unwrap())
+            .unwrap();
     let chat = clover::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
     let teacher = Teacher::load(&dir, Device::Cpu, Kind::Float).unwrap();
     for case in cases {
-        let messages = [clover::chat::Message::new(clover::chat::Role::User, case.prompt.clone())];
-        assert_eq!(chat.encode_prompt(&messages).unwrap(), case.prompt_ids, "{}", case.prompt);
+        let messages = [clover::chat::Message::new(
+            clover::chat::Role::User,
+            case.prompt.clone(),
+        )];
+        assert_eq!(
+            chat.encode_prompt(&messages).unwrap(),
+            case.prompt_ids,
+            "{}",
+            case.prompt
+        );
         let ours = generate(&teacher, &case.prompt_ids, &greedy(case.new_ids.len())).unwrap();
         assert_eq!(ours.answer.token_ids, case.new_ids, "{}", case.prompt);
     }
@@ -65,9 +81,15 @@ fn smollm2_knows_the_capital_of_france() {
     let dir = smollm2_dir();
     let chat = clover::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
     let teacher = Teacher::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    let messages = [clover::chat::Message::new(clover::chat::Role::User, "What is the capital of France?")];
+    let messages = [clover::chat::Message::new(
+        clover::chat::Role::User,
+        "What is the capital of France?",
+    )];
     let prompt = chat.encode_prompt(&messages).unwrap();
-    let cfg = GenerationConfig { stop_ids: chat.stop_ids(), ..greedy(32) };
+    let cfg = GenerationConfig {
+        stop_ids: chat.stop_ids(),
+        ..greedy(32)
+    };
     let answer = generate(&teacher, &prompt, &cfg).unwrap().answer;
     let text = chat.decode(&answer.token_ids).unwrap();
     assert!(text.contains("Paris"), "answer: {text}");
