@@ -1,1 +1,8 @@
+//! Integration tests: real libtorch, real fixtures, and the real SmolLM2 teacher where it matters.
+//! One module per area.
+
+mod chat;
+mod common;
+mod generate;
 mod gguf;
+mod teacher;
