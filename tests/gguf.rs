@@ -4,6 +4,7 @@
 //! GGUF loader) and scripts/golden_tokenizer.py (transformers' GGUF-converted tokenizer).
 
 use clover::gguf::{dequantize, import_gguf, GgmlType, GgufFile, Value};
+use clover::import::permute_rows;
 use safetensors::SafeTensors;
 use serde_json::Value as Json;
 use std::fs;
@@ -221,6 +222,20 @@ impl GgufBuilder {
 
     fn kv_u32(self, key: &str, value: u32) -> Self {
         self.kv(key, 4, &value.to_le_bytes())
+    }
+
+    fn kv_strings(self, key: &str, values: &[&str]) -> Self {
+        let mut p = 8u32.to_le_bytes().to_vec();
+        p.extend((values.len() as u64).to_le_bytes());
+        values.iter().for_each(|v| Self::string(&mut p, v));
+        self.kv(key, 9, &p)
+    }
+
+    fn kv_i32s(self, key: &str, values: &[i32]) -> Self {
+        let mut p = 5u32.to_le_bytes().to_vec();
+        p.extend((values.len() as u64).to_le_bytes());
+        values.iter().for_each(|v| p.extend(v.to_le_bytes()));
+        self.kv(key, 9, &p)
     }
 
     fn tensor(mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>) -> Self {
@@ -444,6 +459,126 @@ fn import_rejects_other_architectures_and_unsupported_types_leaving_nothing() {
     let err = format!("{:#}", import_gguf(&no_vocab, &out).unwrap_err());
     assert!(err.contains("refusing"), "{err}");
     assert!(out.join("notes.txt").exists());
+    fs::remove_dir_all(dir).unwrap();
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn read_f32_tensor(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let t = st.tensor(name).unwrap();
+    let values = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), values)
+}
+
+#[test]
+fn tiny_untied_import_unpermutes_q_and_k_and_keeps_lm_head() {
+    let dir = scratch("tiny");
+    // hidden 32, 2 heads and 1 kv head of head_dim 16, vocab 4; q/k stored the way llama.cpp
+    // writes them (permuted), everything else as is.
+    let hf_q: Vec<f32> = (0..32 * 32).map(|i| i as f32).collect();
+    let hf_k: Vec<f32> = (0..16 * 32).map(|i| -(i as f32)).collect();
+    let embd: Vec<f32> = (0..4 * 32).map(|i| i as f32 * 0.5).collect();
+    let head: Vec<f32> = (0..4 * 32).map(|i| i as f32 * 0.25).collect();
+    let path = GgufBuilder::new()
+        .kv_str("general.architecture", "mistral")
+        .kv_u32("mistral.block_count", 1)
+        .kv_u32("mistral.embedding_length", 32)
+        .kv_u32("mistral.feed_forward_length", 64)
+        .kv_u32("mistral.attention.head_count", 2)
+        .kv_u32("mistral.attention.head_count_kv", 1)
+        .kv_u32("mistral.context_length", 128)
+        .kv(
+            "mistral.attention.layer_norm_rms_epsilon",
+            6,
+            &1e-6f32.to_le_bytes(),
+        )
+        .kv_str("mistral.rope.scaling.type", "linear")
+        .kv("mistral.rope.scaling.factor", 6, &2.0f32.to_le_bytes())
+        .kv_str("tokenizer.ggml.model", "gpt2")
+        .kv_str("tokenizer.ggml.pre", "gpt-2")
+        .kv_strings("tokenizer.ggml.tokens", &["<|endoftext|>", "a", "b", "ab"])
+        .kv_i32s("tokenizer.ggml.token_type", &[3, 1, 1, 1])
+        .kv_strings("tokenizer.ggml.merges", &["a b"])
+        .kv_u32("tokenizer.ggml.eos_token_id", 0)
+        .tensor("token_embd.weight", &[32, 4], 0, f32_bytes(&embd))
+        .tensor("output.weight", &[32, 4], 0, f32_bytes(&head))
+        .tensor(
+            "blk.0.attn_q.weight",
+            &[32, 32],
+            0,
+            f32_bytes(&permute_rows(&hf_q, 32, 2).unwrap()),
+        )
+        .tensor(
+            "blk.0.attn_k.weight",
+            &[32, 16],
+            0,
+            f32_bytes(&permute_rows(&hf_k, 32, 1).unwrap()),
+        )
+        .write(&dir, "tiny.gguf");
+    let out = dir.join("tiny");
+    let summary = import_gguf(&path, &out).unwrap();
+    assert_eq!(
+        (
+            summary.tensors,
+            summary.parameters,
+            summary.tie_word_embeddings
+        ),
+        (4, 4 * 32 * 2 + 48 * 32, false)
+    );
+
+    let bytes = fs::read(out.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        read_f32_tensor(&st, "model.layers.0.self_attn.q_proj.weight"),
+        (vec![32, 32], hf_q)
+    );
+    assert_eq!(
+        read_f32_tensor(&st, "model.layers.0.self_attn.k_proj.weight"),
+        (vec![16, 32], hf_k)
+    );
+    assert_eq!(
+        read_f32_tensor(&st, "model.embed_tokens.weight"),
+        (vec![4, 32], embd)
+    );
+    assert_eq!(read_f32_tensor(&st, "lm_head.weight"), (vec![4, 32], head));
+
+    let config: Json =
+        serde_json::from_str(&fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], false);
+    assert_eq!(
+        (
+            config["num_attention_heads"].as_i64(),
+            config["num_key_value_heads"].as_i64()
+        ),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        (config["head_dim"].as_i64(), config["vocab_size"].as_i64()),
+        (Some(16), Some(4))
+    );
+    assert_eq!(config["rms_norm_eps"], 1e-6);
+    assert_eq!(config["rope_theta"], 10000.0);
+    assert_eq!(config["rope_scaling"]["rope_type"], "linear");
+    assert_eq!(config["rope_scaling"]["factor"], 2.0);
+    assert_eq!(config["eos_token_id"], 0);
+    assert_eq!(config["bos_token_id"], Json::Null);
+
+    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+    assert_eq!(
+        tok.encode("ab<|endoftext|>a", false).unwrap().get_ids(),
+        [3, 0, 1]
+    );
+    let tc: Json =
+        serde_json::from_str(&fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(tc["eos_token"], "<|endoftext|>");
+    assert!(tc.get("chat_template").is_none());
     fs::remove_dir_all(dir).unwrap();
 }
 

@@ -319,7 +319,7 @@ impl GgufFile {
     fn check_extent(&self, info: &TensorInfo) -> Result<()> {
         let name = &info.name;
         ensure!(
-            info.offset % self.alignment == 0,
+            info.offset.is_multiple_of(self.alignment),
             "tensor {name}: data offset {} is not a multiple of the alignment {}",
             info.offset,
             self.alignment
@@ -562,7 +562,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
         .filter(|_| ty.can_dequantize())
         .ok_or_else(|| anyhow!("cannot dequantize type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)", ty.name()))?;
     ensure!(
-        n % block_elems == 0,
+        n.is_multiple_of(block_elems),
         "{n} elements is not a whole number of {} blocks of {block_elems}",
         ty.name()
     );

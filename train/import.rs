@@ -285,13 +285,13 @@ pub fn unpermute_rows(w: &[f32], cols: usize, n_head: usize) -> Result<Vec<f32>>
 /// is ggml row `2*d + s`.
 fn reorder_rows(w: &[f32], cols: usize, n_head: usize, to_hf: bool) -> Result<Vec<f32>> {
     ensure!(
-        cols > 0 && w.len() % cols == 0,
+        cols > 0 && w.len().is_multiple_of(cols),
         "{} values are not rows of {cols}",
         w.len()
     );
     let rows = w.len() / cols;
     ensure!(
-        n_head > 0 && rows % (2 * n_head) == 0,
+        n_head > 0 && rows.is_multiple_of(2 * n_head),
         "{rows} rows cannot be split into {n_head} heads of even size"
     );
     let head_dim = rows / n_head;
