@@ -1,2 +1,3 @@
 //! clover: train and evaluate Clover-2 speculative-decoding draft heads with libtorch.
 pub mod chat;
+pub mod data;
