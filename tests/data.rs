@@ -282,6 +282,17 @@ fn truncated_json_list_is_an_error_naming_file_and_position() {
     assert!(message.contains("inside record 2"), "{message}");
     let err = prepare(&args(&input, &dir.join("out"))).unwrap_err();
     assert!(format!("{err:#}").contains("cut.json"));
+    let pretty_object = dir.join("object.json");
+    std::fs::write(
+        &pretty_object,
+        "{\n  \"id\": \"x\",\n  \"conversations\": []\n}\n",
+    )
+    .unwrap();
+    let err = format!("{:#}", read_conversations(&pretty_object).unwrap_err());
+    assert!(
+        err.contains("object.json: no record could be read") && err.contains("line 1"),
+        "{err}"
+    );
     let missing = read_conversations(&dir.join("absent.json")).unwrap_err();
     assert!(format!("{missing:#}").contains("absent.json"));
 }
