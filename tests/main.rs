@@ -1,3 +1,9 @@
-//! Integration tests; one module per area.
+//! Integration tests: real libtorch, real fixtures, and the real SmolLM2 teacher where it matters.
+//! One module per area.
+
 mod chat;
+mod common;
 mod data;
+mod generate;
+mod gguf;
+mod teacher;
