@@ -393,3 +393,43 @@ fn chitchat_import_groups_runs_into_alternating_turns() {
         ]
     );
 }
+
+#[test]
+fn prepare_args_parse_with_documented_flags_and_defaults() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        prepare: PrepareArgs,
+    }
+    let cli =
+        Cli::try_parse_from(["clover", "--input", "a.json", "--model", "m", "--out", "o"]).unwrap();
+    let p = cli.prepare;
+    assert_eq!(
+        (p.template.as_str(), p.max_len, p.eval_fraction, p.seed),
+        ("auto", 2048, 0.05, 0)
+    );
+    let cli = Cli::try_parse_from([
+        "clover",
+        "--input",
+        "a.json",
+        "--model",
+        "m",
+        "--out",
+        "o",
+        "--template",
+        "vicuna",
+        "--max-len",
+        "512",
+        "--eval-fraction",
+        "0.1",
+        "--seed",
+        "3",
+    ])
+    .unwrap();
+    let p = cli.prepare;
+    assert_eq!(
+        (p.template.as_str(), p.max_len, p.eval_fraction, p.seed),
+        ("vicuna", 512, 0.1, 3)
+    );
+}

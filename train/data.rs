@@ -33,7 +33,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// vicuna | llama3 | chatml | auto (the model's own chat_template).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["vicuna", "llama3", "chatml", "auto"])]
     pub template: String,
     #[arg(long)]
     pub out: PathBuf,
