@@ -3,6 +3,7 @@
 
 mod chat;
 mod common;
+mod data;
 mod generate;
 mod gguf;
 mod teacher;

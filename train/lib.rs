@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod data;
 pub mod generate;
 pub mod gguf;
 pub mod import;
