@@ -6,4 +6,6 @@ mod common;
 mod data;
 mod generate;
 mod gguf;
+mod regenerate;
+mod targets;
 mod teacher;

@@ -12,4 +12,6 @@ pub mod data;
 pub mod generate;
 pub mod gguf;
 pub mod import;
+pub mod regenerate;
+pub mod targets;
 pub mod teacher;
