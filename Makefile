@@ -56,4 +56,4 @@ test: setup
 	cargo test --release
 
 bench: setup
-	$(CLOVER) bench --model $(TEACHER) --out data/work/bench.json
+	$(CLOVER) bench --model $(TEACHER) --conversations $(CHITCHAT) --out data/work/bench.json
