@@ -1,1 +1,2 @@
 //! clover: train and evaluate Clover-2 speculative-decoding draft heads with libtorch.
+pub mod tree;

@@ -1,0 +1,2 @@
+//! Integration tests: one module per tests/<file>.rs.
+mod tree;
