@@ -1,2 +1,5 @@
-//! Integration tests: one module per tests/<file>.rs.
+//! Integration tests: real libtorch, real fixtures, and the real SmolLM2 teacher where it matters.
+
+mod common;
+mod teacher;
 mod tree;

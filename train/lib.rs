@@ -1,2 +1,9 @@
 //! clover: train and evaluate Clover-2 speculative-decoding draft heads with libtorch.
+//!
+//! Data flows one way through the modules: `gguf` (import a model) → `chat` / `data` (conversations
+//! to tokenized parquet) → `targets` (teacher states) → `head` + `trainer` (the draft head) →
+//! `export` → `tree` + `speculative` → `eval`. `teacher` is the frozen model every stage runs.
+
+pub mod cli;
+pub mod teacher;
 pub mod tree;
