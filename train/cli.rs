@@ -18,11 +18,17 @@ struct Cli {
 enum Command {
     /// Show the libtorch version, CUDA availability and devices, and the paths in use.
     Doctor,
+    /// Answer a prompt with the teacher (plain decoding).
+    Generate(crate::generate::GenerateArgs),
+    /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
+    Bench(crate::bench::BenchArgs),
 }
 
 pub fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Doctor => doctor(),
+        Command::Generate(args) => crate::generate::run(&args),
+        Command::Bench(args) => crate::bench::run(&args),
     }
 }
 

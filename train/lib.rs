@@ -4,6 +4,9 @@
 //! to tokenized parquet) → `targets` (teacher states) → `head` + `trainer` (the draft head) →
 //! `export` → `tree` + `speculative` → `eval`. `teacher` is the frozen model every stage runs.
 
+pub mod bench;
+pub mod chat;
 pub mod cli;
+pub mod generate;
 pub mod teacher;
 pub mod tree;

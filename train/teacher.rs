@@ -547,7 +547,10 @@ impl Teacher {
         }
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let get = |name: &str| lookup(&weights, dir, &format!("model.layers.{i}.{name}"));
+                let get = |name: &str| {
+                    lookup(&weights, dir, &format!("model.layers.{i}.{name}"))
+                        .map(Tensor::shallow_clone)
+                };
                 DecoderLayer::from_weights(&config, &get)
             })
             .collect::<Result<Vec<_>>>()?;
