@@ -3,5 +3,6 @@
 
 mod chat;
 mod common;
+mod speculative;
 mod teacher;
 mod tree;

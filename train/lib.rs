@@ -8,5 +8,6 @@ pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod generate;
+pub mod speculative;
 pub mod teacher;
 pub mod tree;
