@@ -236,10 +236,11 @@ impl HeadConfig {
                 .unwrap_or(num_attention_heads),
             head_dim,
             vocab_size: int("vocab_size")?,
+            // The same default as teacher::LlamaConfig.
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(|x| x.as_f64())
-                .with_context(|| format!("{}: missing rms_norm_eps", path.display()))?,
+                .unwrap_or(1e-6),
             num_depths: clover
                 .get("num_heads")
                 .and_then(|x| x.as_i64())
