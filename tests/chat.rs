@@ -1,0 +1,129 @@
+//! Chat templates against goldens from HF `apply_chat_template` (scripts/golden_templates.py).
+
+use clover::chat::{mask_from_spans, ChatTokenizer, Message, Role};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Deserialize)]
+struct Golden {
+    template: String,
+    messages: Vec<Message>,
+    text: String,
+    input_ids: Vec<i64>,
+    loss_mask: Vec<u8>,
+    prompt_text: String,
+    prompt_ids: Vec<i64>,
+}
+
+pub fn fixture_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/tokenizer")
+}
+
+fn goldens() -> Vec<Golden> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/golden.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn check_template(name: &str) {
+    let chat = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some(name)).unwrap();
+    let cases: Vec<Golden> = goldens()
+        .into_iter()
+        .filter(|g| g.template == name)
+        .collect();
+    assert_eq!(
+        cases.len(),
+        2,
+        "{name}: goldens without and with a system message"
+    );
+    for golden in cases {
+        let rendered = chat.render_conversation(&golden.messages).unwrap();
+        assert_eq!(rendered.text, golden.text, "{name}: rendered text");
+        let (ids, mask) = chat.encode_conversation(&golden.messages).unwrap();
+        assert_eq!(ids, golden.input_ids, "{name}: ids");
+        assert_eq!(mask, golden.loss_mask, "{name}: loss mask");
+        assert!(mask.contains(&1) && mask.contains(&0));
+        assert_eq!(
+            chat.render_prompt(&golden.messages).unwrap(),
+            golden.prompt_text
+        );
+        assert_eq!(
+            chat.encode_prompt(&golden.messages).unwrap(),
+            golden.prompt_ids
+        );
+    }
+}
+
+#[test]
+fn vicuna_matches_fastchat_and_hf_mask() {
+    check_template("vicuna");
+}
+
+#[test]
+fn llama3_matches_official_template() {
+    check_template("llama3");
+}
+
+#[test]
+fn chatml_matches_hf() {
+    check_template("chatml");
+}
+
+#[test]
+fn auto_uses_the_models_own_template() {
+    check_template("auto");
+    let default = ChatTokenizer::from_model_dir(&fixture_model_dir(), None).unwrap();
+    let messages = vec![Message::new(Role::User, "hi")];
+    let text = default.render_prompt(&messages).unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{text}"
+    );
+}
+
+#[test]
+fn conversation_ending_with_user_has_no_mask() {
+    let chat = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some("chatml")).unwrap();
+    let (ids, mask) = chat
+        .encode_conversation(&[
+            Message::new(Role::System, "s"),
+            Message::new(Role::User, "question"),
+        ])
+        .unwrap();
+    assert!(!ids.is_empty());
+    assert!(mask.iter().all(|&m| m == 0));
+}
+
+#[test]
+fn stop_ids_hold_eos_and_end_of_turn() {
+    let chat = ChatTokenizer::from_model_dir(&fixture_model_dir(), None).unwrap();
+    let im_end = chat.tokenizer.token_to_id("<|im_end|>").unwrap() as i64;
+    assert!(chat.stop_ids().contains(&im_end));
+    let text = chat.decode(&[im_end]).unwrap();
+    assert_eq!(text, "", "special tokens are skipped when decoding");
+}
+
+#[test]
+fn template_errors_are_reported_not_panics() {
+    let chat = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some("vicuna")).unwrap();
+    let messages = vec![
+        Message::new(Role::User, "q"),
+        Message::new(Role::System, "late system"),
+    ];
+    let err = chat.encode_conversation(&messages).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("system message is only allowed first"),
+        "{err:#}"
+    );
+    let err = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some("alpaca"))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("unknown template"), "{err:#}");
+}
+
+#[test]
+fn mask_marks_first_to_last_overlapping_token() {
+    let offsets = [(0, 3), (3, 4), (4, 4), (4, 8), (8, 9)];
+    assert_eq!(mask_from_spans(&offsets, &[3..8]), vec![0, 1, 1, 1, 0]);
+    assert_eq!(mask_from_spans(&offsets, &[2..5]), vec![1, 1, 1, 1, 0]);
+    assert_eq!(mask_from_spans(&offsets, &[]), vec![0; 5]);
+}

@@ -1,0 +1,6 @@
+//! Integration tests: real libtorch, real fixtures, and the real SmolLM2 teacher where it matters.
+//! One module per area.
+
+mod chat;
+mod common;
+mod teacher;
