@@ -4,3 +4,5 @@
 mod chat;
 mod common;
 mod teacher;
+mod head;
+mod trainer;

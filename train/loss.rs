@@ -15,6 +15,15 @@ use tch::{Kind, Reduction, Tensor};
 use crate::head::HeadConfig;
 use crate::teacher::Teacher;
 
+/// Loss arithmetic runs in f32 at least (as the reference's fp32 SmoothL1 under bf16 autocast),
+/// and in f64 when the head runs in f64 (the gradient check).
+pub fn at_least_f32(t: &Tensor) -> Tensor {
+    match t.kind() {
+        Kind::Half | Kind::BFloat16 => t.to_kind(Kind::Float),
+        _ => t.shallow_clone(),
+    }
+}
+
 /// Regression weight v_w of the reference.
 pub const VLOSS_WEIGHT: f64 = 10.0;
 /// Distillation weight p_w of the reference.
@@ -88,13 +97,15 @@ pub fn teacher_targets(teacher: &Teacher, u: &Tensor, mask: &Tensor) -> DistillT
         let (batch, pos) = (flat.divide_scalar_mode(t, "floor"), flat.remainder(t));
         let u_next = u.reshape([b * t, -1]).index_select(0, &(&flat + 1));
         let h = teacher.final_norm(&u_next);
-        let logp = teacher.lm_head(&h).log_softmax(-1, Kind::Float);
+        let h = at_least_f32(&h);
+        let logits = at_least_f32(&teacher.lm_head(&h.to_kind(teacher.kind())));
+        let logp = logits.log_softmax(-1, logits.kind());
         DistillTargets {
             batch,
             pos,
             top1: logp.argmax(-1, false),
             probs: logp.exp(),
-            h: h.to_kind(Kind::Float),
+            h,
             seq_len: t,
         }
     })
@@ -156,20 +167,19 @@ fn depth_loss(
     let n = sel.size()[0];
     let rows = targets.batch.index_select(0, &sel) * rows_i + targets.pos.index_select(0, &sel) - d;
     let hdim = o.size()[2];
-    let o_sel = o
-        .reshape([-1, hdim])
-        .index_select(0, &rows)
-        .to_kind(Kind::Float);
-    let h = targets.h.index_select(0, &sel);
+    let o_sel = at_least_f32(&o.reshape([-1, hdim]).index_select(0, &rows));
+    let k = o_sel.kind();
+    let h = targets.h.index_select(0, &sel).to_kind(k);
     let denom = n as f64 + 1.0;
     let vloss = o_sel
         .smooth_l1_loss(&h, Reduction::None, 1.0)
-        .mean_dim(-1, false, Kind::Float)
-        .sum(Kind::Float)
+        .mean_dim(-1, false, k)
+        .sum(k)
         / denom;
-    let logits = lm_head(&o_sel).to_kind(Kind::Float);
-    let logq = logits.log_softmax(-1, Kind::Float);
-    let ploss = -(targets.probs.index_select(0, &sel) * &logq).sum(Kind::Float) / denom;
+    let logits = at_least_f32(&lm_head(&o_sel)).to_kind(k);
+    let logq = logits.log_softmax(-1, k);
+    let probs = targets.probs.index_select(0, &sel).to_kind(k);
+    let ploss = -(probs * &logq).sum(k) / denom;
     let scale = weights.depth_weight(i);
     let term = (&vloss * weights.v_w + &ploss * weights.p_w) * scale;
     let top1 = if n > 0 {
