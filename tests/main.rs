@@ -3,6 +3,8 @@
 
 mod chat;
 mod common;
+mod generate;
+mod gguf;
 mod teacher;
 mod head;
 mod trainer;
