@@ -3,8 +3,9 @@
 
 mod chat;
 mod common;
+mod data;
 mod generate;
 mod gguf;
-mod teacher;
 mod head;
+mod teacher;
 mod trainer;
