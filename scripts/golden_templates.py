@@ -1,8 +1,8 @@
 """Golden ids and loss masks for train/chat.rs, from HF transformers' apply_chat_template.
 
 Usage: python scripts/golden_templates.py <hf model dir with tokenizer.json> [out dir]
-  e.g. a dir made by AutoTokenizer.from_pretrained(<gguf dir>, gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf)
-       .save_pretrained(dir).
+  The committed goldens come from checkpoints/smollm2-135m-instruct (SmolLM2-135M-Instruct imported
+  from the embedded GGUF; its tokenizer.json has SmolLM2's Digits + ByteLevel pre-tokenizer).
 
 Writes (default out dir tests/fixtures/chat):
   tokenizer/   a pruned copy of the SmolLM2 tokenizer (only the BPE merges the golden texts use,

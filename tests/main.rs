@@ -3,6 +3,11 @@
 
 mod chat;
 mod common;
+mod data;
+mod generate;
+mod gguf;
+mod head;
 mod speculative;
 mod teacher;
+mod trainer;
 mod tree;

@@ -239,14 +239,15 @@ impl ChatTokenizer {
 
     /// Renders the whole conversation (no generation prompt) with its assistant spans.
     pub fn render_conversation(&self, messages: &[Message]) -> Result<Rendered> {
-        let text = self.render(messages, false)?;
+        let values = message_values(messages);
+        let text = self.render_values(&values, false)?;
         let mut spans = Vec::new();
         for (i, message) in messages.iter().enumerate() {
             if message.role != Role::Assistant {
                 continue;
             }
-            let before = self.render(&messages[..i], true)?;
-            let through = self.render(&messages[..=i], false)?;
+            let before = self.render_values(&values[..i], true)?;
+            let through = self.render_values(&values[..=i], false)?;
             if !through.starts_with(&before) || !text.starts_with(&through) {
                 bail!(
                     "chat template is not prefix-stable at message {i}: cannot locate the assistant \
@@ -311,9 +312,15 @@ impl ChatTokenizer {
     }
 
     fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_values(&message_values(messages), add_generation_prompt)
+    }
+
+    /// Renders messages already converted to template values; the span search renders every
+    /// prefix of a conversation, and values share their strings instead of copying them.
+    fn render_values(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
         let template = self.env.get_template(TEMPLATE_NAME)?;
         let context = minijinja::context! {
-            messages => messages,
+            messages => Value::from(messages.to_vec()),
             bos_token => self.template_tokens.bos.clone().unwrap_or_default(),
             eos_token => self.template_tokens.eos.clone().unwrap_or_default(),
             add_generation_prompt => add_generation_prompt,
@@ -338,6 +345,10 @@ impl ChatTokenizer {
             .unwrap_or_else(|| added.trim_end().len());
         start..start + end
     }
+}
+
+fn message_values(messages: &[Message]) -> Vec<Value> {
+    messages.iter().map(Value::from_serialize).collect()
 }
 
 /// Marks every token from the first to the last one overlapping each span (byte offsets).

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Show the libtorch version, CUDA availability and devices, and the paths in use.
     Doctor,
+    /// Convert a llama.cpp GGUF file into an HF-style model directory.
+    ImportGguf(crate::import::ImportGgufArgs),
     /// Answer a prompt with the teacher (plain decoding).
     Generate(crate::generate::GenerateArgs),
     /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
@@ -27,6 +29,7 @@ enum Command {
 pub fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Doctor => doctor(),
+        Command::ImportGguf(args) => crate::import::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
     }

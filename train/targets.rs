@@ -207,7 +207,7 @@ fn write_shard(out: &Path, k: usize, block: &[Sample], states: &[Tensor], kind: 
     ];
     let ids: Vec<&str> = block.iter().map(|s| s.id.as_str()).collect();
     let metadata = HashMap::from([("ids".to_string(), serde_json::to_string(&ids)?)]);
-    let serialized = safetensors::serialize(views, &Some(metadata))?;
+    let serialized = safetensors::serialize(views, Some(metadata))?;
     atomic_write(&shard_path(out, k), &serialized)
 }
 

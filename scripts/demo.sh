@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole Clover-2 pipeline on the embedded default: SmolLM2-135M-Instruct as the teacher,
+# chitchat conversations answered by the teacher itself as training data, MT-bench as held-out
+# prompts. Sized to finish in about 30 minutes on a 2-core CPU; with CUDA it uses a larger budget.
+# Every stage is resumable: rerunning continues where an interrupted run stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLOVER=target/release/clover
+TEACHER=checkpoints/smollm2-135m-instruct
+WORK=data/work
+HEAD_OUT=checkpoints/clover2-smollm2
+
+if $CLOVER doctor | grep -q "cuda available:  true"; then
+  DEVICE=cuda; CONVERSATIONS=2048; TURNS=2; NEW_TOKENS=256; EVAL_PROMPTS=80; EVAL_TOKENS=256; PROFILE=cuda
+else
+  DEVICE=cpu; CONVERSATIONS=192; TURNS=1; NEW_TOKENS=96; EVAL_PROMPTS=10; EVAL_TOKENS=64; PROFILE=cpu
+fi
+echo "== clover demo on $DEVICE: $CONVERSATIONS conversations, $EVAL_PROMPTS MT-bench prompts"
+
+step() { echo; echo "== $*"; }
+
+step "1/6 self-distillation: the teacher answers the chitchat prompts"
+$CLOVER data regenerate --data $WORK/chitchat-sharegpt.json --model $TEACHER --out $WORK/regen \
+  --limit $CONVERSATIONS --max-turns $TURNS --max-new-tokens $NEW_TOKENS --batch-size 32 --device $DEVICE
+
+step "2/6 prepare: tokenize with the model's chat template and mask the assistant turns"
+$CLOVER data prepare --input $WORK/regen/conversations.jsonl --model $TEACHER --template auto \
+  --out $WORK/prepared --max-len 1024 --eval-fraction 0.05
+
+step "3/6 distill: cache the teacher's pre-norm hidden states"
+$CLOVER distill --data $WORK/prepared --model $TEACHER --out $WORK/distill --device $DEVICE
+
+step "4/6 train the Clover-2 head"
+$CLOVER train --config configs/smollm2-135m.toml --profile $PROFILE --resume
+
+step "5/6 export"
+$CLOVER export --checkpoint $WORK/train/latest --out $HEAD_OUT
+
+step "6/6 evaluate: speculative vs plain decoding on MT-bench"
+$CLOVER eval --model $TEACHER --draft $HEAD_OUT --prompts $WORK/mt_bench_questions.jsonl \
+  --limit $EVAL_PROMPTS --max-new-tokens $EVAL_TOKENS --device $DEVICE --report $WORK/eval.json

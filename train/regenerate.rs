@@ -1,0 +1,191 @@
+//! Self-distillation data: keep each conversation's user turns and replace every assistant turn
+//! by the teacher's own answer, so the draft head learns the distribution it will be asked to
+//! predict at decoding time. (The Clover-2 reference trains on the ShareGPT text as-is, spec §3;
+//! regeneration is the EAGLE/Medusa-style option users ask for with small or mismatched data.)
+//!
+//! Conversations are answered in batches of `--batch-size`, turn by turn, with left-padded batched
+//! generation. Batch k always covers input conversations [kB, (k+1)B) and samples with seed
+//! `seed + k`, and is written as its own part file (temp + rename). An interrupted run therefore
+//! resumes at the first missing part and produces exactly what an uninterrupted run would.
+
+use crate::chat::{ChatTokenizer, Message, Role};
+use crate::data::{read_conversations, Conversation};
+use crate::generate::{default_kind, generate_batch, GenerationConfig};
+use crate::targets::atomic_write;
+use crate::teacher::{parse_device, Teacher};
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct RegenerateArgs {
+    /// Conversations to answer (ShareGPT JSON/JSONL or parquet, as `data prepare` reads).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Teacher model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory: part files and, when complete, conversations.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Answer at most this many user turns per conversation (later turns are dropped).
+    #[arg(long)]
+    pub max_turns: Option<usize>,
+    /// Use only the first N conversations of the input.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Chat template (vicuna, llama3, chatml or auto = the model's own).
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Stop after this many batches in this run (the rest is left for a rerun).
+    #[arg(long)]
+    pub max_batches: Option<usize>,
+}
+
+pub const OUTPUT_FILE: &str = "conversations.jsonl";
+
+pub fn run(args: &RegenerateArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let teacher = Teacher::load(&args.model, device, default_kind(device, args.dtype.as_deref())?)?;
+    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?;
+    let (mut conversations, skipped) = read_conversations(&args.data)?;
+    if !skipped.is_empty() {
+        eprintln!("{}: skipped {} malformed conversations", args.data.display(), skipped.len());
+    }
+    conversations.truncate(args.limit.unwrap_or(usize::MAX));
+    let prompts: Vec<Vec<Message>> = conversations.iter().map(|c| user_turns(c, args.max_turns)).collect();
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let batches = conversations.len().div_ceil(args.batch_size.max(1));
+    let todo: Vec<usize> = (0..batches)
+        .filter(|k| !part_path(&args.out, *k).exists())
+        .take(args.max_batches.unwrap_or(usize::MAX))
+        .collect();
+    let bar = ProgressBar::new(batches as u64).with_style(ProgressStyle::with_template(
+        "regenerate {bar:30} {pos}/{len} batches {msg} [{elapsed}<{eta}]",
+    )?);
+    bar.set_position((batches - todo.len().min(batches)) as u64);
+    let started = std::time::Instant::now();
+    let mut new_tokens = 0;
+    for k in todo {
+        let range = k * args.batch_size..((k + 1) * args.batch_size).min(conversations.len());
+        let cfg = GenerationConfig {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            seed: args.seed + k as u64,
+            stop_ids: chat.stop_ids(),
+        };
+        let (answered, tokens) = answer_batch(&teacher, &chat, &prompts[range.clone()], &cfg)?;
+        new_tokens += tokens;
+        let lines: String = conversations[range]
+            .iter()
+            .zip(&answered)
+            .map(|(c, messages)| sharegpt_line(&c.id, messages))
+            .collect::<Result<Vec<_>>>()?
+            .concat();
+        atomic_write(&part_path(&args.out, k), lines.as_bytes())?;
+        bar.set_message(format!("{:.1} tok/s", new_tokens as f64 / started.elapsed().as_secs_f64()));
+        bar.inc(1);
+    }
+    bar.finish();
+    if (0..batches).all(|k| part_path(&args.out, k).exists()) {
+        let mut all = String::new();
+        for k in 0..batches {
+            all += &std::fs::read_to_string(part_path(&args.out, k))?;
+        }
+        atomic_write(&args.out.join(OUTPUT_FILE), all.as_bytes())?;
+        println!("wrote {} conversations to {}", conversations.len(), args.out.join(OUTPUT_FILE).display());
+    } else {
+        println!("stopped early; rerun the same command to continue");
+    }
+    Ok(())
+}
+
+fn part_path(out: &Path, k: usize) -> PathBuf {
+    out.join(format!("part-{k:05}.jsonl"))
+}
+
+/// The conversation without its assistant turns, keeping at most `max_turns` user turns.
+fn user_turns(c: &Conversation, max_turns: Option<usize>) -> Vec<Message> {
+    let mut kept = vec![];
+    let mut users = 0;
+    for m in c.messages.iter().filter(|m| m.role != Role::Assistant) {
+        if m.role == Role::User {
+            if users == max_turns.unwrap_or(usize::MAX) {
+                break;
+            }
+            users += 1;
+        }
+        kept.push(m.clone());
+    }
+    kept
+}
+
+/// Answer every user turn of every conversation, turn by turn across the batch. Returns the
+/// conversations with the teacher's answers interleaved, and the number of tokens generated.
+fn answer_batch(
+    teacher: &Teacher,
+    chat: &ChatTokenizer,
+    prompts: &[Vec<Message>],
+    cfg: &GenerationConfig,
+) -> Result<(Vec<Vec<Message>>, usize)> {
+    let mut histories: Vec<Vec<Message>> = vec![vec![]; prompts.len()];
+    let mut cursors = vec![0usize; prompts.len()];
+    let mut tokens = 0;
+    loop {
+        // Advance every conversation to its next user turn, collecting the prompts to answer.
+        let mut rows = vec![];
+        for (i, prompt) in prompts.iter().enumerate() {
+            while cursors[i] < prompt.len() {
+                let m = &prompt[cursors[i]];
+                histories[i].push(m.clone());
+                cursors[i] += 1;
+                if m.role == Role::User {
+                    rows.push(i);
+                    break;
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok((histories, tokens));
+        }
+        let ids = rows
+            .iter()
+            .map(|&i| chat.encode_prompt(&histories[i]))
+            .collect::<Result<Vec<_>>>()?;
+        let answers = generate_batch(teacher, &ids, cfg)?;
+        for (&i, answer) in rows.iter().zip(answers) {
+            tokens += answer.token_ids.len();
+            let text = chat.decode(&answer.token_ids)?;
+            histories[i].push(Message::new(Role::Assistant, text.trim().to_string()));
+        }
+    }
+}
+
+/// One ShareGPT JSONL line: {"id", "conversations": [{"from", "value"}]}.
+fn sharegpt_line(id: &str, messages: &[Message]) -> Result<String> {
+    let turns: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| {
+            let from = match m.role {
+                Role::System => "system",
+                Role::User => "human",
+                Role::Assistant => "gpt",
+            };
+            serde_json::json!({ "from": from, "value": m.content })
+        })
+        .collect();
+    Ok(serde_json::to_string(&serde_json::json!({ "id": id, "conversations": turns }))? + "\n")
+}
