@@ -1,8 +1,9 @@
 //! Speculative decoding: lossless greedy output, lossless sampling (chi-square), KV compaction.
 use clover::generate::{generate, GenerationConfig};
+use clover::head::{DraftHead, HeadConfig};
 use clover::speculative::{
-    accept_greedy, accept_sampling, draft_topk, generate_with_drafter, Drafter, Sampling,
-    VerifyPlan,
+    accept_greedy, accept_sampling, draft_topk, generate_speculative, generate_with_drafter,
+    Drafter, Sampling, VerifyPlan,
 };
 use clover::teacher::Teacher;
 use clover::tree::Tree;
@@ -610,5 +611,63 @@ fn kv_compaction_matches_fresh_forward() {
     assert!(
         d < 1e-4,
         "compacted cache differs from a fresh forward by {d}"
+    );
+}
+
+fn random_head(teacher: &Teacher, seed: i64) -> DraftHead {
+    DraftHead::new(teacher, HeadConfig::from_teacher(&teacher.config), seed).unwrap()
+}
+
+#[test]
+fn greedy_speculative_equals_plain_with_random_head_tiny() {
+    let teacher = load(&tiny_llama("head", 96, 4.0, 31));
+    let head = random_head(&teacher, 5);
+    let tree = Tree::load(None).unwrap();
+    for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
+        let plain = plain_greedy(&teacher, &prompt, 40, &[]);
+        let (spec, stats) =
+            generate_speculative(&teacher, &head, &tree, &prompt, 40, Sampling::greedy(), &[])
+                .unwrap();
+        assert_eq!(spec.answer.token_ids, plain);
+        assert!(stats.steps() >= 1 && stats.steps() <= 40);
+    }
+}
+
+/// The real SmolLM2-135M teacher with a randomly initialised head (reference init): greedy
+/// speculative output equals plain greedy token for token.
+#[test]
+fn greedy_speculative_equals_plain_smollm2_random_head() {
+    let dir = crate::common::smollm2_dir();
+    let teacher = load(&dir);
+    let head = random_head(&teacher, 1);
+    let tree = Tree::load(None).unwrap();
+    let chat = clover::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
+    let messages = [clover::chat::Message::new(
+        clover::chat::Role::User,
+        "Name three primary colors and explain why they are called primary.".to_string(),
+    )];
+    let prompt = chat.encode_prompt(&messages).unwrap();
+    let stop = chat.stop_ids();
+    let plain = plain_greedy(&teacher, &prompt, 40, &stop);
+    let (spec, stats) = generate_speculative(
+        &teacher,
+        &head,
+        &tree,
+        &prompt,
+        40,
+        Sampling::greedy(),
+        &stop,
+    )
+    .unwrap();
+    eprintln!(
+        "SmolLM2 random head: {} tokens, tau {:.2}, accepted {:?}",
+        spec.answer.token_ids.len(),
+        stats.tau(),
+        stats.accepted
+    );
+    assert_eq!(spec.answer.token_ids, plain);
+    assert!(
+        plain.len() >= 20,
+        "answer too short to be a meaningful test"
     );
 }

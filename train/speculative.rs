@@ -9,6 +9,7 @@
 //! device-to-host copy per step is one small packed i64 tensor for the acceptance bookkeeping.
 
 use crate::generate::{pick_next, Answer, Timed};
+use crate::head::DraftHead;
 use crate::teacher::{KvCache, Teacher};
 use crate::tree::{Tree, TreeTensors};
 use anyhow::{ensure, Context, Result};
@@ -530,4 +531,66 @@ fn verify(
         &Tensor::from_slice(&nodes).to_device(teacher.device()),
     );
     Ok((accepted, u))
+}
+
+/// The Clover-2 draft head as a [`Drafter`], with its own append-only KV cache (G9): it only ever
+/// sees committed positions, so it never needs rollback.
+pub struct HeadDrafter<'h> {
+    head: &'h DraftHead,
+    cache: KvCache,
+}
+
+impl<'h> HeadDrafter<'h> {
+    pub fn new(head: &'h DraftHead) -> Self {
+        Self {
+            cache: head.new_cache(1),
+            head,
+        }
+    }
+}
+
+impl Drafter for HeadDrafter<'_> {
+    fn reset(&mut self) {
+        self.cache = self.head.new_cache(1);
+    }
+
+    fn extend(&mut self, u: &Tensor, next_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = next_ids.size()[1];
+        let start = self.cache.len();
+        // Draft position ids continue from the draft cache length (G9).
+        let positions =
+            Tensor::arange_start(start, start + n, (Kind::Int64, u.device())).unsqueeze(0);
+        let (o0, s0) = self
+            .head
+            .depth0(u, next_ids, &positions, None, Some(&mut self.cache));
+        let logits = self.head.logits(&o0.select(1, n - 1));
+        Ok((logits, s0.select(1, n - 1)))
+    }
+
+    fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (o, s) = self.head.step(states, tokens);
+        Ok((self.head.logits(&o), s))
+    }
+}
+
+/// Speculative decoding of one prompt with a Clover-2 draft head (see [`generate_with_drafter`]).
+pub fn generate_speculative(
+    teacher: &Teacher,
+    head: &DraftHead,
+    tree: &Tree,
+    prompt_ids: &[i64],
+    max_new: usize,
+    sampling: Sampling,
+    stop_ids: &[i64],
+) -> Result<(Timed, SpecStats)> {
+    let mut drafter = HeadDrafter::new(head);
+    generate_with_drafter(
+        teacher,
+        &mut drafter,
+        tree,
+        prompt_ids,
+        max_new,
+        sampling,
+        stop_ids,
+    )
 }

@@ -75,10 +75,18 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     );
     let device = parse_device(&args.device)?;
     // On CPU, 16-bit matmuls are slow or unsupported: compute in f32 and store 16-bit.
-    let compute = if device == Device::Cpu { Kind::Float } else { kind };
+    let compute = if device == Device::Cpu {
+        Kind::Float
+    } else {
+        kind
+    };
     let teacher = Teacher::load(&args.model, device, compute)?;
     let samples = read_split(&args.data, Split::Train)?;
-    ensure!(!samples.is_empty(), "{}: the train split is empty", args.data.display());
+    ensure!(
+        !samples.is_empty(),
+        "{}: the train split is empty",
+        args.data.display()
+    );
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let manifest = Manifest {
@@ -95,17 +103,21 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         .filter(|k| k % workers == worker && !shard_path(&args.out, *k).exists())
         .take(args.max_shards.unwrap_or(usize::MAX))
         .collect();
-    let bar = ProgressBar::new(todo.len() as u64).with_style(
-        ProgressStyle::with_template("distill {bar:30} {pos}/{len} shards {msg} [{elapsed}<{eta}]")?,
-    );
+    let bar = ProgressBar::new(todo.len() as u64).with_style(ProgressStyle::with_template(
+        "distill {bar:30} {pos}/{len} shards {msg} [{elapsed}<{eta}]",
+    )?);
     let started = std::time::Instant::now();
     let mut tokens = 0usize;
     for k in todo {
-        let block = &samples[k * SAMPLES_PER_SHARD..((k + 1) * SAMPLES_PER_SHARD).min(samples.len())];
+        let block =
+            &samples[k * SAMPLES_PER_SHARD..((k + 1) * SAMPLES_PER_SHARD).min(samples.len())];
         let states = teacher_states(&teacher, block, args.batch_tokens)?;
         write_shard(&args.out, k, block, &states, kind)?;
         tokens += block.iter().map(|s| s.input_ids.len()).sum::<usize>();
-        bar.set_message(format!("{:.0} tok/s", tokens as f64 / started.elapsed().as_secs_f64()));
+        bar.set_message(format!(
+            "{:.0} tok/s",
+            tokens as f64 / started.elapsed().as_secs_f64()
+        ));
         bar.inc(1);
     }
     bar.finish();
@@ -157,7 +169,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Pre-norm states of each sample ([T,H] on the CPU), computed in length-sorted batches of at
 /// most `batch_tokens` padded tokens. Right padding is harmless under causal attention: real
 /// positions never attend to the padding after them.
-pub fn teacher_states(teacher: &Teacher, samples: &[Sample], batch_tokens: usize) -> Result<Vec<Tensor>> {
+pub fn teacher_states(
+    teacher: &Teacher,
+    samples: &[Sample],
+    batch_tokens: usize,
+) -> Result<Vec<Tensor>> {
     let mut order: Vec<usize> = (0..samples.len()).collect();
     order.sort_by_key(|&i| samples[i].input_ids.len());
     let mut states: Vec<Option<Tensor>> = (0..samples.len()).map(|_| None).collect();
@@ -165,7 +181,9 @@ pub fn teacher_states(teacher: &Teacher, samples: &[Sample], batch_tokens: usize
     let mut start = 0;
     while start < order.len() {
         let mut end = start + 1;
-        while end < order.len() && samples[order[end]].input_ids.len() * (end + 1 - start) <= batch_tokens {
+        while end < order.len()
+            && samples[order[end]].input_ids.len() * (end + 1 - start) <= batch_tokens
+        {
             end += 1;
         }
         let batch = &order[start..end];
@@ -175,27 +193,43 @@ pub fn teacher_states(teacher: &Teacher, samples: &[Sample], batch_tokens: usize
             let src = &samples[i].input_ids;
             ids[row * width as usize..row * width as usize + src.len()].copy_from_slice(src);
         }
-        let ids = Tensor::from_slice(&ids).view([batch.len() as i64, width]).to_device(device);
+        let ids = Tensor::from_slice(&ids)
+            .view([batch.len() as i64, width])
+            .to_device(device);
         let positions = Tensor::arange(width, (Kind::Int64, device))
             .unsqueeze(0)
             .expand([batch.len() as i64, width], false);
-        let u = tch::no_grad(|| teacher.forward(&ids, &positions, None, None)).to_device(Device::Cpu);
+        let u =
+            tch::no_grad(|| teacher.forward(&ids, &positions, None, None)).to_device(Device::Cpu);
         for (row, &i) in batch.iter().enumerate() {
             let len = samples[i].input_ids.len() as i64;
             states[i] = Some(u.get(row as i64).narrow(0, 0, len));
         }
         start = end;
     }
-    Ok(states.into_iter().map(|s| s.expect("every sample is in a batch")).collect())
+    Ok(states
+        .into_iter()
+        .map(|s| s.expect("every sample is in a batch"))
+        .collect())
 }
 
-fn write_shard(out: &Path, k: usize, block: &[Sample], states: &[Tensor], kind: Kind) -> Result<()> {
+fn write_shard(
+    out: &Path,
+    k: usize,
+    block: &[Sample],
+    states: &[Tensor],
+    kind: Kind,
+) -> Result<()> {
     let prenorm = Tensor::cat(states, 0).to_kind(kind).contiguous();
     let mut offsets = vec![0i64];
     for s in block {
         offsets.push(offsets.last().unwrap() + s.input_ids.len() as i64);
     }
-    let dtype = if kind == Kind::BFloat16 { Dtype::BF16 } else { Dtype::F16 };
+    let dtype = if kind == Kind::BFloat16 {
+        Dtype::BF16
+    } else {
+        Dtype::F16
+    };
     let numel = prenorm.numel();
     let mut bytes = vec![0u8; numel * 2];
     prenorm.copy_data_u8(&mut bytes, numel);
@@ -203,7 +237,10 @@ fn write_shard(out: &Path, k: usize, block: &[Sample], states: &[Tensor], kind: 
     let shape: Vec<usize> = prenorm.size().iter().map(|&d| d as usize).collect();
     let views = [
         ("prenorm", TensorView::new(dtype, shape, &bytes)?),
-        ("offsets", TensorView::new(Dtype::I64, vec![offsets.len()], &offset_bytes)?),
+        (
+            "offsets",
+            TensorView::new(Dtype::I64, vec![offsets.len()], &offset_bytes)?,
+        ),
     ];
     let ids: Vec<&str> = block.iter().map(|s| s.id.as_str()).collect();
     let metadata = HashMap::from([("ids".to_string(), serde_json::to_string(&ids)?)]);
@@ -226,10 +263,13 @@ impl DistillCache {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let manifest: Manifest = serde_json::from_str(
-            &std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?,
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
         )
         .with_context(|| format!("{} is not a clover distill manifest", path.display()))?;
-        let missing: Vec<usize> = (0..manifest.shards).filter(|&k| !shard_path(dir, k).exists()).collect();
+        let missing: Vec<usize> = (0..manifest.shards)
+            .filter(|&k| !shard_path(dir, k).exists())
+            .collect();
         ensure!(
             missing.is_empty(),
             "{}: {} of {} shards are missing (first: {}); rerun `clover distill` to finish",
@@ -251,20 +291,27 @@ impl DistillCache {
         let mut kind = Kind::BFloat16;
         for k in 0..manifest.shards {
             let file = shard_path(dir, k);
-            let f = std::fs::File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
             // SAFETY: shards are written once (temp + rename) and never modified in place.
-            let mmap = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", file.display()))?;
-            let st = SafeTensors::deserialize(&mmap).with_context(|| format!("{} is corrupt", file.display()))?;
+            let mmap = unsafe { Mmap::map(&f) }
+                .with_context(|| format!("cannot map {}", file.display()))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .with_context(|| format!("{} is corrupt", file.display()))?;
             let offs: Vec<i64> = st
                 .tensor("offsets")?
                 .data()
                 .chunks_exact(8)
                 .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
                 .collect();
-            let block = &samples[k * SAMPLES_PER_SHARD..((k + 1) * SAMPLES_PER_SHARD).min(samples.len())];
+            let block =
+                &samples[k * SAMPLES_PER_SHARD..((k + 1) * SAMPLES_PER_SHARD).min(samples.len())];
             ensure!(
                 offs.len() == block.len() + 1
-                    && block.iter().zip(offs.windows(2)).all(|(s, w)| (w[1] - w[0]) as usize == s.input_ids.len()),
+                    && block
+                        .iter()
+                        .zip(offs.windows(2))
+                        .all(|(s, w)| (w[1] - w[0]) as usize == s.input_ids.len()),
                 "{}: token counts do not match the prepared data in {}",
                 file.display(),
                 manifest.data.display()
@@ -272,7 +319,10 @@ impl DistillCache {
             kind = match st.tensor("prenorm")?.dtype() {
                 Dtype::BF16 => Kind::BFloat16,
                 Dtype::F16 => Kind::Half,
-                other => bail!("{}: prenorm has dtype {other:?}, expected 16-bit", file.display()),
+                other => bail!(
+                    "{}: prenorm has dtype {other:?}, expected 16-bit",
+                    file.display()
+                ),
             };
             offsets.push(offs);
             shards.push(mmap);
@@ -300,7 +350,11 @@ impl DistillCache {
 
     /// Sample `i` and its teacher pre-norm states [T,H] (16-bit, CPU).
     pub fn get(&self, i: usize) -> Result<(Sample, Tensor)> {
-        ensure!(i < self.samples.len(), "sample {i} is out of range ({} samples)", self.samples.len());
+        ensure!(
+            i < self.samples.len(),
+            "sample {i} is out of range ({} samples)",
+            self.samples.len()
+        );
         let (k, j) = (i / SAMPLES_PER_SHARD, i % SAMPLES_PER_SHARD);
         let st = SafeTensors::deserialize(&self.shards[k])?;
         let view = st.tensor("prenorm")?;
