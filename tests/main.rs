@@ -4,6 +4,7 @@
 mod chat;
 mod common;
 mod data;
+mod eval;
 mod generate;
 mod gguf;
 mod head;

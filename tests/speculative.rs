@@ -637,6 +637,7 @@ fn greedy_speculative_equals_plain_with_random_head_tiny() {
 /// speculative output equals plain greedy token for token.
 #[test]
 fn greedy_speculative_equals_plain_smollm2_random_head() {
+    tch::set_num_threads(1);
     let dir = crate::common::smollm2_dir();
     let teacher = load(&dir);
     let head = random_head(&teacher, 1);

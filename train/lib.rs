@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod gguf;
