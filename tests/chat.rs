@@ -127,3 +127,57 @@ fn mask_marks_first_to_last_overlapping_token() {
     assert_eq!(mask_from_spans(&offsets, &[2..5]), vec![1, 1, 1, 1, 0]);
     assert_eq!(mask_from_spans(&offsets, &[]), vec![0; 5]);
 }
+
+/// A model dir with the fixture tokenizer and the given tokenizer_config.json.
+fn model_dir_with_config(name: &str, config: serde_json::Value) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clover-chat-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixture_model_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn model_templates_get_python_string_methods_and_named_templates() {
+    let template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}\
+        {{ '<|im_start|>' + m['role'] + '\n' + m['content'].strip() + '<|im_end|>\n' }}{% endfor %}\
+        {% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let config = serde_json::json!({
+        "bos_token": {"content": "<|im_start|>"},
+        "eos_token": "<|im_end|>",
+        "chat_template": [{"name": "tool_use", "template": "unused"}, {"name": "default", "template": template}],
+    });
+    let chat =
+        ChatTokenizer::from_model_dir(&model_dir_with_config("named", config), None).unwrap();
+    let messages = vec![
+        Message::new(Role::User, "  hi \n"),
+        Message::new(Role::Assistant, "\tyes "),
+    ];
+    let rendered = chat.render_conversation(&messages).unwrap();
+    assert_eq!(
+        rendered.text,
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+    );
+    assert_eq!(&rendered.text[rendered.spans[0].clone()], "yes<|im_end|>");
+    let err = chat
+        .encode_prompt(&[Message::new(Role::System, "s")])
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("no system"), "{err:#}");
+}
+
+#[test]
+fn auto_without_a_model_template_is_an_error() {
+    let dir = model_dir_with_config(
+        "no-template",
+        serde_json::json!({"eos_token": "<|im_end|>"}),
+    );
+    let err = ChatTokenizer::from_model_dir(&dir, Some("auto"))
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("no chat_template"), "{err:#}");
+    assert!(ChatTokenizer::from_model_dir(&dir, Some("llama3")).is_ok());
+}

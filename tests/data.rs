@@ -282,6 +282,17 @@ fn truncated_json_list_is_an_error_naming_file_and_position() {
     assert!(message.contains("inside record 2"), "{message}");
     let err = prepare(&args(&input, &dir.join("out"))).unwrap_err();
     assert!(format!("{err:#}").contains("cut.json"));
+    let pretty_object = dir.join("object.json");
+    std::fs::write(
+        &pretty_object,
+        "{\n  \"id\": \"x\",\n  \"conversations\": []\n}\n",
+    )
+    .unwrap();
+    let err = format!("{:#}", read_conversations(&pretty_object).unwrap_err());
+    assert!(
+        err.contains("object.json: no record could be read") && err.contains("line 1"),
+        "{err}"
+    );
     let missing = read_conversations(&dir.join("absent.json")).unwrap_err();
     assert!(format!("{missing:#}").contains("absent.json"));
 }
@@ -380,5 +391,45 @@ fn chitchat_import_groups_runs_into_alternating_turns() {
                 ],
             },
         ]
+    );
+}
+
+#[test]
+fn prepare_args_parse_with_documented_flags_and_defaults() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        prepare: PrepareArgs,
+    }
+    let cli =
+        Cli::try_parse_from(["clover", "--input", "a.json", "--model", "m", "--out", "o"]).unwrap();
+    let p = cli.prepare;
+    assert_eq!(
+        (p.template.as_str(), p.max_len, p.eval_fraction, p.seed),
+        ("auto", 2048, 0.05, 0)
+    );
+    let cli = Cli::try_parse_from([
+        "clover",
+        "--input",
+        "a.json",
+        "--model",
+        "m",
+        "--out",
+        "o",
+        "--template",
+        "vicuna",
+        "--max-len",
+        "512",
+        "--eval-fraction",
+        "0.1",
+        "--seed",
+        "3",
+    ])
+    .unwrap();
+    let p = cli.prepare;
+    assert_eq!(
+        (p.template.as_str(), p.max_len, p.eval_fraction, p.seed),
+        ("vicuna", 512, 0.1, 3)
     );
 }

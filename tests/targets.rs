@@ -19,7 +19,9 @@ fn prepared_data(dir: &Path) {
             let len = 3 + (i * 7) % 13;
             Sample {
                 id: format!("s{i}"),
-                input_ids: (0..len).map(|t| ((i * 31 + t * 17) % 90 + 3) as i64).collect(),
+                input_ids: (0..len)
+                    .map(|t| ((i * 31 + t * 17) % 90 + 3) as i64)
+                    .collect(),
                 loss_mask: (0..len).map(|t| (t % 2) as u8).collect(),
             }
         })
@@ -60,7 +62,10 @@ fn stored_states_equal_a_fresh_teacher_forward_within_bf16_rounding() {
         // bf16 keeps 8 significant bits: relative error at most 2^-8 per element.
         let err = (stored.to_kind(Kind::Float) - &fresh).abs();
         let bound = fresh.abs() * (1.0 / 256.0) + 1e-6;
-        assert!(err.le_tensor(&bound).all().int64_value(&[]) == 1, "sample {i} differs beyond bf16 rounding");
+        assert!(
+            err.le_tensor(&bound).all().int64_value(&[]) == 1,
+            "sample {i} differs beyond bf16 rounding"
+        );
     }
     let bytes: u64 = std::fs::read_dir(&out)
         .unwrap()
@@ -83,7 +88,10 @@ fn interrupted_distill_resumes_to_the_same_cache() {
     let (whole, resumed) = (root.join("whole"), root.join("resumed"));
     run(&args(&data, &whole, None)).unwrap();
     run(&args(&data, &resumed, Some(1))).unwrap();
-    assert!(DistillCache::open(&resumed).is_err(), "a half-done cache must not open");
+    assert!(
+        DistillCache::open(&resumed).is_err(),
+        "a half-done cache must not open"
+    );
     run(&args(&data, &resumed, None)).unwrap();
     for k in 0..2 {
         let name = format!("shard-{k:05}.safetensors");
@@ -103,10 +111,21 @@ fn workers_split_shards_and_together_make_the_whole_cache() {
     prepared_data(&data);
     let out = root.join("cache");
     for worker in ["1/2", "0/2"] {
-        run(&DistillArgs { shard: worker.into(), ..args(&data, &out, None) }).unwrap();
+        run(&DistillArgs {
+            shard: worker.into(),
+            ..args(&data, &out, None)
+        })
+        .unwrap();
     }
-    assert_eq!(DistillCache::open(&out).unwrap().len(), SAMPLES_PER_SHARD + 20);
-    let err = run(&DistillArgs { shard: "2/2".into(), ..args(&data, &out, None) }).unwrap_err();
+    assert_eq!(
+        DistillCache::open(&out).unwrap().len(),
+        SAMPLES_PER_SHARD + 20
+    );
+    let err = run(&DistillArgs {
+        shard: "2/2".into(),
+        ..args(&data, &out, None)
+    })
+    .unwrap_err();
     assert!(format!("{err:#}").contains("--shard"), "{err:#}");
     std::fs::remove_dir_all(&root).ok();
 }

@@ -106,7 +106,7 @@ fn tree_mask_forward_equals_plain_forward_over_each_path() {
 
     let mut cache = teacher.new_cache(1);
     let tree_logits = tch::no_grad(|| {
-        teacher.forward(&prefix, &positions(0, p), None, Some(&mut cache));
+        let _ = teacher.forward(&prefix, &positions(0, p), None, Some(&mut cache));
         let ids = Tensor::from_slice(&tokens).unsqueeze(0);
         let pos = Tensor::from_slice(&tree_pos).unsqueeze(0);
         teacher.logits(&teacher.forward(&ids, &pos, Some(&mask), Some(&mut cache)))
@@ -139,7 +139,7 @@ fn kv_cache_compaction_keeps_the_accepted_rows() {
     tch::no_grad(|| {
         // Prefix of 3, then 4 speculative rows; the rows at absolute positions 3 and 5 (tokens 33
         // and 2, the second a child of the first) form the accepted path.
-        teacher.forward(
+        let _ = teacher.forward(
             &seq.narrow(1, 0, 3),
             &positions(0, 3),
             None,
@@ -154,7 +154,7 @@ fn kv_cache_compaction_keeps_the_accepted_rows() {
             true, true, true, true, false, true, true,
         ])
         .view([1, 1, 4, 7]);
-        teacher.forward(&branch, &pos, Some(&m), Some(&mut cache));
+        let _ = teacher.forward(&branch, &pos, Some(&m), Some(&mut cache));
         cache.compact(3, &Tensor::from_slice(&[3i64, 5]));
         assert_eq!(cache.len(), 5);
         let next = teacher.forward(

@@ -1,6 +1,8 @@
 //! `clover bench`: throughput figures written as JSON (never asserted in tests).
 //!
-//! Teacher prefill and decode tokens/s on the CPU, and on CUDA when present.
+//! Teacher prefill and decode tokens/s on the CPU, and on CUDA when present; with
+//! `--conversations`, also the data stages: prepare tokens/s, distill tokens/s and the cache's
+//! bytes per token.
 
 use crate::generate::{generate, GenerationConfig};
 use crate::teacher::{parse_kind, Teacher};
@@ -27,6 +29,12 @@ pub struct BenchArgs {
     /// Dtype on CUDA (the CPU always runs f32).
     #[arg(long, default_value = "bf16")]
     pub cuda_dtype: String,
+    /// ShareGPT conversations for the data-stage figures (prepare and distill).
+    #[arg(long)]
+    pub conversations: Option<PathBuf>,
+    /// Conversations distilled for the distill figure (prepare uses them all).
+    #[arg(long, default_value_t = 64)]
+    pub distill_samples: usize,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -41,7 +49,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
         reports.push(report);
     }
-    let out = json!({ "model": args.model, "teacher": reports });
+    let data = match &args.conversations {
+        Some(conversations) => bench_data(args, conversations)?,
+        None => Value::Null,
+    };
+    let out = json!({ "model": args.model, "teacher": reports, "data": data });
     std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
@@ -83,6 +95,64 @@ fn bench_teacher(teacher: &Teacher, args: &BenchArgs) -> Result<Value> {
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens": decoded,
         "decode_tokens_per_s": decoded as f64 / timed.decode_seconds,
+    }))
+}
+
+/// Prepare all `conversations`, then distill the first `distill_samples` train samples on the
+/// best device, in a scratch directory that is removed afterwards.
+fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value> {
+    use crate::data::{prepare, read_split, write_samples, PrepareArgs, Split};
+    let scratch = std::env::temp_dir().join(format!("clover-bench-{}", std::process::id()));
+    let prepared = scratch.join("prepared");
+    let start = Instant::now();
+    let summary = prepare(&PrepareArgs {
+        input: conversations.to_path_buf(),
+        model: args.model.clone(),
+        template: "auto".into(),
+        out: prepared.clone(),
+        max_len: 2048,
+        eval_fraction: 0.0,
+        seed: 0,
+    })?;
+    let prepare_seconds = start.elapsed().as_secs_f64();
+    let mut samples = read_split(&prepared, Split::Train)?;
+    samples.truncate(args.distill_samples);
+    let subset = scratch.join("subset");
+    write_samples(&subset, Split::Train, &samples)?;
+    let cache = scratch.join("cache");
+    let device = if tch::Cuda::is_available() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    let start = Instant::now();
+    crate::targets::run(&crate::targets::DistillArgs {
+        data: subset,
+        model: args.model.clone(),
+        out: cache.clone(),
+        device: device.into(),
+        dtype: "bf16".into(),
+        shard: "0/1".into(),
+        batch_tokens: 8192,
+        max_shards: None,
+    })?;
+    let distill_seconds = start.elapsed().as_secs_f64();
+    let distilled: usize = samples.iter().map(|s| s.input_ids.len()).sum();
+    let cache_bytes: u64 = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    std::fs::remove_dir_all(&scratch).ok();
+    Ok(json!({
+        "conversations": conversations,
+        "prepare_tokens": summary.tokens,
+        "prepare_tokens_per_s": summary.tokens as f64 / prepare_seconds,
+        "distill_device": device,
+        "distill_tokens": distilled,
+        "distill_tokens_per_s": distilled as f64 / distill_seconds,
+        "cache_bytes_per_token": cache_bytes as f64 / distilled as f64,
     }))
 }
 

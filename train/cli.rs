@@ -20,15 +20,34 @@ enum Command {
     Doctor,
     /// Convert a llama.cpp GGUF file into an HF-style model directory.
     ImportGguf(crate::import::ImportGgufArgs),
+    /// Conversation data: import the packaged chats, tokenize, regenerate answers.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Cache the teacher's pre-norm hidden states over prepared data (distillation targets).
+    Distill(crate::targets::DistillArgs),
     /// Answer a prompt with the teacher (plain decoding).
     Generate(crate::generate::GenerateArgs),
     /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
     Bench(crate::bench::BenchArgs),
 }
 
+#[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Tokenize ShareGPT JSON/JSONL/parquet into parquet shards with an assistant loss mask.
+    Prepare(crate::data::PrepareArgs),
+    /// Self-distillation: replace every assistant turn by the teacher's own answer.
+    Regenerate(crate::regenerate::RegenerateArgs),
+    /// Convert the PyPI chitchat-dataset's dataset.json to ShareGPT form.
+    ImportChitchat(crate::data::ImportChitchatArgs),
+}
+
 pub fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Doctor => doctor(),
+        Command::Data(DataCommand::Prepare(args)) => crate::data::run_prepare(&args),
+        Command::Data(DataCommand::Regenerate(args)) => crate::regenerate::run(&args),
+        Command::Data(DataCommand::ImportChitchat(args)) => crate::data::run_import_chitchat(&args),
+        Command::Distill(args) => crate::targets::run(&args),
         Command::ImportGguf(args) => crate::import::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Bench(args) => crate::bench::run(&args),

@@ -33,7 +33,7 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// vicuna | llama3 | chatml | auto (the model's own chat_template).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["vicuna", "llama3", "chatml", "auto"])]
     pub template: String,
     #[arg(long)]
     pub out: PathBuf,
@@ -253,6 +253,12 @@ pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
     summary.train = train.len();
     summary.eval = eval.len();
     summary.kept = train.len() + eval.len();
+    if summary.kept == 0 {
+        bail!(
+            "{}: no usable conversation\n{summary}",
+            args.input.display()
+        );
+    }
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -528,6 +534,18 @@ pub fn read_conversations(path: &Path) -> Result<(Vec<Conversation>, Vec<Skipped
             Err(skip) => skipped.push(skip),
         }
     }
+    if conversations.is_empty()
+        && !skipped.is_empty()
+        && skipped.iter().all(|s| s.reason == SkipReason::Malformed)
+    {
+        // Every record is broken: the file is not ShareGPT at all (e.g. a pretty-printed object
+        // read as JSONL), which is an unreadable file rather than many bad records.
+        bail!(
+            "{}: no record could be read; the first: {}",
+            path.display(),
+            skipped[0]
+        );
+    }
     Ok((conversations, skipped))
 }
 
@@ -656,6 +674,8 @@ fn line_column(bytes: &[u8], offset: usize) -> (usize, usize) {
 
 /// Parquet input: a `conversations` column holding either a JSON string or a
 /// list<struct{from,value}> / list<struct{role,content}>, and an optional `id` column.
+/// Arrow validates UTF-8 per column chunk, so invalid UTF-8 here fails the whole file (with the
+/// file named) instead of one record.
 fn parquet_records(path: &Path) -> Result<Vec<RawRecord>> {
     let file = std::fs::File::open(path)?;
     let mut records = Vec::new();

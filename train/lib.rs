@@ -16,6 +16,7 @@ pub mod gguf;
 pub mod head;
 pub mod import;
 pub mod loss;
+pub mod regenerate;
 pub mod speculative;
 pub mod targets;
 pub mod teacher;

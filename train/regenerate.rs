@@ -9,7 +9,7 @@
 //! resumes at the first missing part and produces exactly what an uninterrupted run would.
 
 use crate::chat::{ChatTokenizer, Message, Role};
-use crate::data::{read_conversations, Conversation};
+use crate::data::{read_conversations, Conversation, SkipReason};
 use crate::generate::{default_kind, generate_batch, GenerationConfig};
 use crate::targets::atomic_write;
 use crate::teacher::{parse_device, Teacher};
@@ -59,15 +59,31 @@ pub const OUTPUT_FILE: &str = "conversations.jsonl";
 
 pub fn run(args: &RegenerateArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
-    let teacher = Teacher::load(&args.model, device, default_kind(device, args.dtype.as_deref())?)?;
+    let teacher = Teacher::load(
+        &args.model,
+        device,
+        default_kind(device, args.dtype.as_deref())?,
+    )?;
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?;
     let (mut conversations, skipped) = read_conversations(&args.data)?;
-    if !skipped.is_empty() {
-        eprintln!("{}: skipped {} malformed conversations", args.data.display(), skipped.len());
+    // A leading assistant message is dropped but its conversation kept: not a skip.
+    let dropped = skipped
+        .iter()
+        .filter(|s| s.reason != SkipReason::LeadingAssistant)
+        .count();
+    if dropped > 0 {
+        eprintln!(
+            "{}: skipped {dropped} malformed conversations",
+            args.data.display()
+        );
     }
     conversations.truncate(args.limit.unwrap_or(usize::MAX));
-    let prompts: Vec<Vec<Message>> = conversations.iter().map(|c| user_turns(c, args.max_turns)).collect();
-    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let prompts: Vec<Vec<Message>> = conversations
+        .iter()
+        .map(|c| user_turns(c, args.max_turns))
+        .collect();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
     let batches = conversations.len().div_ceil(args.batch_size.max(1));
     let todo: Vec<usize> = (0..batches)
         .filter(|k| !part_path(&args.out, *k).exists())
@@ -96,7 +112,10 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
             .collect::<Result<Vec<_>>>()?
             .concat();
         atomic_write(&part_path(&args.out, k), lines.as_bytes())?;
-        bar.set_message(format!("{:.1} tok/s", new_tokens as f64 / started.elapsed().as_secs_f64()));
+        bar.set_message(format!(
+            "{:.1} tok/s",
+            new_tokens as f64 / started.elapsed().as_secs_f64()
+        ));
         bar.inc(1);
     }
     bar.finish();
@@ -106,7 +125,11 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
             all += &std::fs::read_to_string(part_path(&args.out, k))?;
         }
         atomic_write(&args.out.join(OUTPUT_FILE), all.as_bytes())?;
-        println!("wrote {} conversations to {}", conversations.len(), args.out.join(OUTPUT_FILE).display());
+        println!(
+            "wrote {} conversations to {}",
+            conversations.len(),
+            args.out.join(OUTPUT_FILE).display()
+        );
     } else {
         println!("stopped early; rerun the same command to continue");
     }
