@@ -127,6 +127,21 @@ fn eval_end_to_end_smollm2_random_head() {
     assert_eq!(json["acceptance_per_depth"].as_array().unwrap().len(), 5);
     let cats = json["tau_per_category"].as_object().unwrap();
     assert_eq!(cats.len(), 2);
+    // `clover generate --draft` runs the same head speculatively.
+    let gen = clover::generate::GenerateArgs {
+        model: model.clone(),
+        prompt: "Say hello.".into(),
+        chat: true,
+        max_new_tokens: 6,
+        temperature: 0.0,
+        seed: 0,
+        device: "cpu".into(),
+        dtype: None,
+        json: true,
+        draft: Some(dir.join("draft")),
+        tree: None,
+    };
+    clover::generate::run(&gen).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -20,7 +20,7 @@
 use crate::chat::{ChatTokenizer, Message, Role};
 use crate::generate::{default_kind, generate, GenerationConfig};
 use crate::head::DraftHead;
-use crate::speculative::{generate_speculative, Sampling, SpecStats};
+use crate::speculative::{generate_speculative, load_head, Sampling, SpecStats};
 use crate::teacher::{parse_device, Teacher};
 use crate::tree::Tree;
 use anyhow::{ensure, Context, Result};
@@ -263,12 +263,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     let kind = default_kind(device, args.dtype.as_deref())?;
     let teacher = Teacher::load(&args.model, device, kind)?;
-    let mut head = DraftHead::load(&args.draft, &teacher)
-        .with_context(|| format!("loading draft head {}", args.draft.display()))?;
-    // The reference casts the draft to the base dtype for inference.
-    if kind != tch::Kind::Float {
-        head.to_kind(kind);
-    }
+    let head = load_head(&args.draft, &teacher)?;
     let chat = ChatTokenizer::from_model_dir(&args.model, args.template.as_deref())?;
     let tree = Tree::load(args.tree.as_deref())?;
     let mut questions = read_questions(&args.prompts)?;

@@ -573,6 +573,17 @@ impl Drafter for HeadDrafter<'_> {
     }
 }
 
+/// Load an exported draft head for inference next to `teacher`, in the teacher's dtype (the
+/// reference casts the draft to the base dtype).
+pub fn load_head(dir: &std::path::Path, teacher: &Teacher) -> Result<DraftHead> {
+    let mut head = DraftHead::load(dir, teacher)
+        .with_context(|| format!("loading draft head {}", dir.display()))?;
+    if teacher.kind() != Kind::Float {
+        head.to_kind(teacher.kind());
+    }
+    Ok(head)
+}
+
 /// Speculative decoding of one prompt with a Clover-2 draft head (see [`generate_with_drafter`]).
 pub fn generate_speculative(
     teacher: &Teacher,
