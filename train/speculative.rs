@@ -241,11 +241,12 @@ pub fn draft_tree(
 pub fn accept_greedy(plan: &VerifyPlan, tree_tokens: &Tensor, logits: &Tensor) -> Result<Accepted> {
     let device = tree_tokens.device();
     let pred = logits.argmax(-1, false);
+    // Pads are made on the device: a host upload here would stall the queue mid-step.
     let pad = |t: &Tensor, v: i64| {
         Tensor::cat(
             &[
                 t.shallow_clone(),
-                Tensor::from_slice(&[v]).to_device(device),
+                Tensor::full([1], v, (Kind::Int64, device)),
             ],
             0,
         )
@@ -323,7 +324,7 @@ pub fn accept_sampling(
     let tokens_ext = Tensor::cat(
         &[
             tree_tokens.shallow_clone(),
-            Tensor::from_slice(&[0i64]).to_device(device),
+            Tensor::zeros([1], (Kind::Int64, device)),
         ],
         0,
     );
