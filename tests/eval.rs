@@ -16,6 +16,8 @@ fn record(cat: &str, accepted: Vec<usize>, tokens: usize, secs: f64, base_secs: 
         baseline_seconds: base_secs,
         accepted,
         mismatch: false,
+        draft_seconds: 0.0,
+        verify_seconds: 0.0,
     }
 }
 

@@ -127,6 +127,10 @@ pub struct TurnRecord {
     pub accepted: Vec<usize>,
     /// At T = 0: speculative ids differ from plain ids.
     pub mismatch: bool,
+    /// Host-side split of the speculative steps (exact on the CPU; on CUDA, kernels run
+    /// asynchronously, so time drifts into the verify part, which ends with a device sync).
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
 }
 
 impl TurnRecord {
@@ -197,6 +201,9 @@ pub struct EvalReport {
     pub verification_steps: usize,
     pub lossless_mismatches: usize,
     pub max_new_tokens: usize,
+    /// Σ draft / Σ verify seconds of the speculative steps (see `TurnRecord`).
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
     pub per_category: BTreeMap<String, Pooled>,
     pub turns: Vec<TurnRecord>,
 }
@@ -246,6 +253,8 @@ pub fn summarize(records: &[TurnRecord], max_depth: usize) -> EvalReport {
         verification_steps: all.steps,
         lossless_mismatches: records.iter().filter(|r| r.mismatch).count(),
         max_new_tokens: 0,
+        draft_seconds: records.iter().map(|r| r.draft_seconds).sum(),
+        verify_seconds: records.iter().map(|r| r.verify_seconds).sum(),
         per_category,
         turns: records.to_vec(),
     }
@@ -392,8 +401,10 @@ fn evaluate(setup: &Setup, questions: &[Question], args: &EvalArgs) -> Result<Ve
                 seconds: spec.prefill_seconds + spec.decode_seconds,
                 baseline_new_tokens: plain.answer.token_ids.len(),
                 baseline_seconds: plain.prefill_seconds + plain.decode_seconds,
-                accepted: stats.accepted,
                 mismatch,
+                draft_seconds: stats.draft_seconds,
+                verify_seconds: stats.verify_seconds,
+                accepted: stats.accepted,
             });
             let answer = setup.chat.decode(&plain.answer.token_ids)?;
             history.push(Message::new(Role::Assistant, answer));
@@ -439,7 +450,7 @@ fn print_table(r: &EvalReport) {
         .collect();
     println!(
         "tau {:.3} (reference variant {:.3}), acceptance per depth [{}], tree {} tokens, T = {}, \
-         {} {}, {} prompts, {} new tokens, lossless mismatches {}",
+         {} {}, {} prompts, {} new tokens, lossless mismatches {}, draft {:.2}s / verify {:.2}s",
         r.tau,
         r.tau_reference_variant,
         depths.join(", "),
@@ -449,6 +460,8 @@ fn print_table(r: &EvalReport) {
         r.dtype,
         r.n_prompts,
         r.new_tokens,
-        r.lossless_mismatches
+        r.lossless_mismatches,
+        r.draft_seconds,
+        r.verify_seconds
     );
 }
