@@ -4,8 +4,13 @@
 mod chat;
 mod common;
 mod data;
+mod eval;
 mod generate;
 mod gguf;
+mod head;
 mod regenerate;
+mod speculative;
 mod targets;
 mod teacher;
+mod trainer;
+mod tree;

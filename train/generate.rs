@@ -219,6 +219,12 @@ pub struct GenerateArgs {
     /// Print one JSON object {"text", "token_ids", "tokens_per_s"} instead of the text.
     #[arg(long)]
     pub json: bool,
+    /// Exported Clover-2 draft head: decode speculatively with it and report tau.
+    #[arg(long)]
+    pub draft: Option<std::path::PathBuf>,
+    /// Speculation tree with --draft: "mc_sim_7b_63" (default) or a JSON file with a list of paths.
+    #[arg(long)]
+    pub tree: Option<String>,
 }
 
 /// The dtype a device runs best: f32 on the CPU (16-bit matmuls are slow there), else bf16.
@@ -258,20 +264,52 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         seed: args.seed,
         stop_ids,
     };
-    let timed = generate(&teacher, &prompt, &cfg)?;
+    let (timed, spec) = match &args.draft {
+        None => (generate(&teacher, &prompt, &cfg)?, None),
+        Some(dir) => {
+            let head = crate::speculative::load_head(dir, &teacher)?;
+            let tree = crate::tree::Tree::load(args.tree.as_deref())?;
+            let sampling = crate::speculative::Sampling {
+                temperature: cfg.temperature,
+                seed: cfg.seed as i64,
+            };
+            let (timed, stats) = crate::speculative::generate_speculative(
+                &teacher,
+                &head,
+                &tree,
+                &prompt,
+                cfg.max_new_tokens,
+                sampling,
+                &cfg.stop_ids,
+            )?;
+            (timed, Some(stats))
+        }
+    };
     let text = chat.decode(&timed.answer.token_ids)?;
     let n = timed.answer.token_ids.len();
     let tokens_per_s = n as f64 / (timed.prefill_seconds + timed.decode_seconds);
     if args.json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "text": text,
             "token_ids": timed.answer.token_ids,
             "tokens_per_s": tokens_per_s,
         });
+        if let Some(stats) = &spec {
+            out["tau"] = stats.tau().into();
+            out["verification_steps"] = stats.steps().into();
+            out["accepted_per_step"] = serde_json::json!(stats.accepted);
+        }
         println!("{out}");
     } else {
         println!("{text}");
-        eprintln!("[{n} tokens, {tokens_per_s:.1} tokens/s]");
+        match &spec {
+            None => eprintln!("[{n} tokens, {tokens_per_s:.1} tokens/s]"),
+            Some(stats) => eprintln!(
+                "[{n} tokens, {tokens_per_s:.1} tokens/s, speculative: tau {:.2} over {} steps]",
+                stats.tau(),
+                stats.steps()
+            ),
+        }
     }
     Ok(())
 }

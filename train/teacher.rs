@@ -173,11 +173,17 @@ fn rope_settings(raw: &RawConfig, path: &Path) -> Result<(f64, Option<RopeScalin
     Ok((theta.unwrap_or(10000.0), scaling))
 }
 
-/// RMSNorm computed in f32 and cast back, as HF's LlamaRMSNorm does.
+/// RMSNorm computed in f32 and cast back, as HF's LlamaRMSNorm does (f64 stays f64, so
+/// finite-difference gradient checks of the draft head are not drowned in f32 rounding).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();
-    let x32 = x.to_kind(Kind::Float);
-    let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    let compute = if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    let x32 = x.to_kind(compute);
+    let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, compute);
     let normed = (x32 * (variance + eps).rsqrt()).to_kind(kind);
     normed * weight
 }
@@ -226,7 +232,13 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let x2 = x.narrow(-1, half, half);
     let rotated = Tensor::cat(&[&(-x2), &x1], -1);
     let kind = x.kind();
-    (x.to_kind(Kind::Float) * cos + rotated.to_kind(Kind::Float) * sin).to_kind(kind)
+    // f32 at least (as HF); f64 stays f64 for the draft head's finite-difference gradient check.
+    let compute = if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
+    (x.to_kind(compute) * cos + rotated.to_kind(compute) * sin).to_kind(kind)
 }
 
 /// LLaMA 3.1's wavelength-dependent frequency scaling.

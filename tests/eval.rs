@@ -1,0 +1,168 @@
+//! `clover eval`: pooled figures by hand, and a small end-to-end run on SmolLM2.
+use clover::eval::{run, summarize, EvalArgs, TurnRecord};
+use clover::export::export_head;
+use clover::head::{DraftHead, HeadConfig};
+use clover::teacher::Teacher;
+use tch::{Device, Kind};
+
+fn record(cat: &str, accepted: Vec<usize>, tokens: usize, secs: f64, base_secs: f64) -> TurnRecord {
+    TurnRecord {
+        question_id: "1".into(),
+        category: cat.into(),
+        turn: 1,
+        new_tokens: tokens,
+        seconds: secs,
+        baseline_new_tokens: tokens,
+        baseline_seconds: base_secs,
+        accepted,
+        mismatch: false,
+        draft_seconds: 0.0,
+        verify_seconds: 0.0,
+    }
+}
+
+#[test]
+fn summarize_pools_tau_acceptance_and_speed() {
+    let mut b = record("b", vec![0, 0], 3, 1.0, 1.0);
+    b.mismatch = true;
+    let records = vec![
+        record("a", vec![2, 0, 5], 10, 1.0, 4.0),
+        record("a", vec![1], 3, 1.0, 2.0),
+        b,
+    ];
+    let r = summarize(&records, 5);
+    // committed: a = (3+1+6) + 2 = 12 over 4 steps; b = 2 over 2 steps; all 14 / 6.
+    assert!((r.tau - 14.0 / 6.0).abs() < 1e-12);
+    assert!((r.tau_per_category["a"] - 3.0).abs() < 1e-12);
+    assert!((r.tau_per_category["b"] - 1.0).abs() < 1e-12);
+    // reference variant: steps - 1 per turn = 2 + 0 + 1 = 3.
+    assert!((r.tau_reference_variant - 14.0 / 3.0).abs() < 1e-12);
+    // steps with >= d accepted: d1: 2,1 -> 3 (of 6); d2: 2,5 -> 2; d3..5: 5 -> 1.
+    let want = [3.0, 2.0, 1.0, 1.0, 1.0].map(|x: f64| x / 6.0);
+    assert_eq!(r.acceptance_per_depth.len(), 5);
+    for (a, w) in r.acceptance_per_depth.iter().zip(want) {
+        assert!((a - w).abs() < 1e-12);
+    }
+    assert!((r.tokens_per_s - 16.0 / 3.0).abs() < 1e-12);
+    assert!((r.baseline_tokens_per_s - 16.0 / 7.0).abs() < 1e-12);
+    assert!((r.speedup - 7.0 / 3.0).abs() < 1e-12);
+    assert_eq!((r.lossless_mismatches, r.n_turns, r.new_tokens), (1, 3, 16));
+}
+
+/// A random (reference-init) head exported next to SmolLM2, two questions (one with two turns):
+/// the report has every field, greedy is lossless, and tau is at least 1.
+#[test]
+fn eval_end_to_end_smollm2_random_head() {
+    // Batch-1 decoding of a 135M model: intra-op threads only oversubscribe the 2 shared cores.
+    tch::set_num_threads(1);
+    let model = crate::common::smollm2_dir();
+    let dir = std::env::temp_dir().join(format!("clover-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let teacher = Teacher::load(&model, Device::Cpu, Kind::Float).unwrap();
+    let cfg = HeadConfig::from_teacher(&teacher.config);
+    let head = DraftHead::new(&teacher, cfg.clone(), 3).unwrap();
+    let draft = dir.join("draft");
+    export_head(
+        &cfg,
+        &head.named_tensors(),
+        &model.join("config.json"),
+        None,
+        &draft,
+    )
+    .unwrap();
+    drop((head, teacher));
+    let prompts = dir.join("q.jsonl");
+    std::fs::write(
+        &prompts,
+        concat!(
+            r#"{"question_id": 81, "category": "writing", "turns": ["Write one sentence about the sea.", "Now make it rhyme."]}"#,
+            "\n\n",
+            r#"{"question_id": 82, "category": "math", "turns": ["What is 12 times 12?"]}"#,
+            "\n",
+            r#"{"question_id": 83, "category": "math", "turns": ["Not evaluated: --limit 2"]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let report = dir.join("out").join("report.json");
+    let args = EvalArgs {
+        model: model.clone(),
+        draft,
+        prompts,
+        tree: None,
+        temperature: 0.0,
+        max_new_tokens: 12,
+        device: "cpu".into(),
+        dtype: None,
+        limit: Some(2),
+        report: Some(report.clone()),
+        template: None,
+        seed: 0,
+        warmup: 0,
+    };
+    run(&args).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    for key in [
+        "tau",
+        "tau_per_category",
+        "acceptance_per_depth",
+        "tokens_per_s",
+        "baseline_tokens_per_s",
+        "speedup",
+        "tree_tokens",
+        "temperature",
+        "device",
+        "n_prompts",
+        "new_tokens",
+        "lossless_mismatches",
+        "tau_reference_variant",
+    ] {
+        assert!(json.get(key).is_some(), "report lacks {key}");
+    }
+    assert_eq!(json["n_prompts"], 2);
+    assert_eq!(json["n_turns"], 3);
+    assert_eq!(json["tree_tokens"], 26);
+    assert_eq!(json["device"], "cpu");
+    assert_eq!(json["lossless_mismatches"], 0);
+    assert!(json["tau"].as_f64().unwrap() >= 1.0);
+    assert_eq!(json["acceptance_per_depth"].as_array().unwrap().len(), 5);
+    let cats = json["tau_per_category"].as_object().unwrap();
+    assert_eq!(cats.len(), 2);
+    // `clover generate --draft` runs the same head speculatively.
+    let gen = clover::generate::GenerateArgs {
+        model: model.clone(),
+        prompt: "Say hello.".into(),
+        chat: true,
+        max_new_tokens: 6,
+        temperature: 0.0,
+        seed: 0,
+        device: "cpu".into(),
+        dtype: None,
+        json: true,
+        draft: Some(dir.join("draft")),
+        tree: None,
+    };
+    clover::generate::run(&gen).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_question_files_are_reported_with_line_numbers() {
+    let dir = std::env::temp_dir().join(format!("clover-evalq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("q.jsonl");
+    std::fs::write(
+        &file,
+        "{\"question_id\": 1, \"turns\": [\"hi\"]}\n{\"question_id\": 2}\n",
+    )
+    .unwrap();
+    let err = format!("{:#}", clover::eval::read_questions(&file).unwrap_err());
+    assert!(err.contains("line 2"), "{err}");
+    std::fs::write(&file, "{\"question_id\": 1, \"turns\": []}\n").unwrap();
+    assert!(clover::eval::read_questions(&file).is_err());
+    std::fs::write(&file, "{\"question_id\": 1, \"turns\": [\"hi\"]}\n").unwrap();
+    let q = clover::eval::read_questions(&file).unwrap();
+    assert_eq!(q[0].category, "default");
+    std::fs::remove_dir_all(&dir).ok();
+}

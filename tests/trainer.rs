@@ -1,0 +1,433 @@
+//! The trainer: exact resume, NaN stop, export round trip, bucketing, schedule, AdamW, configs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::common::{max_abs_diff, repo_root};
+use crate::head::{tiny_head, tiny_teacher};
+use clover::data::Sample;
+use clover::export::export_head;
+use clover::head::DraftHead;
+use clover::trainer::{
+    epoch_batches, evaluate, list_checkpoints, lr_factor, read_checkpoint_head, train, AdamW,
+    Source, TrainConfig, TrainOptions, CK_TEACHER_CONFIG,
+};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+fn samples(n: usize, seed: u64) -> Vec<Sample> {
+    let mut rng = clover::trainer::SplitMix64::new(seed);
+    (0..n)
+        .map(|i| {
+            let len = 6 + (rng.next_u64() % 12) as usize;
+            let input_ids: Vec<i64> = (0..len).map(|_| (rng.next_u64() % 96) as i64).collect();
+            let loss_mask: Vec<u8> = (0..len).map(|j| u8::from(j >= 3)).collect();
+            Sample {
+                id: format!("s{i}"),
+                input_ids,
+                loss_mask,
+            }
+        })
+        .collect()
+}
+
+fn tiny_config(out: &Path) -> TrainConfig {
+    let text = format!(
+        r#"
+model_dir = "{}"
+data_dir = "unused"
+out_dir = "{}"
+device = "cpu"
+num_depths = 3
+max_steps = 6
+batch_tokens = 48
+bucket_window = 8
+warmup_steps = 2
+eval_every = 3
+save_every = 3
+keep_last = 2
+eval_samples = 4
+seed = 5
+progress = false
+"#,
+        repo_root()
+            .join("tests/fixtures/tiny-llama-untied")
+            .display(),
+        out.display()
+    );
+    TrainConfig::from_toml(&text, "tiny").unwrap()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clover-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn resume_continues_exactly_like_an_uninterrupted_run() {
+    let teacher = tiny_teacher(Kind::Float);
+    let (train_set, eval_set) = (samples(16, 1), samples(4, 2));
+    let dir_a = tmp("resume-a");
+    let full = train(
+        &tiny_config(&dir_a),
+        &teacher,
+        Source::Online(train_set.clone()),
+        eval_set.clone(),
+        false,
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(full.steps.len(), 6);
+    assert!(full.steps.iter().all(|s| s.loss.is_finite()));
+    assert_eq!(full.evals.len(), 2);
+
+    let dir_b = tmp("resume-b");
+    let cfg_b = tiny_config(&dir_b);
+    let halt = TrainOptions {
+        halt_after_step: Some(3),
+        ..Default::default()
+    };
+    let first = train(
+        &cfg_b,
+        &teacher,
+        Source::Online(train_set.clone()),
+        eval_set.clone(),
+        false,
+        &halt,
+    )
+    .unwrap();
+    assert_eq!(first.steps.len(), 3);
+    let rest = train(
+        &cfg_b,
+        &teacher,
+        Source::Online(train_set),
+        eval_set,
+        true,
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        rest.steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+        vec![4, 5, 6]
+    );
+    for (a, b) in full.steps.iter().zip(first.steps.iter().chain(&rest.steps)) {
+        assert_eq!(a.step, b.step);
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6,
+            "step {}: {} vs {} after resume",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!((a.lr - b.lr).abs() <= 1e-12);
+    }
+    assert_eq!(full.evals.last(), rest.evals.last());
+    // Same final weights; only the newest `keep_last` checkpoints remain.
+    let (_, wa) = read_checkpoint_head(full.last_checkpoint.as_ref().unwrap()).unwrap();
+    let (_, wb) = read_checkpoint_head(rest.last_checkpoint.as_ref().unwrap()).unwrap();
+    for (n, t) in &wa {
+        assert!(max_abs_diff(t, &wb[n]) <= 1e-6, "{n} differs after resume");
+    }
+    let names: Vec<String> = list_checkpoints(&dir_a)
+        .unwrap()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["step-00000003", "step-00000006"]);
+    assert!(
+        dir_a.join("tensorboard").read_dir().unwrap().count() > 0,
+        "TensorBoard events written"
+    );
+    let _ = std::fs::remove_dir_all(dir_a);
+    let _ = std::fs::remove_dir_all(dir_b);
+}
+
+#[test]
+fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let teacher = tiny_teacher(Kind::Float);
+    let dir = tmp("nan");
+    let mut cfg = tiny_config(&dir);
+    cfg.save_every = 1;
+    cfg.keep_last = 5;
+    let opts = TrainOptions {
+        inject_nan_at_step: Some(3),
+        ..Default::default()
+    };
+    let err = train(
+        &cfg,
+        &teacher,
+        Source::Online(samples(8, 3)),
+        vec![],
+        false,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("non-finite loss at step 3, depth 0"), "{err}");
+    assert!(
+        err.contains("step-00000002"),
+        "names the kept checkpoint: {err}"
+    );
+    let names: Vec<String> = list_checkpoints(&dir)
+        .unwrap()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["step-00000001", "step-00000002"]);
+    read_checkpoint_head(&dir.join("checkpoints/step-00000002")).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn export_then_reload_gives_identical_logits_and_can_seed_training() {
+    let teacher = tiny_teacher(Kind::Float);
+    let dir = tmp("export");
+    let mut cfg = tiny_config(&dir);
+    cfg.max_steps = Some(2);
+    cfg.eval_every = 0;
+    let out = train(
+        &cfg,
+        &teacher,
+        Source::Online(samples(6, 4)),
+        vec![],
+        false,
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let ck = out.last_checkpoint.unwrap();
+    let (head_cfg, tensors) = read_checkpoint_head(&ck).unwrap();
+    let trained = DraftHead::from_tensors(&teacher, head_cfg.clone(), &tensors).unwrap();
+    let exported = dir.join("exported");
+    export_head(
+        &head_cfg,
+        &tensors,
+        &ck.join(CK_TEACHER_CONFIG),
+        None,
+        &exported,
+    )
+    .unwrap();
+    let reloaded = DraftHead::load(&exported, &teacher).unwrap();
+    assert_eq!(reloaded.config(), &head_cfg);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exported.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["clover"]["num_heads"], 3);
+    assert_eq!(json["clover"]["decay_coefficient"], 0.7);
+    assert_eq!(json["hidden_size"], 64);
+    let keys: Vec<String> = Tensor::read_safetensors(exported.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    for k in [
+        "layers.1.self_attn.q_proj.weight",
+        "clover_head_mlp_rnn.q.weight",
+        "clover_head_mlp_rnn2.input_layernorm.weight",
+        "clover_head_mlp2.weight",
+        "clover_norm.weight",
+    ] {
+        assert!(keys.iter().any(|x| x == k), "{k} exported");
+    }
+    tch::no_grad(|| {
+        let t = 5;
+        let u = Tensor::randn([1, t, 64], (Kind::Float, Device::Cpu));
+        let next = Tensor::from_slice(&[3i64, 9, 27, 81, 4]).view([1, t]);
+        let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let (oa, sa) = trained.depth0(&u, &next, &pos, None, None);
+        let (ob, sb) = reloaded.depth0(&u, &next, &pos, None, None);
+        assert_eq!(
+            max_abs_diff(&trained.logits(&oa), &reloaded.logits(&ob)),
+            0.0
+        );
+        let (oa, _) = trained.step(&sa, &next);
+        let (ob, _) = reloaded.step(&sb, &next);
+        assert_eq!(
+            max_abs_diff(&trained.logits(&oa), &reloaded.logits(&ob)),
+            0.0
+        );
+    });
+    // Training can start from the exported head: its weights are the starting point.
+    let mut cfg2 = tiny_config(&dir.join("second"));
+    cfg2.init_from = Some(exported.clone());
+    cfg2.max_steps = Some(1);
+    cfg2.lr = 0.0;
+    cfg2.weight_decay = 0.0;
+    let out2 = train(
+        &cfg2,
+        &teacher,
+        Source::Online(samples(6, 4)),
+        vec![],
+        false,
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let (_, after) = read_checkpoint_head(out2.last_checkpoint.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &after["clover_head_mlp2.weight"],
+            &tensors["clover_head_mlp2.weight"]
+        ),
+        0.0
+    );
+    // A missing or misshapen key fails loudly, naming it.
+    let mut broken: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    broken.remove("clover_head_mlp_rnn2.k.bias");
+    broken.insert(
+        "clover_norm.weight".into(),
+        Tensor::ones([3], (Kind::Float, Device::Cpu)),
+    );
+    let err = export_head(
+        &head_cfg,
+        &broken,
+        &ck.join(CK_TEACHER_CONFIG),
+        None,
+        &dir.join("bad"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("missing clover_head_mlp_rnn2.k.bias")
+            && err.contains("clover_norm.weight: shape [3]"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bucketed_batches_cover_each_sample_once_within_the_token_budget() {
+    let lengths: Vec<usize> = (0..50).map(|i| 5 + (i * 37) % 40).collect();
+    let batches = epoch_batches(&lengths, 120, 16, 9, 2);
+    let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    for b in &batches {
+        let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
+        assert!(
+            b.len() == 1 || longest * b.len() <= 120,
+            "batch {b:?} over budget"
+        );
+    }
+    assert_eq!(
+        batches,
+        epoch_batches(&lengths, 120, 16, 9, 2),
+        "deterministic from (seed, epoch)"
+    );
+    assert_ne!(
+        batches,
+        epoch_batches(&lengths, 120, 16, 9, 3),
+        "reshuffled each epoch"
+    );
+}
+
+#[test]
+fn linear_warmup_then_linear_decay_as_hf() {
+    assert_eq!(lr_factor(0, 4, 10), 0.0);
+    assert_eq!(lr_factor(2, 4, 10), 0.5);
+    assert_eq!(lr_factor(4, 4, 10), 1.0);
+    assert_eq!(lr_factor(7, 4, 10), 0.5);
+    assert_eq!(lr_factor(10, 4, 10), 0.0);
+    assert_eq!(lr_factor(0, 0, 10), 1.0);
+}
+
+#[test]
+fn own_adamw_matches_torch_adamw() {
+    // Same decoupled weight decay and bias correction as torch.optim.AdamW (tch's nn::AdamW).
+    let target = Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).view([2, 2]);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let p_ref = vs.root().var_copy(
+        "p",
+        &Tensor::from_slice(&[0.1f32, 0.2, -0.3, 0.4]).view([2, 2]),
+    );
+    let mut torch_opt = nn::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        wd: 0.01,
+        eps: 1e-8,
+        amsgrad: false,
+    }
+    .build(&vs, 1e-2)
+    .unwrap();
+    let p_own = Tensor::from_slice(&[0.1f32, 0.2, -0.3, 0.4])
+        .view([2, 2])
+        .set_requires_grad(true);
+    let params = BTreeMap::from([("p".to_string(), p_own.shallow_clone())]);
+    let mut own = AdamW::new(&params, (0.9, 0.95), 1e-8, 0.01);
+    for _ in 0..5 {
+        torch_opt.zero_grad();
+        (&p_ref - &target)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Float)
+            .backward();
+        torch_opt.step();
+        let mut g = p_own.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+        (&p_own - &target)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Float)
+            .backward();
+        own.update(&params, 1e-2);
+    }
+    let d = max_abs_diff(&p_ref, &p_own);
+    assert!(d < 1e-6, "own AdamW differs from torch's by {d}");
+}
+
+#[test]
+fn shipped_configs_parse() {
+    for name in ["smollm2-135m", "vicuna-7b", "llama3-8b-instruct"] {
+        let path = repo_root().join("configs").join(format!("{name}.toml"));
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        // Parse as on a CPU-only machine, so the [cuda] override is not applied.
+        text = text.replace("device = \"auto\"", "device = \"cpu\"");
+        let cfg = TrainConfig::from_toml(&text, &path.display().to_string())
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(
+            (cfg.lr, cfg.betas, cfg.weight_decay, cfg.clip_value),
+            (1e-3, (0.9, 0.95), 0.01, 0.5),
+            "{name}"
+        );
+        assert_eq!(
+            (cfg.num_depths, cfg.num_layers, cfg.decay),
+            (5, 2, 0.7),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn chained_eval_accuracy_is_cumulative_over_depths() {
+    let teacher = tiny_teacher(Kind::Float);
+    let head = tiny_head(&teacher, 4, 3);
+    let cfg = tiny_config(&tmp("eval"));
+    // Loss masks all 1, and answers that follow the teacher's own greedy choice so starts exist.
+    let mut evs = samples(4, 8);
+    for s in &mut evs {
+        s.loss_mask = vec![1; s.input_ids.len()];
+        for j in 1..s.input_ids.len() {
+            let ids = Tensor::from_slice(&s.input_ids[..j]).view([1, j as i64]);
+            let pos = Tensor::arange(j as i64, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+            let u = tch::no_grad(|| teacher.forward(&ids, &pos, None, None));
+            s.input_ids[j] = teacher
+                .logits(&u)
+                .get(0)
+                .get(j as i64 - 1)
+                .argmax(-1, false)
+                .int64_value(&[]);
+        }
+    }
+    let ev = evaluate(&head, &teacher, &evs, &cfg, 0).unwrap();
+    assert!(ev.starts > 0);
+    assert_eq!(ev.chained_top1.len(), 4);
+    for w in ev.chained_top1.windows(2) {
+        assert!(
+            w[1] <= w[0],
+            "chained accuracy cannot rise with depth: {:?}",
+            ev.chained_top1
+        );
+    }
+    assert!(ev.loss.is_finite() && (0.0..=1.0).contains(&ev.unigram_top1));
+}

@@ -1,0 +1,114 @@
+//! `clover export`: a training checkpoint to the reference's format, a directory with
+//! `model.safetensors` (the reference state-dict names, spec §1.4) and `config.json` (the teacher's
+//! LlamaConfig fields, `num_hidden_layers: 1` as the reference's draft configs, plus the `"clover"`
+//! section of `ConfigClover`, and our `"clover_rs"` extras such as the draft RoPE base).
+//! `DraftHead::load` reads it back, and training can start from it (`init_from`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use tch::{Kind, Tensor};
+
+use crate::head::{check_head_tensors, write_tensors, HeadConfig};
+use crate::trainer::{read_checkpoint_head, CK_TEACHER_CONFIG};
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// A checkpoint dir (<out>/checkpoints/step-XXXXXXXX).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output dir (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the frozen `lm_head.weight` and `clover_embed_tokens.weight` (the reference's
+    /// full state dict has them; its loader uses strict=False and takes them from the base model,
+    /// so they are optional, and large: 2·V·H values).
+    #[arg(long)]
+    pub with_frozen: bool,
+    /// Teacher dir, needed only with --with-frozen (its lm_head weight).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+pub fn run(args: &ExportArgs) -> Result<()> {
+    let (cfg, tensors) = read_checkpoint_head(&args.checkpoint)?;
+    let teacher_config = args.checkpoint.join(CK_TEACHER_CONFIG);
+    let frozen = if args.with_frozen {
+        let model = args
+            .model
+            .as_ref()
+            .context("--with-frozen needs --model <teacher dir>")?;
+        let teacher = crate::teacher::Teacher::load(model, tch::Device::Cpu, Kind::Float)?;
+        Some(teacher.lm_head_weight().shallow_clone())
+    } else {
+        None
+    };
+    export_head(&cfg, &tensors, &teacher_config, frozen.as_ref(), &args.out)?;
+    eprintln!(
+        "exported {} to {}",
+        args.checkpoint.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The reference draft config: the teacher's config.json with num_hidden_layers = 1 and the
+/// `"clover"` section; our extras go under `"clover_rs"`.
+pub fn export_config(cfg: &HeadConfig, teacher_config: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(teacher_config)
+        .with_context(|| format!("reading {}", teacher_config.display()))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", teacher_config.display()))?;
+    let obj = v
+        .as_object_mut()
+        .with_context(|| format!("{} is not a JSON object", teacher_config.display()))?;
+    obj.insert("num_hidden_layers".into(), 1.into());
+    obj.insert("clover".into(), cfg.clover_section());
+    obj.insert("clover_rs".into(), cfg.clover_rs_section());
+    Ok(v)
+}
+
+/// Writes `out/model.safetensors` + `out/config.json` after checking every required key and shape;
+/// `frozen` = the teacher lm_head weight to include as lm_head.weight and clover_embed_tokens.weight.
+pub fn export_head(
+    cfg: &HeadConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    teacher_config: &Path,
+    frozen: Option<&Tensor>,
+    out: &Path,
+) -> Result<()> {
+    check_head_tensors(cfg, tensors, "export")?;
+    let config = export_config(cfg, teacher_config)?;
+    let mut all: BTreeMap<String, Tensor> = cfg
+        .trainable_shapes()
+        .into_iter()
+        .map(|(n, _)| (n.clone(), tensors[&n].to_kind(Kind::Float)))
+        .collect();
+    if let Some(w) = frozen {
+        ensure!(
+            w.size() == [cfg.vocab_size, cfg.hidden_size],
+            "lm_head weight has shape {:?}",
+            w.size()
+        );
+        all.insert("lm_head.weight".into(), w.to_kind(Kind::Float));
+        all.insert("clover_embed_tokens.weight".into(), w.to_kind(Kind::Float));
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_tensors(&out.join("model.safetensors"), &all)?;
+    let cfg_path = out.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", cfg_path.display()))?;
+    // Read back what was written: the exported dir must load as a head.
+    let back = crate::head::read_head_tensors(
+        &out.join("model.safetensors"),
+        &HeadConfig::from_export_json(&cfg_path)?,
+    )?;
+    ensure!(
+        back.len() == tensors.len(),
+        "export check: {} tensors read back, {} written",
+        back.len(),
+        tensors.len()
+    );
+    Ok(())
+}
