@@ -25,6 +25,12 @@ enum Command {
     Data(DataCommand),
     /// Cache the teacher's pre-norm hidden states over prepared data (distillation targets).
     Distill(crate::targets::DistillArgs),
+    /// Train the Clover-2 draft head (per-depth distillation loss) from a TOML config.
+    Train(crate::trainer::TrainArgs),
+    /// Write a trained head as safetensors with the reference's tensor names, plus config.json.
+    Export(crate::export::ExportArgs),
+    /// Speculative vs plain decoding on held-out prompts: tau, acceptance per depth, speed.
+    Eval(crate::eval::EvalArgs),
     /// Answer a prompt with the teacher (plain decoding).
     Generate(crate::generate::GenerateArgs),
     /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
@@ -48,6 +54,9 @@ pub fn main() -> Result<()> {
         Command::Data(DataCommand::Regenerate(args)) => crate::regenerate::run(&args),
         Command::Data(DataCommand::ImportChitchat(args)) => crate::data::run_import_chitchat(&args),
         Command::Distill(args) => crate::targets::run(&args),
+        Command::Train(args) => crate::trainer::run(&args),
+        Command::Export(args) => crate::export::run(&args),
+        Command::Eval(args) => crate::eval::run(&args),
         Command::ImportGguf(args) => crate::import::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
