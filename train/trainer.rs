@@ -29,6 +29,10 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in the config's out dir.
     #[arg(long)]
     pub resume: bool,
+    /// Which overrides apply: `cuda` applies the config's [cuda] table, `cpu` ignores it, `auto`
+    /// applies it when the run lands on a CUDA device.
+    #[arg(long, default_value = "auto")]
+    pub profile: String,
 }
 
 fn d_auto() -> String {
@@ -178,6 +182,11 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Parses TOML, applying the `[cuda]` table when `device` resolves to CUDA.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        Self::from_toml_with_profile(text, origin, "auto")
+    }
+
+    /// As `from_toml`; `profile` = cuda | cpu | auto says whether the `[cuda]` table applies.
+    pub fn from_toml_with_profile(text: &str, origin: &str, profile: &str) -> Result<Self> {
         let mut table: toml::Table =
             toml::from_str(text).with_context(|| format!("parsing {origin}"))?;
         let cuda = table.remove("cuda");
@@ -186,7 +195,13 @@ impl TrainConfig {
             .and_then(|v| v.as_str())
             .unwrap_or("auto")
             .to_string();
-        if parse_device(&device)?.is_cuda() {
+        let use_cuda_table = match profile {
+            "cuda" => true,
+            "cpu" => false,
+            "auto" => parse_device(&device)?.is_cuda(),
+            other => bail!("unknown --profile {other:?} (use auto, cpu or cuda)"),
+        };
+        if use_cuda_table {
             if let Some(toml::Value::Table(over)) = cuda {
                 for (k, v) in over {
                     table.insert(k, v);
@@ -198,11 +213,10 @@ impl TrainConfig {
             .with_context(|| format!("{origin}: invalid training config"))
     }
 
-    pub fn load(path: &Path) -> Result<Self> {
+    pub fn load(path: &Path, profile: &str) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg = Self::from_toml(&text, &path.display().to_string())?;
-        Ok(cfg)
+        Self::from_toml_with_profile(&text, &path.display().to_string(), profile)
     }
 
     pub fn head_config(&self, teacher: &Teacher) -> HeadConfig {
@@ -259,7 +273,7 @@ pub struct TrainOutcome {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::load(&args.config)?;
+    let cfg = TrainConfig::load(&args.config, &args.profile)?;
     let device = parse_device(&cfg.device)?;
     let teacher_kind = if device.is_cuda() {
         Kind::BFloat16
@@ -688,6 +702,27 @@ fn load_state(ck: &Path) -> Result<CheckpointState> {
     let f = ck.join(CK_STATE);
     let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", f.display()))
+}
+
+/// A checkpoint dir from what a user may name: the dir itself, a training out dir (its newest
+/// checkpoint), or `<out>/latest`.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join(CK_STATE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let named_latest = path.file_name().is_some_and(|n| n == "latest");
+    let out = if named_latest {
+        path.parent().unwrap_or(path)
+    } else {
+        path
+    };
+    list_checkpoints(out)?.pop().with_context(|| {
+        format!(
+            "{}: not a checkpoint, and no checkpoints under {}",
+            path.display(),
+            checkpoints_dir(out).display()
+        )
+    })
 }
 
 /// The head config and tensors of a checkpoint dir (used by `export`).
