@@ -79,7 +79,8 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     .unwrap();
     assert_eq!(full.steps.len(), 6);
     assert!(full.steps.iter().all(|s| s.loss.is_finite()));
-    assert_eq!(full.evals.len(), 2);
+    assert_eq!(full.evals.len(), 3, "step 0, 3 and 6");
+    assert_eq!(full.evals[0].step, 0);
 
     let dir_b = tmp("resume-b");
     let cfg_b = tiny_config(&dir_b);

@@ -832,6 +832,19 @@ pub fn train(
     );
     bar.set_position(step);
     let lm_head = |o: &Tensor| head.logits(o);
+    if step == 0 && cfg.eval_every > 0 && !eval.is_empty() {
+        // The untrained head's figures, the baseline the eval curve starts from.
+        let ev = evaluate(
+            &head,
+            teacher,
+            &eval[..eval.len().min(cfg.eval_samples)],
+            cfg,
+            0,
+        )?;
+        log_eval(&mut tb, &ev);
+        append_jsonl(&cfg.out_dir.join("eval.jsonl"), &ev)?;
+        outcome.evals.push(ev);
+    }
     let mut batches = epoch_batches(
         &lengths,
         cfg.batch_tokens,
