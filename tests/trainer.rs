@@ -9,8 +9,8 @@ use clover::data::Sample;
 use clover::export::export_head;
 use clover::head::DraftHead;
 use clover::trainer::{
-    epoch_batches, evaluate, list_checkpoints, lr_factor, read_checkpoint_head, train, AdamW,
-    Source, TrainConfig, TrainOptions, CK_TEACHER_CONFIG,
+    epoch_batches, evaluate, list_checkpoints, lr_factor, read_checkpoint_head, resolve_checkpoint,
+    train, AdamW, Source, TrainConfig, TrainOptions, CK_TEACHER_CONFIG,
 };
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
@@ -79,7 +79,8 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     .unwrap();
     assert_eq!(full.steps.len(), 6);
     assert!(full.steps.iter().all(|s| s.loss.is_finite()));
-    assert_eq!(full.evals.len(), 2);
+    assert_eq!(full.evals.len(), 3, "step 0, 3 and 6");
+    assert_eq!(full.evals[0].step, 0);
 
     let dir_b = tmp("resume-b");
     let cfg_b = tiny_config(&dir_b);
@@ -134,6 +135,9 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, vec!["step-00000003", "step-00000006"]);
+    let newest = full.last_checkpoint.clone().unwrap();
+    assert_eq!(resolve_checkpoint(&dir_a.join("latest")).unwrap(), newest);
+    assert_eq!(resolve_checkpoint(&dir_a).unwrap(), newest);
     assert!(
         dir_a.join("tensorboard").read_dir().unwrap().count() > 0,
         "TensorBoard events written"
@@ -430,4 +434,76 @@ fn chained_eval_accuracy_is_cumulative_over_depths() {
         );
     }
     assert!(ev.loss.is_finite() && (0.0..=1.0).contains(&ev.unigram_top1));
+}
+
+#[test]
+fn offline_cache_training_matches_online_within_bf16_rounding() {
+    let root = tmp("offline");
+    let data = root.join("data");
+    let train_set = samples(12, 21);
+    clover::data::write_samples(&data, clover::data::Split::Train, &train_set).unwrap();
+    clover::data::write_samples(&data, clover::data::Split::Eval, &samples(3, 22)).unwrap();
+    let cache = root.join("cache");
+    clover::targets::run(&clover::targets::DistillArgs {
+        data: data.clone(),
+        model: repo_root().join("tests/fixtures/tiny-llama-untied"),
+        out: cache.clone(),
+        device: "cpu".into(),
+        dtype: "bf16".into(),
+        shard: "0/1".into(),
+        batch_tokens: 64,
+        max_shards: None,
+    })
+    .unwrap();
+    let teacher = tiny_teacher(Kind::Float);
+    let mut cfg = tiny_config(&root.join("online"));
+    cfg.max_steps = Some(3);
+    cfg.eval_every = 0;
+    let online = train(
+        &cfg,
+        &teacher,
+        Source::Online(train_set),
+        vec![],
+        false,
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    // The same run through the CLI entry point, offline, from a TOML file.
+    let toml = format!(
+        "model_dir = \"{}\"\ndata_dir = \"{}\"\ndistill_cache = \"{}\"\nout_dir = \"{}\"\ndevice = \"cpu\"\n\
+         num_depths = 3\nmax_steps = 3\nbatch_tokens = 48\nbucket_window = 8\nwarmup_steps = 2\n\
+         eval_every = 3\nsave_every = 3\neval_samples = 4\nseed = 5\nprogress = false\n",
+        repo_root().join("tests/fixtures/tiny-llama-untied").display(),
+        data.display(),
+        cache.display(),
+        root.join("offline").display()
+    );
+    std::fs::write(root.join("offline.toml"), toml).unwrap();
+    clover::trainer::run(&clover::trainer::TrainArgs {
+        config: root.join("offline.toml"),
+        resume: false,
+        profile: "auto".into(),
+    })
+    .unwrap();
+    let lines = std::fs::read_to_string(root.join("offline/metrics.jsonl")).unwrap();
+    let offline: Vec<clover::trainer::StepRecord> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(offline.len(), 3);
+    for (a, b) in online.steps.iter().zip(&offline) {
+        let rel = (a.loss - b.loss).abs() / a.loss.abs();
+        assert!(
+            rel < 2e-2,
+            "step {}: online {} vs offline {} (bf16 cache)",
+            a.step,
+            a.loss,
+            b.loss
+        );
+    }
+    assert!(
+        root.join("offline/eval.jsonl").exists(),
+        "eval on the prepared eval split ran"
+    );
+    let _ = std::fs::remove_dir_all(root);
 }

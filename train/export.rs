@@ -11,11 +11,12 @@ use anyhow::{ensure, Context, Result};
 use tch::{Kind, Tensor};
 
 use crate::head::{check_head_tensors, write_tensors, HeadConfig};
-use crate::trainer::{read_checkpoint_head, CK_TEACHER_CONFIG};
+use crate::trainer::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
-    /// A checkpoint dir (<out>/checkpoints/step-XXXXXXXX).
+    /// A checkpoint dir (<out>/checkpoints/step-XXXXXXXX), or a training out dir / `<out>/latest`
+    /// for its newest checkpoint.
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Output dir (created).
@@ -32,8 +33,9 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
-    let (cfg, tensors) = read_checkpoint_head(&args.checkpoint)?;
-    let teacher_config = args.checkpoint.join(CK_TEACHER_CONFIG);
+    let checkpoint = resolve_checkpoint(&args.checkpoint)?;
+    let (cfg, tensors) = read_checkpoint_head(&checkpoint)?;
+    let teacher_config = checkpoint.join(CK_TEACHER_CONFIG);
     let frozen = if args.with_frozen {
         let model = args
             .model
@@ -47,7 +49,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     export_head(&cfg, &tensors, &teacher_config, frozen.as_ref(), &args.out)?;
     eprintln!(
         "exported {} to {}",
-        args.checkpoint.display(),
+        checkpoint.display(),
         args.out.display()
     );
     Ok(())

@@ -29,6 +29,10 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in the config's out dir.
     #[arg(long)]
     pub resume: bool,
+    /// Which overrides apply: `cuda` applies the config's [cuda] table, `cpu` ignores it, `auto`
+    /// applies it when the run lands on a CUDA device.
+    #[arg(long, default_value = "auto")]
+    pub profile: String,
 }
 
 fn d_auto() -> String {
@@ -178,6 +182,11 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Parses TOML, applying the `[cuda]` table when `device` resolves to CUDA.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        Self::from_toml_with_profile(text, origin, "auto")
+    }
+
+    /// As `from_toml`; `profile` = cuda | cpu | auto says whether the `[cuda]` table applies.
+    pub fn from_toml_with_profile(text: &str, origin: &str, profile: &str) -> Result<Self> {
         let mut table: toml::Table =
             toml::from_str(text).with_context(|| format!("parsing {origin}"))?;
         let cuda = table.remove("cuda");
@@ -186,7 +195,13 @@ impl TrainConfig {
             .and_then(|v| v.as_str())
             .unwrap_or("auto")
             .to_string();
-        if parse_device(&device)?.is_cuda() {
+        let use_cuda_table = match profile {
+            "cuda" => true,
+            "cpu" => false,
+            "auto" => parse_device(&device)?.is_cuda(),
+            other => bail!("unknown --profile {other:?} (use auto, cpu or cuda)"),
+        };
+        if use_cuda_table {
             if let Some(toml::Value::Table(over)) = cuda {
                 for (k, v) in over {
                     table.insert(k, v);
@@ -198,11 +213,10 @@ impl TrainConfig {
             .with_context(|| format!("{origin}: invalid training config"))
     }
 
-    pub fn load(path: &Path) -> Result<Self> {
+    pub fn load(path: &Path, profile: &str) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let cfg = Self::from_toml(&text, &path.display().to_string())?;
-        Ok(cfg)
+        Self::from_toml_with_profile(&text, &path.display().to_string(), profile)
     }
 
     pub fn head_config(&self, teacher: &Teacher) -> HeadConfig {
@@ -259,7 +273,7 @@ pub struct TrainOutcome {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::load(&args.config)?;
+    let cfg = TrainConfig::load(&args.config, &args.profile)?;
     let device = parse_device(&cfg.device)?;
     let teacher_kind = if device.is_cuda() {
         Kind::BFloat16
@@ -690,6 +704,27 @@ fn load_state(ck: &Path) -> Result<CheckpointState> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", f.display()))
 }
 
+/// A checkpoint dir from what a user may name: the dir itself, a training out dir (its newest
+/// checkpoint), or `<out>/latest`.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join(CK_STATE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let named_latest = path.file_name().is_some_and(|n| n == "latest");
+    let out = if named_latest {
+        path.parent().unwrap_or(path)
+    } else {
+        path
+    };
+    list_checkpoints(out)?.pop().with_context(|| {
+        format!(
+            "{}: not a checkpoint, and no checkpoints under {}",
+            path.display(),
+            checkpoints_dir(out).display()
+        )
+    })
+}
+
 /// The head config and tensors of a checkpoint dir (used by `export`).
 pub fn read_checkpoint_head(ck: &Path) -> Result<(HeadConfig, BTreeMap<String, Tensor>)> {
     let state = load_state(ck)?;
@@ -797,6 +832,19 @@ pub fn train(
     );
     bar.set_position(step);
     let lm_head = |o: &Tensor| head.logits(o);
+    if step == 0 && cfg.eval_every > 0 && !eval.is_empty() {
+        // The untrained head's figures, the baseline the eval curve starts from.
+        let ev = evaluate(
+            &head,
+            teacher,
+            &eval[..eval.len().min(cfg.eval_samples)],
+            cfg,
+            0,
+        )?;
+        log_eval(&mut tb, &ev);
+        append_jsonl(&cfg.out_dir.join("eval.jsonl"), &ev)?;
+        outcome.evals.push(ev);
+    }
     let mut batches = epoch_batches(
         &lengths,
         cfg.batch_tokens,
@@ -1079,4 +1127,107 @@ fn chained_hits(
         }
     }
     Ok((hits, rows.len()))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Teacher model dir.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Timed optimizer steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Tokens per row (all trained: loss mask 1).
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 5)]
+    pub num_depths: i64,
+}
+
+/// Throughput of the full online training step (teacher forward, 5-depth head forward/backward,
+/// AdamW) on random tokens, and the process's peak resident memory, as one JSON line.
+pub fn run_bench(args: &BenchTrainArgs) -> Result<()> {
+    let device = parse_device(&args.device)?;
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let teacher = Teacher::load(&args.model, device, kind)?;
+    let mut head_cfg = HeadConfig::from_teacher(&teacher.config);
+    head_cfg.num_depths = args.num_depths;
+    let mut head = DraftHead::new(&teacher, head_cfg, 0)?;
+    if device.is_cuda() {
+        head.set_compute_kind(Kind::BFloat16);
+    }
+    let params = head.named_tensors();
+    let mut opt = AdamW::new(&params, (0.9, 0.95), 1e-8, 0.01);
+    let weights = LossWeights::reference(head.config());
+    let mut rng = SplitMix64::new(1);
+    let vocab = teacher.config.vocab_size as u64;
+    let samples: Vec<Sample> = (0..args.batch)
+        .map(|i| Sample {
+            id: format!("bench{i}"),
+            input_ids: (0..args.seq_len)
+                .map(|_| (rng.next_u64() % vocab) as i64)
+                .collect(),
+            loss_mask: vec![1; args.seq_len],
+        })
+        .collect();
+    let refs: Vec<&Sample> = samples.iter().collect();
+    let lm_head = |o: &Tensor| head.logits(o);
+    let mut step = || -> Result<f64> {
+        let batch = make_batch(&teacher, &refs, None, args.seq_len)?;
+        let targets = teacher_targets(&teacher, &batch.u, &batch.mask);
+        let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
+        let parts = clover_loss(&outs, &targets, &lm_head, &weights);
+        zero_grads(&params);
+        parts.total.backward();
+        clip_grads_by_value(&params, 0.5);
+        opt.update(&params, 1e-3);
+        Ok(parts.depths.iter().map(|d| d.loss).sum())
+    };
+    step()?;
+    if device.is_cuda() {
+        tch::Cuda::synchronize(0);
+    }
+    let started = Instant::now();
+    let mut last = 0.0;
+    for _ in 0..args.steps {
+        last = step()?;
+    }
+    if device.is_cuda() {
+        tch::Cuda::synchronize(0);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let tokens = (args.steps * args.batch * args.seq_len) as f64;
+    let report = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "device": format!("{device:?}"),
+        "threads": tch::get_num_threads(),
+        "trainable_parameters": head.num_parameters(),
+        "num_depths": args.num_depths,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "seconds": secs,
+        "tokens_per_s": tokens / secs,
+        "peak_rss_mib": peak_rss_mib(),
+        "last_loss": last,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// VmHWM of this process from /proc (Linux); None elsewhere.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
