@@ -53,7 +53,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	cargo test --release
+	OMP_NUM_THREADS=1 cargo test --release
 
 bench: setup
 	$(CLOVER) bench --model $(TEACHER) --conversations $(CHITCHAT) --out data/work/bench.json

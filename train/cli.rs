@@ -35,6 +35,8 @@ enum Command {
     Generate(crate::generate::GenerateArgs),
     /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
     Bench(crate::bench::BenchArgs),
+    /// Measure training tokens/s and peak memory of the full online training step as JSON.
+    BenchTrain(crate::trainer::BenchTrainArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,6 +62,7 @@ pub fn main() -> Result<()> {
         Command::ImportGguf(args) => crate::import::run(&args),
         Command::Generate(args) => crate::generate::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
+        Command::BenchTrain(args) => crate::trainer::run_bench(&args),
     }
 }
 
