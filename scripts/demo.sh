@@ -12,11 +12,11 @@ WORK=data/work
 HEAD_OUT=checkpoints/clover2-smollm2
 
 if $CLOVER doctor | grep -q "cuda available:  true"; then
-  DEVICE=cuda; CONVERSATIONS=2048; TURNS=2; NEW_TOKENS=256; EVAL_PROMPTS=80; EVAL_TOKENS=256; PROFILE=cuda
+  DEVICE=cuda; CONVERSATIONS=4096; TURNS=2; NEW_TOKENS=256; PER_CATEGORY=10; EVAL_TOKENS=256; PROFILE=cuda
 else
-  DEVICE=cpu; CONVERSATIONS=192; TURNS=1; NEW_TOKENS=96; EVAL_PROMPTS=10; EVAL_TOKENS=64; PROFILE=cpu
+  DEVICE=cpu; CONVERSATIONS=384; TURNS=1; NEW_TOKENS=96; PER_CATEGORY=2; EVAL_TOKENS=64; PROFILE=cpu
 fi
-echo "== clover demo on $DEVICE: $CONVERSATIONS conversations, $EVAL_PROMPTS MT-bench prompts"
+echo "== clover demo on $DEVICE: $CONVERSATIONS conversations, $PER_CATEGORY MT-bench questions per category"
 
 step() { echo; echo "== $*"; }
 
@@ -32,11 +32,12 @@ step "3/6 distill: cache the teacher's pre-norm hidden states"
 $CLOVER distill --data $WORK/prepared --model $TEACHER --out $WORK/distill --device $DEVICE
 
 step "4/6 train the Clover-2 head"
-$CLOVER train --config configs/smollm2-135m.toml --profile $PROFILE --resume
+RESUME=""; [ -n "$(ls -A $WORK/train/checkpoints 2>/dev/null)" ] && RESUME=--resume
+$CLOVER train --config configs/smollm2-135m.toml --profile $PROFILE $RESUME
 
 step "5/6 export"
 $CLOVER export --checkpoint $WORK/train/latest --out $HEAD_OUT
 
 step "6/6 evaluate: speculative vs plain decoding on MT-bench"
 $CLOVER eval --model $TEACHER --draft $HEAD_OUT --prompts $WORK/mt_bench_questions.jsonl \
-  --limit $EVAL_PROMPTS --max-new-tokens $EVAL_TOKENS --device $DEVICE --report $WORK/eval.json
+  --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE --report $WORK/eval.json

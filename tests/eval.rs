@@ -95,6 +95,7 @@ fn eval_end_to_end_smollm2_random_head() {
         device: "cpu".into(),
         dtype: None,
         limit: Some(2),
+        per_category: None,
         report: Some(report.clone()),
         template: None,
         seed: 0,

@@ -33,6 +33,7 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
         device: "cpu".into(),
         dtype: None,
         max_batches,
+        max_prompt_tokens: 1536,
     }
 }
 

@@ -57,6 +57,10 @@ pub struct EvalArgs {
     /// Evaluate only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Evaluate only the first N questions of each category (applied before --limit), so a
+    /// small run still covers every category.
+    #[arg(long)]
+    pub per_category: Option<usize>,
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -276,6 +280,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let chat = ChatTokenizer::from_model_dir(&args.model, args.template.as_deref())?;
     let tree = Tree::load(args.tree.as_deref())?;
     let mut questions = read_questions(&args.prompts)?;
+    if let Some(n) = args.per_category {
+        let mut seen = std::collections::HashMap::new();
+        questions.retain(|q| {
+            let count = seen.entry(q.category.clone()).or_insert(0usize);
+            *count += 1;
+            *count <= n
+        });
+    }
     if let Some(n) = args.limit {
         questions.truncate(n);
     }

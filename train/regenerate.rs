@@ -4,9 +4,11 @@
 //! regeneration is the EAGLE/Medusa-style option users ask for with small or mismatched data.)
 //!
 //! Conversations are answered in batches of `--batch-size`, turn by turn, with left-padded batched
-//! generation. Batch k always covers input conversations [kB, (k+1)B) and samples with seed
-//! `seed + k`, and is written as its own part file (temp + rename). An interrupted run therefore
-//! resumes at the first missing part and produces exactly what an uninterrupted run would.
+//! generation. To keep padding low, batches are formed over the conversations sorted by the
+//! length of their first prompt (a stable, deterministic order). Batch k always covers the same
+//! conversations and samples with seed `seed + k`, and is written as its own part file (temp +
+//! rename). An interrupted run therefore resumes at the first missing part and produces exactly
+//! what an uninterrupted run would; the final file lists the conversations in input order.
 
 use crate::chat::{ChatTokenizer, Message, Role};
 use crate::data::{read_conversations, Conversation, SkipReason};
@@ -53,6 +55,10 @@ pub struct RegenerateArgs {
     /// Stop after this many batches in this run (the rest is left for a rerun).
     #[arg(long)]
     pub max_batches: Option<usize>,
+    /// Conversations whose first prompt is longer are left out; a later turn whose prompt would
+    /// be longer ends its conversation there.
+    #[arg(long, default_value_t = 1536)]
+    pub max_prompt_tokens: usize,
 }
 
 pub const OUTPUT_FILE: &str = "conversations.jsonl";
@@ -82,9 +88,18 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
         .iter()
         .map(|c| user_turns(c, args.max_turns))
         .collect();
+    let order = batch_order(&chat, &prompts, args.max_prompt_tokens)?;
+    if order.len() < prompts.len() {
+        eprintln!(
+            "left out {} conversations whose first prompt exceeds {} tokens",
+            prompts.len() - order.len(),
+            args.max_prompt_tokens
+        );
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let batches = conversations.len().div_ceil(args.batch_size.max(1));
+    let batch_size = args.batch_size.max(1);
+    let batches = order.len().div_ceil(batch_size);
     let todo: Vec<usize> = (0..batches)
         .filter(|k| !part_path(&args.out, *k).exists())
         .take(args.max_batches.unwrap_or(usize::MAX))
@@ -96,19 +111,27 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let mut new_tokens = 0;
     for k in todo {
-        let range = k * args.batch_size..((k + 1) * args.batch_size).min(conversations.len());
+        let members = &order[k * batch_size..((k + 1) * batch_size).min(order.len())];
+        let batch_prompts: Vec<Vec<Message>> =
+            members.iter().map(|&i| prompts[i].clone()).collect();
         let cfg = GenerationConfig {
             max_new_tokens: args.max_new_tokens,
             temperature: args.temperature,
             seed: args.seed + k as u64,
             stop_ids: chat.stop_ids(),
         };
-        let (answered, tokens) = answer_batch(&teacher, &chat, &prompts[range.clone()], &cfg)?;
+        let (answered, tokens) = answer_batch(
+            &teacher,
+            &chat,
+            &batch_prompts,
+            &cfg,
+            args.max_prompt_tokens,
+        )?;
         new_tokens += tokens;
-        let lines: String = conversations[range]
+        let lines: String = members
             .iter()
             .zip(&answered)
-            .map(|(c, messages)| sharegpt_line(&c.id, messages))
+            .map(|(&i, messages)| sharegpt_line(&conversations[i].id, messages))
             .collect::<Result<Vec<_>>>()?
             .concat();
         atomic_write(&part_path(&args.out, k), lines.as_bytes())?;
@@ -120,20 +143,65 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
     }
     bar.finish();
     if (0..batches).all(|k| part_path(&args.out, k).exists()) {
-        let mut all = String::new();
-        for k in 0..batches {
-            all += &std::fs::read_to_string(part_path(&args.out, k))?;
-        }
-        atomic_write(&args.out.join(OUTPUT_FILE), all.as_bytes())?;
+        let written = merge_in_input_order(&args.out, batches, &conversations)?;
         println!(
-            "wrote {} conversations to {}",
-            conversations.len(),
+            "wrote {written} conversations to {}",
             args.out.join(OUTPUT_FILE).display()
         );
     } else {
         println!("stopped early; rerun the same command to continue");
     }
     Ok(())
+}
+
+/// Indices of the conversations to answer, sorted by the token length of their first prompt
+/// (stable, so ties keep input order); first prompts over `max_prompt_tokens` are left out.
+fn batch_order(
+    chat: &ChatTokenizer,
+    prompts: &[Vec<Message>],
+    max_prompt_tokens: usize,
+) -> Result<Vec<usize>> {
+    let mut lengths = vec![];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let Some(first_user) = prompt.iter().position(|m| m.role == Role::User) else {
+            continue;
+        };
+        let n = chat.encode_prompt(&prompt[..=first_user])?.len();
+        if n <= max_prompt_tokens {
+            lengths.push((n, i));
+        }
+    }
+    lengths.sort_by_key(|&(n, _)| n);
+    Ok(lengths.into_iter().map(|(_, i)| i).collect())
+}
+
+/// Concatenate the part files into OUTPUT_FILE with the conversations in input order.
+fn merge_in_input_order(
+    out: &Path,
+    batches: usize,
+    conversations: &[Conversation],
+) -> Result<usize> {
+    let mut by_id = std::collections::HashMap::new();
+    for k in 0..batches {
+        let path = part_path(out, k);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        for line in text.lines() {
+            let row: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{} is corrupt", path.display()))?;
+            let id = row["id"].as_str().unwrap_or_default().to_string();
+            by_id.insert(id, line.to_string());
+        }
+    }
+    let mut all = String::new();
+    for c in conversations {
+        if let Some(line) = by_id.get(&c.id) {
+            all += line;
+            all.push('\n');
+        }
+    }
+    atomic_write(&out.join(OUTPUT_FILE), all.as_bytes())?;
+    Ok(by_id.len())
 }
 
 fn part_path(out: &Path, k: usize) -> PathBuf {
@@ -163,6 +231,7 @@ fn answer_batch(
     chat: &ChatTokenizer,
     prompts: &[Vec<Message>],
     cfg: &GenerationConfig,
+    max_prompt_tokens: usize,
 ) -> Result<(Vec<Vec<Message>>, usize)> {
     let mut histories: Vec<Vec<Message>> = vec![vec![]; prompts.len()];
     let mut cursors = vec![0usize; prompts.len()];
@@ -184,10 +253,20 @@ fn answer_batch(
         if rows.is_empty() {
             return Ok((histories, tokens));
         }
-        let ids = rows
-            .iter()
-            .map(|&i| chat.encode_prompt(&histories[i]))
-            .collect::<Result<Vec<_>>>()?;
+        let mut ids = vec![];
+        let mut answered_rows = vec![];
+        for i in rows {
+            let prompt = chat.encode_prompt(&histories[i])?;
+            if prompt.len() > max_prompt_tokens {
+                // Too long to answer: the conversation ends with the previous answer.
+                histories[i].pop();
+                cursors[i] = prompts[i].len();
+            } else {
+                ids.push(prompt);
+                answered_rows.push(i);
+            }
+        }
+        let rows = answered_rows;
         let answers = generate_batch(teacher, &ids, cfg)?;
         for (&i, answer) in rows.iter().zip(answers) {
             tokens += answer.token_ids.len();

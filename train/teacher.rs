@@ -461,37 +461,20 @@ impl DecoderLayer {
         };
         let groups = self.num_heads / self.num_kv_heads;
         let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
-        let out = match mask {
-            Some(m) => {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
-            }
-            // A single new token may attend to everything cached; a block with no prefix is
-            // plainly causal; a block after a prefix needs the offset causal mask.
-            None if s == 1 => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                false,
-                None,
-                false,
-            ),
-            None if past == 0 => Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                None,
-                false,
-            ),
+        // A single new token may attend to everything cached; a block with no prefix is plainly
+        // causal; a block after a prefix needs the offset causal mask.
+        let offset_causal;
+        let (mask, is_causal) = match mask {
+            Some(m) => (Some(m), false),
+            None if s == 1 => (None, false),
+            None if past == 0 => (None, true),
             None => {
-                let m = causal_mask(past, s, x.device());
-                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+                offset_causal = causal_mask(past, s, x.device());
+                (Some(&offset_causal), false)
             }
         };
+        let out =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, None, false);
         out.transpose(1, 2)
             .reshape([b, s, self.num_heads * self.head_dim])
             .linear::<Tensor>(&self.o_proj, None)
