@@ -672,3 +672,86 @@ fn greedy_speculative_equals_plain_smollm2_random_head() {
         "answer too short to be a meaningful test"
     );
 }
+
+/// A head trained (online, a few dozen steps) on the tiny teacher's own greedy continuations:
+/// it must accept drafts more often than an untrained head, and greedy speculative output must
+/// still equal plain greedy token for token.
+#[test]
+fn greedy_speculative_equals_plain_with_trained_head_tiny() {
+    tch::set_num_threads(1);
+    let dir = tiny_llama("trained", 96, 4.0, 31);
+    let teacher = load(&dir);
+    let prompts: Vec<Vec<i64>> = (0..40i64)
+        .map(|i| vec![2 + i % 90, 3 + (i * 7) % 90, 4 + (i * 13) % 90])
+        .collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: 24,
+        temperature: 0.0,
+        seed: 0,
+        stop_ids: vec![],
+    };
+    let answers = clover::generate::generate_batch(&teacher, &prompts, &cfg).unwrap();
+    let samples: Vec<clover::data::Sample> = prompts
+        .iter()
+        .zip(&answers)
+        .enumerate()
+        .map(|(i, (p, a))| {
+            let input_ids: Vec<i64> = p.iter().chain(&a.token_ids).copied().collect();
+            let loss_mask = (0..input_ids.len())
+                .map(|j| u8::from(j >= p.len()))
+                .collect();
+            clover::data::Sample {
+                id: format!("s{i}"),
+                input_ids,
+                loss_mask,
+            }
+        })
+        .collect();
+    let out = std::env::temp_dir().join(format!("clover-spec-trained-out-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let toml = format!(
+        "model_dir = \"{}\"\ndata_dir = \"unused\"\nout_dir = \"{}\"\ndevice = \"cpu\"\n\
+         max_steps = 60\nbatch_tokens = 256\nbucket_window = 8\nwarmup_steps = 5\n\
+         eval_every = 0\nsave_every = 1000\nkeep_last = 1\neval_samples = 4\nseed = 3\nprogress = false\n",
+        dir.display(),
+        out.display()
+    );
+    let train_cfg = clover::trainer::TrainConfig::from_toml(&toml, "trained-tiny").unwrap();
+    let outcome = clover::trainer::train(
+        &train_cfg,
+        &teacher,
+        clover::trainer::Source::Online(samples),
+        vec![],
+        false,
+        &clover::trainer::TrainOptions::default(),
+    )
+    .unwrap();
+    let ck = outcome
+        .last_checkpoint
+        .expect("training writes a final checkpoint");
+    let (head_cfg, tensors) = clover::trainer::read_checkpoint_head(&ck).unwrap();
+    let trained = DraftHead::from_tensors(&teacher, head_cfg, &tensors).unwrap();
+    let untrained = random_head(&teacher, 3);
+    let tree = Tree::load(None).unwrap();
+    let (mut tau_trained, mut tau_untrained) = (0.0, 0.0);
+    for i in 0..4i64 {
+        let prompt = vec![5 + i * 11, 40 + i, 77 - i];
+        let plain = plain_greedy(&teacher, &prompt, 32, &[]);
+        for (head, tau) in [
+            (&trained, &mut tau_trained),
+            (&untrained, &mut tau_untrained),
+        ] {
+            let (spec, stats) =
+                generate_speculative(&teacher, head, &tree, &prompt, 32, Sampling::greedy(), &[])
+                    .unwrap();
+            assert_eq!(spec.answer.token_ids, plain, "prompt {prompt:?}");
+            *tau += stats.tau() / 4.0;
+        }
+    }
+    eprintln!("tiny teacher: tau trained {tau_trained:.2}, untrained {tau_untrained:.2}");
+    assert!(
+        tau_trained > tau_untrained + 0.2,
+        "training did not raise tau: {tau_trained:.2} vs {tau_untrained:.2}"
+    );
+    std::fs::remove_dir_all(&out).ok();
+}
