@@ -53,6 +53,12 @@ fn regenerated_answers_replace_the_assistant_turns_and_resume_exactly() {
     let a = std::fs::read_to_string(whole.join(OUTPUT_FILE)).unwrap();
     let b = std::fs::read_to_string(resumed.join(OUTPUT_FILE)).unwrap();
     assert_eq!(a, b, "resumed output differs from the uninterrupted one");
+    let changed = RegenerateArgs {
+        max_new_tokens: 7,
+        ..args(&input, &resumed, None)
+    };
+    let err = run(&changed).unwrap_err();
+    assert!(format!("{err:#}").contains("other inputs"), "{err:#}");
 
     let rows: Vec<serde_json::Value> = a
         .lines()

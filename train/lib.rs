@@ -11,6 +11,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod files;
 pub mod generate;
 pub mod gguf;
 pub mod head;

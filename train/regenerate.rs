@@ -12,8 +12,8 @@
 
 use crate::chat::{ChatTokenizer, Message, Role};
 use crate::data::{read_conversations, Conversation, SkipReason};
+use crate::files::{atomic_write, pin_inputs};
 use crate::generate::{default_kind, generate_batch, GenerationConfig};
-use crate::targets::atomic_write;
 use crate::teacher::{parse_device, Teacher};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -62,6 +62,18 @@ pub struct RegenerateArgs {
 }
 
 pub const OUTPUT_FILE: &str = "conversations.jsonl";
+const MANIFEST: &str = "regenerate.json";
+
+/// Everything that decides the output; `max_batches` and the device only decide how far and
+/// where a run goes.
+fn inputs_of(args: &RegenerateArgs) -> serde_json::Value {
+    serde_json::json!({
+        "data": args.data, "model": args.model, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "batch_size": args.batch_size, "max_turns": args.max_turns,
+        "limit": args.limit, "template": args.template, "seed": args.seed,
+        "max_prompt_tokens": args.max_prompt_tokens,
+    })
+}
 
 pub fn run(args: &RegenerateArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
@@ -98,6 +110,7 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    pin_inputs(&args.out.join(MANIFEST), &inputs_of(args))?;
     let batch_size = args.batch_size.max(1);
     let batches = order.len().div_ceil(batch_size);
     let todo: Vec<usize> = (0..batches)

@@ -14,6 +14,7 @@
 //! split one dataset under any scheduler.
 
 use crate::data::{read_split, Sample, Split};
+use crate::files::{atomic_write, pin_inputs};
 use crate::teacher::{parse_device, parse_kind, Teacher};
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -98,7 +99,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         shards: samples.len().div_ceil(SAMPLES_PER_SHARD),
         samples_per_shard: SAMPLES_PER_SHARD,
     };
-    write_or_check_manifest(&args.out, &manifest)?;
+    pin_inputs(&args.out.join(MANIFEST), &manifest)?;
     let todo: Vec<usize> = (0..manifest.shards)
         .filter(|k| k % workers == worker && !shard_path(&args.out, *k).exists())
         .take(args.max_shards.unwrap_or(usize::MAX))
@@ -142,28 +143,6 @@ fn parse_shard(spec: &str) -> Result<(usize, usize)> {
 
 fn shard_path(out: &Path, k: usize) -> PathBuf {
     out.join(format!("shard-{k:05}.safetensors"))
-}
-
-fn write_or_check_manifest(out: &Path, manifest: &Manifest) -> Result<()> {
-    let path = out.join(MANIFEST);
-    if path.exists() {
-        let existing: Manifest = serde_json::from_str(&std::fs::read_to_string(&path)?)
-            .with_context(|| format!("{} is not a clover distill manifest", path.display()))?;
-        ensure!(
-            &existing == manifest,
-            "{} was made from other inputs ({existing:?}); use a fresh --out",
-            path.display()
-        );
-        return Ok(());
-    }
-    atomic_write(&path, serde_json::to_string_pretty(manifest)?.as_bytes())
-}
-
-/// Write a file under a temporary name and rename it, so readers never see half a file.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
 }
 
 /// Pre-norm states of each sample ([T,H] on the CPU), computed in length-sorted batches of at
