@@ -512,8 +512,9 @@ impl DraftHead {
         let u = u.to_kind(self.compute_kind);
         let a = self.cell("clover_head_mlp_rnn", &u, &self.embed(next_ids));
         let mut z = a;
+        let angles = self.rope.cos_sin(positions);
         for (l, layer) in self.augmenting_layers().iter().enumerate() {
-            z = layer.forward(&z, &self.rope, positions, mask, cache.as_deref_mut(), l);
+            z = layer.forward(&z, &angles, mask, cache.as_deref_mut(), l);
         }
         if let Some(c) = cache {
             c.advance(next_ids.size()[1]);

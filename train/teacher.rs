@@ -218,12 +218,6 @@ impl Rope {
         let angles = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
         (angles.cos(), angles.sin())
     }
-
-    /// Rotate `x` [B,heads,S,D] to the given positions [B,S].
-    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Tensor {
-        let (cos, sin) = self.cos_sin(positions);
-        rotate(x, &cos, &sin)
-    }
 }
 
 fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
@@ -403,26 +397,13 @@ impl DecoderLayer {
         })
     }
 
-    /// `x` [B,S,H]; `positions` [B,S]; `mask` bool [B|1,1,S,past+S] (None = causal). Writes this
-    /// layer's new K/V into `cache` at its committed length (the caller advances it).
+    /// `x` [B,S,H]; `angles` = `rope.cos_sin(positions)` for the new rows (computed once and shared
+    /// by all layers); `mask` bool [B|1,1,S,past+S] (None = causal). Writes this layer's new K/V
+    /// into `cache` at its committed length (the caller advances it).
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        positions: &Tensor,
-        mask: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-        layer_idx: usize,
-    ) -> Tensor {
-        let (cos, sin) = rope.cos_sin(positions);
-        self.forward_with_angles(x, &cos, &sin, mask, cache, layer_idx)
-    }
-
-    fn forward_with_angles(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
         layer_idx: usize,
@@ -603,9 +584,9 @@ impl Teacher {
             false,
             false,
         );
-        let (cos, sin) = self.rope.cos_sin(positions);
+        let angles = self.rope.cos_sin(positions);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward_with_angles(&x, &cos, &sin, mask, cache.as_deref_mut(), i);
+            x = layer.forward(&x, &angles, mask, cache.as_deref_mut(), i);
         }
         if let Some(cache) = cache {
             cache.advance(ids.size()[1]);
