@@ -22,8 +22,7 @@ step() { echo; echo "== $*"; }
 
 step "1/6 self-distillation: the teacher answers the chitchat prompts"
 $CLOVER data regenerate --data $WORK/chitchat-sharegpt.json --model $TEACHER --out $WORK/regen \
-  --limit $CONVERSATIONS --max-turns $TURNS --max-new-tokens $NEW_TOKENS --batch-size 32 --device $DEVICE \
-  --max-prompt-tokens 512
+  --limit $CONVERSATIONS --max-turns $TURNS --max-new-tokens $NEW_TOKENS --batch-size 32 --device $DEVICE
 
 step "2/6 prepare: tokenize with the model's chat template and mask the assistant turns"
 $CLOVER data prepare --input $WORK/regen/conversations.jsonl --model $TEACHER --template auto \
