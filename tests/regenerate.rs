@@ -30,8 +30,7 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
         limit: None,
         template: "auto".into(),
         seed: 0,
-        device: "cpu".into(),
-        dtype: None,
+        run_on: clover::teacher::RunOn::cpu(),
         max_batches,
         max_prompt_tokens: 1536,
     }

@@ -18,10 +18,10 @@
 //!   ratio to `baseline_tokens_per_s`.
 
 use crate::chat::{ChatTokenizer, Message, Role};
-use crate::generate::{default_kind, generate, GenerationConfig};
+use crate::generate::{generate, GenerationConfig};
 use crate::head::DraftHead;
 use crate::speculative::{generate_speculative, load_head, Sampling, SpecStats};
-use crate::teacher::{parse_device, Teacher};
+use crate::teacher::Teacher;
 use crate::tree::Tree;
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -48,12 +48,9 @@ pub struct EvalArgs {
     pub temperature: f64,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32, f16 or bf16 (default: f32 on the CPU, bf16 on CUDA); the head runs in the same kind.
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// Device and dtype; the head runs in the teacher's dtype.
+    #[command(flatten)]
+    pub run_on: crate::teacher::RunOn,
     /// Evaluate only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -273,8 +270,7 @@ struct Setup {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let kind = default_kind(device, args.dtype.as_deref())?;
+    let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let head = load_head(&args.draft, &teacher)?;
     let chat = ChatTokenizer::from_model_dir(&args.model, args.template.as_deref())?;

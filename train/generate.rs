@@ -210,12 +210,8 @@ pub struct GenerateArgs {
     pub temperature: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32, f16 or bf16 (default: f32 on the CPU, bf16 on CUDA).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub run_on: crate::teacher::RunOn,
     /// Print one JSON object {"text", "token_ids", "tokens_per_s"} instead of the text.
     #[arg(long)]
     pub json: bool,
@@ -227,18 +223,8 @@ pub struct GenerateArgs {
     pub tree: Option<String>,
 }
 
-/// The dtype a device runs best: f32 on the CPU (16-bit matmuls are slow there), else bf16.
-pub fn default_kind(device: Device, requested: Option<&str>) -> Result<Kind> {
-    match requested {
-        Some(name) => crate::teacher::parse_kind(name),
-        None if device == Device::Cpu => Ok(Kind::Float),
-        None => Ok(Kind::BFloat16),
-    }
-}
-
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let device = crate::teacher::parse_device(&args.device)?;
-    let kind = default_kind(device, args.dtype.as_deref())?;
+    let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     // Without --chat no template is rendered; naming a built-in one keeps a model that has no
     // chat_template of its own usable for plain completion.

@@ -13,8 +13,8 @@
 use crate::chat::{ChatTokenizer, Message, Role};
 use crate::data::{read_conversations, Conversation, SkipReason};
 use crate::files::{atomic_write, pin_inputs};
-use crate::generate::{default_kind, generate_batch, GenerationConfig};
-use crate::teacher::{parse_device, Teacher};
+use crate::generate::{generate_batch, GenerationConfig};
+use crate::teacher::Teacher;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -48,10 +48,8 @@ pub struct RegenerateArgs {
     pub template: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long)]
-    pub dtype: Option<String>,
+    #[command(flatten)]
+    pub run_on: crate::teacher::RunOn,
     /// Stop after this many batches in this run (the rest is left for a rerun).
     #[arg(long)]
     pub max_batches: Option<usize>,
@@ -76,12 +74,8 @@ fn inputs_of(args: &RegenerateArgs) -> serde_json::Value {
 }
 
 pub fn run(args: &RegenerateArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let teacher = Teacher::load(
-        &args.model,
-        device,
-        default_kind(device, args.dtype.as_deref())?,
-    )?;
+    let (device, kind) = args.run_on.resolve()?;
+    let teacher = Teacher::load(&args.model, device, kind)?;
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?;
     let (mut conversations, skipped) = read_conversations(&args.data)?;
     // A leading assistant message is dropped but its conversation kept: not a skip.

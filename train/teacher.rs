@@ -668,6 +668,36 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(vec![single])
 }
 
+/// Where and in what precision a command runs the teacher (and the draft head with it).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunOn {
+    /// cpu, cuda, cuda:N or auto (CUDA when available).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, f16 or bf16 (default: f32 on the CPU, where 16-bit matmuls are slow; bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl RunOn {
+    pub fn cpu() -> Self {
+        Self {
+            device: "cpu".into(),
+            dtype: None,
+        }
+    }
+
+    pub fn resolve(&self) -> Result<(Device, Kind)> {
+        let device = parse_device(&self.device)?;
+        let kind = match self.dtype.as_deref() {
+            Some(name) => parse_kind(name)?,
+            None if device == Device::Cpu => Kind::Float,
+            None => Kind::BFloat16,
+        };
+        Ok((device, kind))
+    }
+}
+
 /// Parse a device name: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
 pub fn parse_device(name: &str) -> Result<Device> {
     Ok(match name {
