@@ -30,6 +30,14 @@ pub fn smollm2_dir() -> PathBuf {
     dir
 }
 
+/// A fresh, empty scratch directory for one test, unique per test area, name and process.
+pub fn scratch_dir(area: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clover-{area}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Named tensors of a safetensors file.
 pub fn read_golden(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
     Tensor::read_safetensors(path)

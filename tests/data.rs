@@ -6,15 +6,7 @@ use clover::data::{
     import_chitchat, prepare, read_conversations, read_split, split_of, write_samples,
     Conversation, Manifest, PrepareArgs, Sample, SkipReason, Split,
 };
-use std::path::{Path, PathBuf};
-
-/// A fresh scratch directory per test (no tempfile crate in the dependency set).
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-data-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use std::path::Path;
 
 fn args(input: &Path, out: &Path) -> PrepareArgs {
     PrepareArgs {
@@ -51,7 +43,7 @@ fn good_records(n: usize) -> Vec<serde_json::Value> {
 
 #[test]
 fn prepare_round_trip_matches_the_tokenizer() {
-    let dir = scratch("round-trip");
+    let dir = crate::common::scratch_dir("data", "round-trip");
     let input = dir.join("in.json");
     std::fs::write(
         &input,
@@ -89,7 +81,7 @@ fn prepare_round_trip_matches_the_tokenizer() {
 
 #[test]
 fn write_then_read_split_is_identity() {
-    let dir = scratch("write-read");
+    let dir = crate::common::scratch_dir("data", "write-read");
     let samples = vec![
         Sample {
             id: "a".into(),
@@ -138,7 +130,7 @@ fn split_is_deterministic_and_follows_the_fraction() {
     assert!(ids.iter().all(|id| split_of(id, 3, 1.0) == Split::Eval));
 
     // The same input and seed give the same shards.
-    let dir = scratch("split-twice");
+    let dir = crate::common::scratch_dir("data", "split-twice");
     let input = dir.join("in.json");
     std::fs::write(&input, serde_json::to_string(&good_records(30)).unwrap()).unwrap();
     let (one, two) = (dir.join("one"), dir.join("two"));
@@ -154,7 +146,7 @@ fn split_is_deterministic_and_follows_the_fraction() {
 
 #[test]
 fn malformed_records_are_skipped_and_counted() {
-    let dir = scratch("malformed");
+    let dir = crate::common::scratch_dir("data", "malformed");
     let input = dir.join("in.jsonl");
     let long_answer = "word ".repeat(400);
     let mut lines: Vec<Vec<u8>> = vec![
@@ -245,7 +237,7 @@ fn malformed_records_are_skipped_and_counted() {
 
 #[test]
 fn invalid_utf8_inside_a_json_list_costs_one_record() {
-    let dir = scratch("utf8-list");
+    let dir = crate::common::scratch_dir("data", "utf8-list");
     let input = dir.join("in.json");
     let mut bytes = b"[\n".to_vec();
     bytes.extend(serde_json::to_vec(&sharegpt("a", &[("human", "x"), ("gpt", "y")])).unwrap());
@@ -265,7 +257,7 @@ fn invalid_utf8_inside_a_json_list_costs_one_record() {
 
 #[test]
 fn truncated_json_list_is_an_error_naming_file_and_position() {
-    let dir = scratch("truncated");
+    let dir = crate::common::scratch_dir("data", "truncated");
     let input = dir.join("cut.json");
     let text = serde_json::to_string_pretty(&good_records(3)).unwrap();
     let cut = &text[..text.len() - 40];
@@ -304,7 +296,7 @@ fn parquet_input_with_json_strings_and_structs() {
     use arrow::datatypes::{DataType, Field};
     use std::sync::Arc;
 
-    let dir = scratch("parquet");
+    let dir = crate::common::scratch_dir("data", "parquet");
     let write = |name: &str, conversations: ArrayRef| {
         let ids: ArrayRef = Arc::new(StringArray::from(vec!["p0", "p1"]));
         let batch = RecordBatch::try_from_iter(vec![("id", ids), ("conversations", conversations)])
@@ -362,7 +354,7 @@ fn parquet_input_with_json_strings_and_structs() {
 
 #[test]
 fn chitchat_import_groups_runs_into_alternating_turns() {
-    let dir = scratch("chitchat");
+    let dir = crate::common::scratch_dir("data", "chitchat");
     let input = dir.join("dataset.json");
     let m = |text: &str, sender: &str| serde_json::json!({"text": text, "timestamp": "t", "sender": sender});
     let dataset = serde_json::json!({

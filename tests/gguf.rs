@@ -33,14 +33,6 @@ fn hex(s: &str) -> Vec<u8> {
 }
 
 /// A scratch dir under cargo's per-target temp dir, unique per test and process.
-fn scratch(name: &str) -> PathBuf {
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("gguf-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 const F16_HALF: [u8; 2] = 0x3800u16.to_le_bytes();
 const F16_ONE: [u8; 2] = 0x3c00u16.to_le_bytes();
 const F16_TWO: [u8; 2] = 0x4000u16.to_le_bytes();
@@ -277,7 +269,7 @@ impl GgufBuilder {
 
 #[test]
 fn reader_parses_every_metadata_type_alignment_and_tensors() {
-    let dir = scratch("reader");
+    let dir = crate::common::scratch_dir("gguf", "reader");
     let mut arr = 4u32.to_le_bytes().to_vec(); // array of u32
     arr.extend(3u64.to_le_bytes());
     [7u32, 8, 9]
@@ -360,7 +352,7 @@ fn reader_parses_every_metadata_type_alignment_and_tensors() {
 
 #[test]
 fn reader_errors_name_the_file_and_the_problem() {
-    let dir = scratch("bad");
+    let dir = crate::common::scratch_dir("gguf", "bad");
     let not_gguf = dir.join("not.gguf");
     fs::write(&not_gguf, b"GGML\x03\0\0\0").unwrap();
     let err = format!("{:#}", GgufFile::open(&not_gguf).err().unwrap());
@@ -420,7 +412,7 @@ fn tiny_llama(arch: &str, attn_q_type: u32, attn_q_data: Vec<u8>) -> GgufBuilder
 
 #[test]
 fn import_rejects_other_architectures_and_unsupported_types_leaving_nothing() {
-    let dir = scratch("reject");
+    let dir = crate::common::scratch_dir("gguf", "reject");
     let out = dir.join("out");
     let qwen = tiny_llama("qwen2", 0, vec![0; 256 * 32 * 4]).write(&dir, "qwen.gguf");
     let err = format!("{:#}", import_gguf(&qwen, &out).unwrap_err());
@@ -478,7 +470,7 @@ fn read_f32_tensor(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f32>) {
 
 #[test]
 fn tiny_untied_import_unpermutes_q_and_k_and_keeps_lm_head() {
-    let dir = scratch("tiny");
+    let dir = crate::common::scratch_dir("gguf", "tiny");
     // hidden 32, 2 heads and 1 kv head of head_dim 16, vocab 4; q/k stored the way llama.cpp
     // writes them (permuted), everything else as is.
     let hf_q: Vec<f32> = (0..32 * 32).map(|i| i as f32).collect();
@@ -776,7 +768,7 @@ fn check_tokenizer(dir: &Path) {
 #[test]
 fn import_smollm2_matches_transformers() {
     let keep = std::env::var_os("CLOVER_IMPORT_OUT").map(PathBuf::from);
-    let scratch_dir = scratch("import");
+    let scratch_dir = crate::common::scratch_dir("gguf", "import");
     let out = keep.clone().unwrap_or_else(|| scratch_dir.join("smollm2"));
     let summary = import_gguf(&smollm2_gguf(), &out).unwrap();
     assert_eq!(

@@ -1,13 +1,6 @@
 use crate::common::smollm2_dir;
 use clover::regenerate::{run, RegenerateArgs, OUTPUT_FILE};
-use std::path::{Path, PathBuf};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-regen-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use std::path::Path;
 
 fn conversations(path: &Path) {
     let text = r#"[
@@ -38,7 +31,7 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
 
 #[test]
 fn regenerated_answers_replace_the_assistant_turns_and_resume_exactly() {
-    let root = temp_dir("resume");
+    let root = crate::common::scratch_dir("regen", "resume");
     let input = root.join("in.json");
     conversations(&input);
     let (whole, resumed) = (root.join("whole"), root.join("resumed"));

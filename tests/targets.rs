@@ -2,15 +2,8 @@ use crate::common::fixture;
 use clover::data::{write_samples, Sample, Split};
 use clover::targets::{run, DistillArgs, DistillCache, SAMPLES_PER_SHARD};
 use clover::teacher::Teacher;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-targets-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// More samples than one shard holds, of varied lengths, with ids inside the tiny vocabulary.
 fn prepared_data(dir: &Path) {
@@ -44,7 +37,7 @@ fn args(data: &Path, out: &Path, max_shards: Option<usize>) -> DistillArgs {
 
 #[test]
 fn stored_states_equal_a_fresh_teacher_forward_within_bf16_rounding() {
-    let root = temp_dir("roundtrip");
+    let root = crate::common::scratch_dir("targets", "roundtrip");
     let (data, out) = (root.join("data"), root.join("cache"));
     prepared_data(&data);
     run(&args(&data, &out, None)).unwrap();
@@ -82,7 +75,7 @@ fn stored_states_equal_a_fresh_teacher_forward_within_bf16_rounding() {
 
 #[test]
 fn interrupted_distill_resumes_to_the_same_cache() {
-    let root = temp_dir("resume");
+    let root = crate::common::scratch_dir("targets", "resume");
     let data = root.join("data");
     prepared_data(&data);
     let (whole, resumed) = (root.join("whole"), root.join("resumed"));
@@ -106,7 +99,7 @@ fn interrupted_distill_resumes_to_the_same_cache() {
 
 #[test]
 fn workers_split_shards_and_together_make_the_whole_cache() {
-    let root = temp_dir("workers");
+    let root = crate::common::scratch_dir("targets", "workers");
     let data = root.join("data");
     prepared_data(&data);
     let out = root.join("cache");

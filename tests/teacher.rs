@@ -174,8 +174,7 @@ fn kv_cache_compaction_keeps_the_accepted_rows() {
 
 #[test]
 fn missing_shard_is_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("clover-missing-shard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch_dir("teacher", "missing-shard");
     std::fs::copy(
         fixture("tiny-llama-tied").join("config.json"),
         dir.join("config.json"),
@@ -199,8 +198,7 @@ fn missing_shard_is_a_clear_error() {
 
 #[test]
 fn mismatched_shapes_are_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("clover-bad-shape-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch_dir("teacher", "bad-shape");
     std::fs::copy(
         fixture("tiny-llama-tied").join("model.safetensors"),
         dir.join("model.safetensors"),

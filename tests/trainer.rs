@@ -1,7 +1,7 @@
 //! The trainer: exact resume, NaN stop, export round trip, bucketing, schedule, AdamW, configs.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::common::{max_abs_diff, repo_root};
 use crate::head::{tiny_head, tiny_teacher};
@@ -57,17 +57,11 @@ progress = false
     TrainConfig::from_toml(&text, "tiny").unwrap()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
 #[test]
 fn resume_continues_exactly_like_an_uninterrupted_run() {
     let teacher = tiny_teacher(Kind::Float);
     let (train_set, eval_set) = (samples(16, 1), samples(4, 2));
-    let dir_a = tmp("resume-a");
+    let dir_a = crate::common::scratch_dir("trainer", "resume-a");
     let full = train(
         &tiny_config(&dir_a),
         &teacher,
@@ -82,7 +76,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     assert_eq!(full.evals.len(), 3, "step 0, 3 and 6");
     assert_eq!(full.evals[0].step, 0);
 
-    let dir_b = tmp("resume-b");
+    let dir_b = crate::common::scratch_dir("trainer", "resume-b");
     let cfg_b = tiny_config(&dir_b);
     let halt = TrainOptions {
         halt_after_step: Some(3),
@@ -149,7 +143,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
 #[test]
 fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     let teacher = tiny_teacher(Kind::Float);
-    let dir = tmp("nan");
+    let dir = crate::common::scratch_dir("trainer", "nan");
     let mut cfg = tiny_config(&dir);
     cfg.save_every = 1;
     cfg.keep_last = 5;
@@ -185,7 +179,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
 #[test]
 fn export_then_reload_gives_identical_logits_and_can_seed_training() {
     let teacher = tiny_teacher(Kind::Float);
-    let dir = tmp("export");
+    let dir = crate::common::scratch_dir("trainer", "export");
     let mut cfg = tiny_config(&dir);
     cfg.max_steps = Some(2);
     cfg.eval_every = 0;
@@ -406,7 +400,7 @@ fn shipped_configs_parse() {
 fn chained_eval_accuracy_is_cumulative_over_depths() {
     let teacher = tiny_teacher(Kind::Float);
     let head = tiny_head(&teacher, 4, 3);
-    let cfg = tiny_config(&tmp("eval"));
+    let cfg = tiny_config(&crate::common::scratch_dir("trainer", "eval"));
     // Loss masks all 1, and answers that follow the teacher's own greedy choice so starts exist.
     let mut evs = samples(4, 8);
     for s in &mut evs {
@@ -438,7 +432,7 @@ fn chained_eval_accuracy_is_cumulative_over_depths() {
 
 #[test]
 fn offline_cache_training_matches_online_within_bf16_rounding() {
-    let root = tmp("offline");
+    let root = crate::common::scratch_dir("trainer", "offline");
     let data = root.join("data");
     let train_set = samples(12, 21);
     clover::data::write_samples(&data, clover::data::Split::Train, &train_set).unwrap();
