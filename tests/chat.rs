@@ -1,6 +1,6 @@
 //! Chat templates against goldens from HF `apply_chat_template` (scripts/golden_templates.py).
 
-use clover::chat::{mask_from_spans, ChatTokenizer, Message, Role};
+use clover::formats::chat::{mask_from_spans, ChatTokenizer, Message, Role};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 

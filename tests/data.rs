@@ -1,11 +1,11 @@
 //! `data prepare`, the shard reader/writer, the ShareGPT reader and the chitchat import.
 
 use crate::chat::fixture_model_dir;
-use clover::chat::{ChatTokenizer, Message, Role};
-use clover::data::{
-    import_chitchat, prepare, read_conversations, read_split, split_of, write_samples,
-    Conversation, Manifest, PrepareArgs, Sample, SkipReason, Split,
-};
+use clover::data::chitchat::import_chitchat;
+use clover::data::prepare::{prepare, split_of, Manifest, PrepareArgs};
+use clover::data::shards::{read_split, write_samples, Sample, Split};
+use clover::data::sharegpt::{read_conversations, Conversation, SkipReason};
+use clover::formats::chat::{ChatTokenizer, Message, Role};
 use std::path::Path;
 
 fn args(input: &Path, out: &Path) -> PrepareArgs {

@@ -3,9 +3,12 @@
 use std::collections::BTreeMap;
 
 use crate::common::{fixture, max_abs_diff};
-use clover::head::{attention_decoder, DraftHead, HeadConfig};
-use clover::loss::{clover_loss, shift_for_training, teacher_targets, DistillTargets, LossWeights};
-use clover::teacher::Teacher;
+use clover::model::head::{attention_decoder, DraftHead};
+use clover::model::head_config::HeadConfig;
+use clover::model::teacher::Teacher;
+use clover::training::loss::{
+    clover_loss, shift_for_training, teacher_targets, DistillTargets, LossWeights,
+};
 use tch::{Device, Kind, Tensor};
 
 pub fn tiny_teacher(kind: Kind) -> Teacher {
@@ -128,7 +131,7 @@ fn reference_init_follows_spec_and_seed() {
     let other = tiny_head(&teacher, 5, 8).named_tensors();
     assert_eq!(max_abs_diff(&again["clover_head_mlp2.weight"], fc1), 0.0);
     assert!(max_abs_diff(&other["clover_head_mlp2.weight"], fc1) > 0.0);
-    // Parameter count as spec §1.4's formula: 2 layers + 2 cells (3(H²+H)+H) + FC0 + FC1 + 2 norms.
+    // Parameter count as docs/clover2.md §1.4's formula: 2 layers + 2 cells (3(H²+H)+H) + FC0 + FC1 + 2 norms.
     let c = head.config();
     let (hh, i, q, kv) = (
         h,

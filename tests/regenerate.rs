@@ -1,5 +1,5 @@
 use crate::common::smollm2_dir;
-use clover::regenerate::{run, RegenerateArgs, OUTPUT_FILE};
+use clover::data::regenerate::{run, RegenerateArgs, OUTPUT_FILE};
 use std::path::Path;
 
 fn conversations(path: &Path) {
@@ -23,7 +23,7 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
         limit: None,
         template: "auto".into(),
         seed: 0,
-        run_on: clover::teacher::RunOn::cpu(),
+        run_on: clover::model::device::RunOn::cpu(),
         max_batches,
         max_prompt_tokens: 1536,
     }

@@ -1,12 +1,14 @@
 //! Speculative decoding: lossless greedy output, lossless sampling (chi-square), KV compaction.
-use clover::generate::{generate, GenerationConfig};
-use clover::head::{DraftHead, HeadConfig};
-use clover::speculative::{
+use clover::decode::generate::{generate, GenerationConfig};
+use clover::decode::sampling::Sampling;
+use clover::decode::speculative::{
     accept_greedy, accept_sampling, draft_topk, generate_speculative, generate_with_drafter,
-    Drafter, Sampling, VerifyPlan,
+    Drafter, VerifyPlan,
 };
-use clover::teacher::Teacher;
-use clover::tree::Tree;
+use clover::decode::tree::Tree;
+use clover::model::head::DraftHead;
+use clover::model::head_config::HeadConfig;
+use clover::model::teacher::Teacher;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -642,9 +644,9 @@ fn greedy_speculative_equals_plain_smollm2_random_head() {
     let teacher = load(&dir);
     let head = random_head(&teacher, 1);
     let tree = Tree::load(None).unwrap();
-    let chat = clover::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
-    let messages = [clover::chat::Message::new(
-        clover::chat::Role::User,
+    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
+    let messages = [clover::formats::chat::Message::new(
+        clover::formats::chat::Role::User,
         "Name three primary colors and explain why they are called primary.".to_string(),
     )];
     let prompt = chat.encode_prompt(&messages).unwrap();
@@ -690,8 +692,8 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         seed: 0,
         stop_ids: vec![],
     };
-    let answers = clover::generate::generate_batch(&teacher, &prompts, &cfg).unwrap();
-    let samples: Vec<clover::data::Sample> = prompts
+    let answers = clover::decode::generate::generate_batch(&teacher, &prompts, &cfg).unwrap();
+    let samples: Vec<clover::data::shards::Sample> = prompts
         .iter()
         .zip(&answers)
         .enumerate()
@@ -700,7 +702,7 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
             let loss_mask = (0..input_ids.len())
                 .map(|j| u8::from(j >= p.len()))
                 .collect();
-            clover::data::Sample {
+            clover::data::shards::Sample {
                 id: format!("s{i}"),
                 input_ids,
                 loss_mask,
@@ -716,20 +718,21 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         dir.display(),
         out.display()
     );
-    let train_cfg = clover::trainer::TrainConfig::from_toml(&toml, "trained-tiny").unwrap();
-    let outcome = clover::trainer::train(
+    let train_cfg =
+        clover::training::config::TrainConfig::from_toml(&toml, "trained-tiny").unwrap();
+    let outcome = clover::training::trainer::train(
         &train_cfg,
         &teacher,
-        clover::trainer::Source::Online(samples),
+        clover::training::trainer::Source::Online(samples),
         vec![],
         false,
-        &clover::trainer::TrainOptions::default(),
+        &clover::training::config::TrainOptions::default(),
     )
     .unwrap();
     let ck = outcome
         .last_checkpoint
         .expect("training writes a final checkpoint");
-    let (head_cfg, tensors) = clover::trainer::read_checkpoint_head(&ck).unwrap();
+    let (head_cfg, tensors) = clover::training::checkpoint::read_checkpoint_head(&ck).unwrap();
     let trained = DraftHead::from_tensors(&teacher, head_cfg, &tensors).unwrap();
     let untrained = random_head(&teacher, 3);
     let tree = Tree::load(None).unwrap();

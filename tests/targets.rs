@@ -1,7 +1,7 @@
 use crate::common::fixture;
-use clover::data::{write_samples, Sample, Split};
-use clover::targets::{run, DistillArgs, DistillCache, SAMPLES_PER_SHARD};
-use clover::teacher::Teacher;
+use clover::data::shards::{write_samples, Sample, Split};
+use clover::model::teacher::Teacher;
+use clover::training::targets::{run, DistillArgs, DistillCache, SAMPLES_PER_SHARD};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 

@@ -1,5 +1,6 @@
 use crate::common::{fixture, max_abs_diff, read_golden};
-use clover::teacher::{LlamaConfig, Teacher};
+use clover::model::config::LlamaConfig;
+use clover::model::teacher::Teacher;
 use tch::{Device, Kind, Tensor};
 
 fn tiny(name: &str) -> Teacher {

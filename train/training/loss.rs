@@ -1,4 +1,4 @@
-//! The Clover-2 per-depth distillation loss (spec §2.2, G4-G6).
+//! The Clover-2 per-depth distillation loss (docs/clover2.md §2.2, G4-G6).
 //!
 //! For depth i, the output row t is regressed onto h_{t+1+i} (SmoothL1, beta 1, mean over the
 //! hidden dim) and distilled toward softmax(lm_head(h_{t+1+i})) (soft cross-entropy), gated by
@@ -12,8 +12,8 @@
 
 use tch::{Kind, Reduction, Tensor};
 
-use crate::head::HeadConfig;
-use crate::teacher::Teacher;
+use crate::model::head_config::HeadConfig;
+use crate::model::teacher::Teacher;
 
 /// Loss arithmetic runs in f32 at least (as the reference's fp32 SmoothL1 under bf16 autocast),
 /// and in f64 when the head runs in f64 (the gradient check).

@@ -1,6 +1,6 @@
 //! Self-distillation data: keep each conversation's user turns and replace every assistant turn
 //! by the teacher's own answer, so the draft head learns the distribution it will be asked to
-//! predict at decoding time. (The Clover-2 reference trains on the ShareGPT text as-is, spec §3;
+//! predict at decoding time. (The Clover-2 reference trains on the ShareGPT text as-is, docs/clover2.md §3;
 //! regeneration is the EAGLE/Medusa-style option users ask for with small or mismatched data.)
 //!
 //! Conversations are answered in batches of `--batch-size`, turn by turn, with left-padded batched
@@ -10,14 +10,16 @@
 //! rename). An interrupted run therefore resumes at the first missing part and produces exactly
 //! what an uninterrupted run would; the final file lists the conversations in input order.
 
-use crate::chat::{ChatTokenizer, Message, Role};
-use crate::data::{read_conversations, Conversation, SkipReason};
-use crate::files::{atomic_write, pin_inputs};
-use crate::generate::{generate_batch, GenerationConfig};
-use crate::teacher::Teacher;
+use std::path::{Path, PathBuf};
+
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::{Path, PathBuf};
+
+use crate::data::jobfiles::{atomic_write, pin_inputs};
+use crate::data::sharegpt::{read_conversations, Conversation, SkipReason};
+use crate::decode::generate::{generate_batch, GenerationConfig};
+use crate::formats::chat::{ChatTokenizer, Message, Role};
+use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
 pub struct RegenerateArgs {
@@ -49,7 +51,7 @@ pub struct RegenerateArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
-    pub run_on: crate::teacher::RunOn,
+    pub run_on: crate::model::device::RunOn,
     /// Stop after this many batches in this run (the rest is left for a rerun).
     #[arg(long)]
     pub max_batches: Option<usize>,

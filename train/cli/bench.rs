@@ -4,13 +4,17 @@
 //! `--conversations`, also the data stages: prepare tokens/s, distill tokens/s and the cache's
 //! bytes per token.
 
-use crate::generate::{generate, GenerationConfig};
-use crate::teacher::{parse_kind, Teacher};
-use anyhow::{Context, Result};
-use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
+
+use crate::data::shards::{read_split, write_samples, Split};
+use crate::decode::generate::{generate, GenerationConfig};
+use crate::model::device::parse_kind;
+use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -101,7 +105,7 @@ fn bench_teacher(teacher: &Teacher, args: &BenchArgs) -> Result<Value> {
 /// Prepare all `conversations`, then distill the first `distill_samples` train samples on the
 /// best device, in a scratch directory that is removed afterwards.
 fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value> {
-    use crate::data::{prepare, read_split, write_samples, PrepareArgs, Split};
+    use crate::data::prepare::{prepare, PrepareArgs};
     let scratch = std::env::temp_dir().join(format!("clover-bench-{}", std::process::id()));
     let prepared = scratch.join("prepared");
     let start = Instant::now();
@@ -126,7 +130,7 @@ fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value
         "cpu"
     };
     let start = Instant::now();
-    crate::targets::run(&crate::targets::DistillArgs {
+    crate::training::targets::run(&crate::training::targets::DistillArgs {
         data: subset,
         model: args.model.clone(),
         out: cache.clone(),

@@ -13,17 +13,20 @@
 //! `--shard i/N` makes this worker do shards k with k % N == i, so many GPUs or machines can
 //! split one dataset under any scheduler.
 
-use crate::data::{read_split, Sample, Split};
-use crate::files::{atomic_write, pin_inputs};
-use crate::teacher::{parse_device, parse_kind, Teacher};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
+
+use crate::data::jobfiles::{atomic_write, pin_inputs};
+use crate::data::shards::{read_split, Sample, Split};
+use crate::model::device::{parse_device, parse_kind};
+use crate::model::teacher::Teacher;
 
 pub const SAMPLES_PER_SHARD: usize = 256;
 const MANIFEST: &str = "distill.json";

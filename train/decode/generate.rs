@@ -2,10 +2,15 @@
 //! from softmax(logits / T). Batched with left padding, so self-distillation can answer many
 //! prompts at once; batch 1 is the `clover generate` path and the speed baseline of `clover eval`.
 
-use crate::teacher::Teacher;
-use anyhow::{ensure, Result};
+use crate::decode::sampling::pick_next;
+use crate::decode::sampling::Answer;
+use crate::decode::sampling::Timed;
 use std::time::Instant;
+
+use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
+
+use crate::model::teacher::Teacher;
 
 #[derive(Debug, Clone)]
 pub struct GenerationConfig {
@@ -15,34 +20,6 @@ pub struct GenerationConfig {
     pub seed: u64,
     /// Generation of a row ends after one of these (the stop token is not returned).
     pub stop_ids: Vec<i64>,
-}
-
-/// One row's answer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    pub token_ids: Vec<i64>,
-    /// True when a stop token ended the row, false when max_new_tokens did.
-    pub stopped: bool,
-}
-
-/// Timings of a batch-1 generation, for tokens/s figures.
-#[derive(Debug, Clone)]
-pub struct Timed {
-    pub answer: Answer,
-    pub prefill_seconds: f64,
-    pub decode_seconds: f64,
-}
-
-/// Pick the next token of every row from last-position logits [B,V].
-pub fn pick_next(logits: &Tensor, temperature: f64) -> Tensor {
-    if temperature <= 0.0 {
-        logits.argmax(-1, false)
-    } else {
-        (logits.to_kind(Kind::Float) / temperature)
-            .softmax(-1, Kind::Float)
-            .multinomial(1, false)
-            .squeeze_dim(-1)
-    }
 }
 
 /// Answer one prompt, timing prefill and decode separately.
@@ -187,115 +164,8 @@ fn left_pad(prompts: &[Vec<i64>], width: i64, device: Device) -> (Tensor, Tensor
 /// mask is empty (an all-masked row would make attention NaN and poison the cache).
 fn prefill_mask(valid: &Tensor, device: Device) -> Tensor {
     let (b, w) = (valid.size()[0], valid.size()[1]);
-    let causal = crate::teacher::causal_mask(0, w, device);
+    let causal = crate::model::layers::causal_mask(0, w, device);
     let keys = valid.view([b, 1, 1, w]);
     let eye = Tensor::eye(w, (Kind::Bool, device)).view([1, 1, w, w]);
     causal.logical_and(&keys).logical_or(&eye)
-}
-
-#[derive(clap::Args, Debug)]
-pub struct GenerateArgs {
-    /// Teacher model directory (HF layout).
-    #[arg(long)]
-    pub model: std::path::PathBuf,
-    #[arg(long)]
-    pub prompt: String,
-    /// Wrap the prompt as a user turn with the model's chat template.
-    #[arg(long)]
-    pub chat: bool,
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[command(flatten)]
-    pub run_on: crate::teacher::RunOn,
-    /// Print one JSON object {"text", "token_ids", "tokens_per_s"} instead of the text.
-    #[arg(long)]
-    pub json: bool,
-    /// Exported Clover-2 draft head: decode speculatively with it and report tau.
-    #[arg(long)]
-    pub draft: Option<std::path::PathBuf>,
-    /// Speculation tree with --draft: "mc_sim_7b_63" (default) or a JSON file with a list of paths.
-    #[arg(long)]
-    pub tree: Option<String>,
-}
-
-pub fn run(args: &GenerateArgs) -> Result<()> {
-    let (device, kind) = args.run_on.resolve()?;
-    let teacher = Teacher::load(&args.model, device, kind)?;
-    // Without --chat no template is rendered; naming a built-in one keeps a model that has no
-    // chat_template of its own usable for plain completion.
-    let template = if args.chat { None } else { Some("chatml") };
-    let chat = crate::chat::ChatTokenizer::from_model_dir(&args.model, template)?;
-    let (prompt, stop_ids) = if args.chat {
-        let messages = [crate::chat::Message::new(
-            crate::chat::Role::User,
-            args.prompt.clone(),
-        )];
-        (chat.encode_prompt(&messages)?, chat.stop_ids())
-    } else {
-        let encoding = chat
-            .tokenizer
-            .encode(args.prompt.as_str(), true)
-            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-        let ids = encoding.get_ids().iter().map(|&i| i as i64).collect();
-        (ids, teacher.config.eos_token_ids.clone())
-    };
-    let cfg = GenerationConfig {
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        seed: args.seed,
-        stop_ids,
-    };
-    let (timed, spec) = match &args.draft {
-        None => (generate(&teacher, &prompt, &cfg)?, None),
-        Some(dir) => {
-            let head = crate::speculative::load_head(dir, &teacher)?;
-            let tree = crate::tree::Tree::load(args.tree.as_deref())?;
-            let sampling = crate::speculative::Sampling {
-                temperature: cfg.temperature,
-                seed: cfg.seed as i64,
-            };
-            let (timed, stats) = crate::speculative::generate_speculative(
-                &teacher,
-                &head,
-                &tree,
-                &prompt,
-                cfg.max_new_tokens,
-                sampling,
-                &cfg.stop_ids,
-            )?;
-            (timed, Some(stats))
-        }
-    };
-    let text = chat.decode(&timed.answer.token_ids)?;
-    let n = timed.answer.token_ids.len();
-    let tokens_per_s = n as f64 / (timed.prefill_seconds + timed.decode_seconds);
-    if args.json {
-        let mut out = serde_json::json!({
-            "text": text,
-            "token_ids": timed.answer.token_ids,
-            "tokens_per_s": tokens_per_s,
-        });
-        if let Some(stats) = &spec {
-            out["tau"] = stats.tau().into();
-            out["verification_steps"] = stats.steps().into();
-            out["accepted_per_step"] = serde_json::json!(stats.accepted);
-        }
-        println!("{out}");
-    } else {
-        println!("{text}");
-        match &spec {
-            None => eprintln!("[{n} tokens, {tokens_per_s:.1} tokens/s]"),
-            Some(stats) => eprintln!(
-                "[{n} tokens, {tokens_per_s:.1} tokens/s, speculative: tau {:.2} over {} steps]",
-                stats.tau(),
-                stats.steps()
-            ),
-        }
-    }
-    Ok(())
 }

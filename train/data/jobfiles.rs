@@ -1,8 +1,9 @@
 //! File-system helpers for resumable jobs: atomic writes and a record of the inputs a job's
 //! output directory was made from, so a rerun with other inputs fails instead of mixing outputs.
 
-use anyhow::{ensure, Context, Result};
 use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
 
 /// Write a file under a temporary name and rename it, so readers never see half a file.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {

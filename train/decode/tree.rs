@@ -1,4 +1,4 @@
-//! Static speculation trees (spec §4.1, §4.2, §4.4).
+//! Static speculation trees (docs/clover2.md §4.1, §4.2, §4.4).
 //!
 //! A tree is a list of paths; each entry `j` of a path means "the j-th of the parent's top-k draft
 //! tokens". From it we build, with EXPLICIT parent indices (gotcha G11; the reference's draft-side
@@ -10,8 +10,9 @@
 //!
 //! Node order is the reference's: the root is node 0, then the paths sorted by (length, path).
 
-use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Name of the default tree (EAGLE-1 / Clover-2 `mc_sim_7b_63`: 25 draft nodes + the root).
@@ -20,7 +21,7 @@ pub const DEFAULT_TREE: &str = "mc_sim_7b_63";
 /// Top-k the reference drafts per row (`top_k=10` in clover2.py, `TOPK=10` in utils.py).
 pub const DEFAULT_TOP_K: usize = 10;
 
-/// The `mc_sim_7b_63` tree of spec §4.1.
+/// The `mc_sim_7b_63` tree of docs/clover2.md §4.1.
 pub fn mc_sim_7b_63() -> Vec<Vec<usize>> {
     let p = |s: &[usize]| s.to_vec();
     vec![
@@ -333,7 +334,7 @@ pub struct TreeTensors {
 
 impl TreeTensors {
     /// Teacher mask for verifying the tree after `prefix_len` committed positions:
-    /// bool [1, 1, n, prefix_len + n], prefix fully visible, tree part = ancestors (spec G16).
+    /// bool [1, 1, n, prefix_len + n], prefix fully visible, tree part = ancestors (docs/clover2.md G16).
     pub fn verify_mask(&self, prefix_len: i64) -> Tensor {
         let n = self.attn_mask.size()[0];
         let device = self.attn_mask.device();

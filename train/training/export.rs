@@ -1,5 +1,5 @@
 //! `clover export`: a training checkpoint to the reference's format, a directory with
-//! `model.safetensors` (the reference state-dict names, spec §1.4) and `config.json` (the teacher's
+//! `model.safetensors` (the reference state-dict names, docs/clover2.md §1.4) and `config.json` (the teacher's
 //! LlamaConfig fields, `num_hidden_layers: 1` as the reference's draft configs, plus the `"clover"`
 //! section of `ConfigClover`, and our `"clover_rs"` extras such as the draft RoPE base).
 //! `DraftHead::load` reads it back, and training can start from it (`init_from`).
@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use tch::{Kind, Tensor};
 
-use crate::head::{check_head_tensors, write_tensors, HeadConfig};
-use crate::trainer::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
+use crate::formats::safetensors::write_tensors;
+use crate::model::head::check_head_tensors;
+use crate::model::head_config::HeadConfig;
+use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
@@ -41,7 +43,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             .model
             .as_ref()
             .context("--with-frozen needs --model <teacher dir>")?;
-        let teacher = crate::teacher::Teacher::load(model, tch::Device::Cpu, Kind::Float)?;
+        let teacher = crate::model::teacher::Teacher::load(model, tch::Device::Cpu, Kind::Float)?;
         Some(teacher.lm_head_weight().shallow_clone())
     } else {
         None
@@ -102,7 +104,7 @@ pub fn export_head(
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", cfg_path.display()))?;
     // Read back what was written: the exported dir must load as a head.
-    let back = crate::head::read_head_tensors(
+    let back = crate::model::head::read_head_tensors(
         &out.join("model.safetensors"),
         &HeadConfig::from_export_json(&cfg_path)?,
     )?;

@@ -1,12 +1,12 @@
 //! `clover eval`: tau and speed of speculative decoding with a draft head on MT-bench /
-//! Spec-Bench style prompts, against plain decoding of the same prompts (spec §5).
+//! Spec-Bench style prompts, against plain decoding of the same prompts (docs/clover2.md §5).
 //!
 //! Each question's turns are asked in order with the model's chat template; the history keeps
 //! the PLAIN (baseline) answer to each turn, so both decoders always see the same prompt. At T = 0
 //! the speculative answer must be identical (any difference is counted in `lossless_mismatches`);
 //! at T > 0 both answers are samples of the same law.
 //!
-//! Definitions (spec §5, G12):
+//! Definitions (docs/clover2.md §5, G12):
 //! - `tau` = committed tokens / verification steps, pooled over all turns: each step commits its
 //!   accepted drafts plus the teacher's own token (bonus counted). The prefill's first token is
 //!   not a verification step and is not counted.
@@ -17,17 +17,20 @@
 //!   reference averages per-question ratios; pooling weighs long answers more). `speedup` is its
 //!   ratio to `baseline_tokens_per_s`.
 
-use crate::chat::{ChatTokenizer, Message, Role};
-use crate::generate::{generate, GenerationConfig};
-use crate::head::DraftHead;
-use crate::speculative::{generate_speculative, load_head, Sampling, SpecStats};
-use crate::teacher::Teacher;
-use crate::tree::Tree;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+
+use crate::decode::generate::{generate, GenerationConfig};
+use crate::decode::sampling::Sampling;
+use crate::decode::speculative::{generate_speculative, SpecStats};
+use crate::decode::tree::Tree;
+use crate::formats::chat::{ChatTokenizer, Message, Role};
+use crate::model::head::{load_head, DraftHead};
+use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -50,7 +53,7 @@ pub struct EvalArgs {
     pub max_new_tokens: usize,
     /// Device and dtype; the head runs in the teacher's dtype.
     #[command(flatten)]
-    pub run_on: crate::teacher::RunOn,
+    pub run_on: crate::model::device::RunOn,
     /// Evaluate only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,

@@ -1,4 +1,4 @@
-//! Tree-attention speculative decoding, batch 1 (spec §4.3-§4.5).
+//! Tree-attention speculative decoding, batch 1 (docs/clover2.md §4.3-§4.5).
 //!
 //! One step: the draft unrolls the static tree (top-k per row, an RNN step on the expanded
 //! nodes), the teacher verifies all tree tokens in ONE forward with the tree mask and depth
@@ -8,64 +8,19 @@
 //! draft's own (append-only, G9) cache. All per-step work stays on the device; the only
 //! device-to-host copy per step is one small packed i64 tensor for the acceptance bookkeeping.
 
-use crate::generate::{pick_next, Answer, Timed};
-use crate::head::DraftHead;
-use crate::teacher::{KvCache, Teacher};
-use crate::tree::{Tree, TreeTensors};
-use anyhow::{ensure, Context, Result};
+use crate::decode::sampling::apply_stop_rules;
+use crate::decode::sampling::sample_rows;
+use crate::decode::sampling::Sampling;
 use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-/// Sampling settings of a speculative generation.
-#[derive(Debug, Clone, Copy)]
-pub struct Sampling {
-    /// 0 = greedy (argmax); > 0 = sample from softmax(logits / temperature).
-    pub temperature: f64,
-    /// Seeds libtorch's default generators at the start of a generation (tch 0.24 exposes no
-    /// per-call `Generator`, so this is `tch::manual_seed`, as in `generate::generate`).
-    pub seed: i64,
-}
-
-impl Sampling {
-    pub fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            seed: 0,
-        }
-    }
-
-    pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
-    }
-
-    /// The processed distribution softmax(logits / T) in f32 over the last dim (the law
-    /// `generate::pick_next` samples from). Every acceptance test and every bonus draw uses it,
-    /// which keeps speculative sampling lossless.
-    pub fn probs(&self, logits: &Tensor) -> Tensor {
-        (logits.to_kind(Kind::Float) / self.temperature).softmax(-1, Kind::Float)
-    }
-}
-
-/// One sample per row of a probability tensor [n,V] -> i64 [n].
-fn sample_rows(probs: &Tensor) -> Tensor {
-    probs.multinomial(1, true).squeeze_dim(-1)
-}
-
-/// Stop rules of `generate::generate`: the answer ends before the first stop id (which is not
-/// returned) or at `max_new` tokens. Truncates `tokens`; returns `Some(stopped)` when done.
-fn apply_stop_rules(tokens: &mut Vec<i64>, max_new: usize, stop_ids: &[i64]) -> Option<bool> {
-    if let Some(i) = tokens.iter().position(|t| stop_ids.contains(t)) {
-        if i < max_new {
-            tokens.truncate(i);
-            return Some(true);
-        }
-    }
-    if tokens.len() >= max_new {
-        tokens.truncate(max_new);
-        return Some(false);
-    }
-    None
-}
+use crate::decode::sampling::{pick_next, Answer, Timed};
+use crate::decode::tree::{Tree, TreeTensors};
+use crate::model::head::DraftHead;
+use crate::model::layers::KvCache;
+use crate::model::teacher::Teacher;
 
 /// What speculative decoding needs from a draft model. `DraftHead` implements it through
 /// [`HeadDrafter`]; tests plug in other drafters (e.g. a noisy oracle) to drive deep acceptance.
@@ -106,7 +61,7 @@ impl SpecStats {
         self.accepted.iter().map(|a| a + 1).sum()
     }
 
-    /// tau = committed tokens / verification steps, the teacher's own token counted (spec §5).
+    /// tau = committed tokens / verification steps, the teacher's own token counted (docs/clover2.md §5).
     pub fn tau(&self) -> f64 {
         self.committed() as f64 / self.steps().max(1) as f64
     }
@@ -190,7 +145,7 @@ impl<'t> VerifyPlan<'t> {
     }
 }
 
-/// Top-k of each draft row [r,V] -> tokens [r,k]. Greedy: the k largest logits (spec §4.3).
+/// Top-k of each draft row [r,V] -> tokens [r,k]. Greedy: the k largest logits (docs/clover2.md §4.3).
 /// Sampling: k draws WITHOUT replacement from the processed distribution q, in draw order
 /// (exponential race: argsort of q / Exp(1), which is the Gumbel-top-k trick); q [r,V] is
 /// returned for the acceptance test.
@@ -235,7 +190,7 @@ pub fn draft_tree(
     Ok((Tensor::cat(&all_tokens, 0), q))
 }
 
-/// Greedy acceptance (spec §4.5 step 4): per root-to-leaf path, the number of leading drafts
+/// Greedy acceptance (docs/clover2.md §4.5 step 4): per root-to-leaf path, the number of leading drafts
 /// equal to the teacher's argmax at their parent; the longest path wins, the first on ties
 /// (argmax returns the first maximum); the bonus is the teacher's argmax after it.
 pub fn accept_greedy(plan: &VerifyPlan, tree_tokens: &Tensor, logits: &Tensor) -> Result<Accepted> {
@@ -292,7 +247,7 @@ pub fn accept_greedy(plan: &VerifyPlan, tree_tokens: &Tensor, logits: &Tensor) -
     })
 }
 
-/// Lossless tree speculative sampling (EAGLE-1's multi-candidate rejection scheme, spec §4.5
+/// Lossless tree speculative sampling (EAGLE-1's multi-candidate rejection scheme, docs/clover2.md §4.5
 /// step 4). `p` [n,V]: the teacher's PROCESSED distribution after each tree node; `q_rows` [R,V]:
 /// the processed draft distribution of each draft row, from which that row's children were drawn
 /// without replacement in rank order.
@@ -572,17 +527,6 @@ impl Drafter for HeadDrafter<'_> {
         let (o, s) = self.head.step(states, tokens);
         Ok((self.head.logits(&o), s))
     }
-}
-
-/// Load an exported draft head for inference next to `teacher`, in the teacher's dtype (the
-/// reference casts the draft to the base dtype).
-pub fn load_head(dir: &std::path::Path, teacher: &Teacher) -> Result<DraftHead> {
-    let mut head = DraftHead::load(dir, teacher)
-        .with_context(|| format!("loading draft head {}", dir.display()))?;
-    if teacher.kind() != Kind::Float {
-        head.to_kind(teacher.kind());
-    }
-    Ok(head)
 }
 
 /// Speculative decoding of one prompt with a Clover-2 draft head (see [`generate_with_drafter`]).

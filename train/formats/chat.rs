@@ -3,22 +3,23 @@
 //! Every template, built-in or the model's own, is a Jinja template rendered with minijinja under
 //! the settings HF `apply_chat_template` uses (trim_blocks, lstrip_blocks, `raise_exception`,
 //! `bos_token`/`eos_token`, `add_generation_prompt`). The built-ins are the official texts:
-//! FastChat's vicuna_v1.1 (spec §3.1) written as Jinja, Meta's Llama-3-Instruct template verbatim,
+//! FastChat's vicuna_v1.1 (docs/clover2.md §3.1) written as Jinja, Meta's Llama-3-Instruct template verbatim,
 //! and the standard ChatML template.
 //!
 //! The loss mask comes from character spans, not from hard-coded token offsets (the reference's
-//! offsets are heuristic, spec G13): for assistant message i, the text it adds is the rendering of
+//! offsets are heuristic, docs/clover2.md G13): for assistant message i, the text it adds is the rendering of
 //! messages[..=i] minus the rendering of messages[..i] with the generation prompt. That span,
 //! cut after its end-of-turn marker, is mapped to tokens through the tokenizer's offsets; a token
 //! is masked when it overlaps a span, and the first..last overlapping tokens are marked
 //! contiguously, which is what HF's `return_assistant_tokens_mask` does.
 
+use std::ops::Range;
+use std::path::Path;
+
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
-use std::ops::Range;
-use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
