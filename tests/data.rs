@@ -13,6 +13,7 @@ fn args(input: &Path, out: &Path) -> PrepareArgs {
         input: input.to_path_buf(),
         model: fixture_model_dir(),
         template: "chatml".into(),
+        no_system_prompt: false,
         out: out.to_path_buf(),
         max_len: 2048,
         eval_fraction: 0.3,

@@ -98,6 +98,7 @@ fn eval_end_to_end_smollm2_random_head() {
         per_category: None,
         report: Some(report.clone()),
         template: None,
+        no_system_prompt: false,
         seed: 0,
         warmup: 0,
     };

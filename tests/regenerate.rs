@@ -22,6 +22,7 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
         max_turns: Some(2),
         limit: None,
         template: "auto".into(),
+        no_system_prompt: false,
         seed: 0,
         run_on: clover::model::device::RunOn::cpu(),
         max_batches,

@@ -15,14 +15,20 @@
 //!    the trainer loop, and `export` of a checkpoint as the reference's safetensors layout.
 //! 6. [`cli`]: the `clover` command line on top: parses options and hands them to the wings.
 //!
+//! Leaves every wing may use: [`checks`] (valid ranges of settings), [`progress`] (bars on a
+//! terminal, plain lines in a log) and [`rng`] (seeded, exclusive draws from libtorch's generator).
+//!
 //! A training step: `data::shards` (samples) -> `training::targets` (cached states, offline) or
 //! `model::teacher` (online) -> `training::batches` -> `model::head` -> `training::loss` ->
 //! `training::optimizer` -> `training::checkpoint`. The design, with shapes and the places where
 //! clover knowingly differs from the reference implementation, is written in `docs/clover2.md`.
 
+pub mod checks;
 pub mod cli;
 pub mod data;
 pub mod decode;
 pub mod formats;
 pub mod model;
+pub mod progress;
+pub mod rng;
 pub mod training;

@@ -25,10 +25,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Prompt length for the prefill measurement.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 512)]
     pub prefill_tokens: i64,
     /// Tokens decoded for the decode measurement.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
     pub decode_tokens: usize,
     /// Dtype on CUDA (the CPU always runs f32).
     #[arg(long, default_value = "bf16")]
@@ -37,7 +37,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub conversations: Option<PathBuf>,
     /// Conversations distilled for the distill figure (prepare uses them all).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
     pub distill_samples: usize,
 }
 
@@ -113,6 +113,7 @@ fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value
         input: conversations.to_path_buf(),
         model: args.model.clone(),
         template: "auto".into(),
+        no_system_prompt: false,
         out: prepared.clone(),
         max_len: 2048,
         eval_fraction: 0.0,

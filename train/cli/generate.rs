@@ -17,10 +17,10 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a user turn with the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

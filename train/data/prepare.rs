@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -33,12 +33,16 @@ pub struct PrepareArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Conversations longer than this many tokens are truncated to it (as the reference does).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 2048)]
     pub max_len: usize,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, value_parser = crate::checks::fraction_below_one, default_value_t = 0.05)]
     pub eval_fraction: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
+    /// their own system message either way).
+    #[arg(long)]
+    pub no_system_prompt: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -94,6 +98,9 @@ impl fmt::Display for Summary {
 pub struct Manifest {
     pub source: PathBuf,
     pub template: String,
+    /// The default system prompt put before conversations without one (LLaMA-3), if any.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
     pub model: PathBuf,
     pub max_len: usize,
     pub eval_fraction: f64,
@@ -122,7 +129,8 @@ pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
             args.eval_fraction
         );
     }
-    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?;
+    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?
+        .with_system_prompt(!args.no_system_prompt);
     let (conversations, notes) = read_conversations(&args.input)?;
     let mut summary = Summary {
         read: count_records(&conversations, &notes),
@@ -176,6 +184,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
     let manifest = Manifest {
         source: args.input.clone(),
         template: args.template.clone(),
+        system_prompt: chat.system_prompt().map(str::to_string),
         model: args.model.clone(),
         max_len: args.max_len,
         eval_fraction: args.eval_fraction,
@@ -222,11 +231,7 @@ fn tokenize_all(
     conversations: &[Conversation],
     max_len: usize,
 ) -> Vec<Encoded> {
-    let bar = ProgressBar::new(conversations.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("tokenizing {bar:40} {pos}/{len} [{elapsed_precise} < {eta}]")
-            .expect("static progress template"),
-    );
+    let mut bar = Progress::new("prepare (conversations)", conversations.len() as u64);
     let encoded = conversations
         .par_iter()
         .map(|conversation| {
@@ -235,7 +240,7 @@ fn tokenize_all(
             result
         })
         .collect();
-    bar.finish_and_clear();
+    bar.finish();
     encoded
 }
 

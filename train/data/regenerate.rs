@@ -12,10 +12,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::progress::Progress;
+use anyhow::{ensure, Context, Result};
 
-use crate::data::jobfiles::{atomic_write, pin_inputs};
+use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
 use crate::data::sharegpt::{read_conversations, Conversation, SkipReason};
 use crate::decode::generate::{generate_batch, GenerationConfig};
 use crate::formats::chat::{ChatTokenizer, Message, Role};
@@ -32,18 +32,18 @@ pub struct RegenerateArgs {
     /// Output directory: part files and, when complete, conversations.jsonl.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 16)]
     pub batch_size: usize,
     /// Answer at most this many user turns per conversation (later turns are dropped).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::checks::positive)]
     pub max_turns: Option<usize>,
     /// Use only the first N conversations of the input.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::checks::positive)]
     pub limit: Option<usize>,
     /// Chat template (vicuna, llama3, chatml or auto = the model's own).
     #[arg(long, default_value = "auto")]
@@ -53,12 +53,16 @@ pub struct RegenerateArgs {
     #[command(flatten)]
     pub run_on: crate::model::device::RunOn,
     /// Stop after this many batches in this run (the rest is left for a rerun).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::checks::positive)]
     pub max_batches: Option<usize>,
     /// Conversations whose first prompt is longer are left out; a later turn whose prompt would
     /// be longer ends its conversation there.
-    #[arg(long, default_value_t = 1536)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 1536)]
     pub max_prompt_tokens: usize,
+    /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
+    /// their own system message either way).
+    #[arg(long)]
+    pub no_system_prompt: bool,
 }
 
 pub const OUTPUT_FILE: &str = "conversations.jsonl";
@@ -71,14 +75,15 @@ fn inputs_of(args: &RegenerateArgs) -> serde_json::Value {
         "data": args.data, "model": args.model, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "batch_size": args.batch_size, "max_turns": args.max_turns,
         "limit": args.limit, "template": args.template, "seed": args.seed,
-        "max_prompt_tokens": args.max_prompt_tokens,
+        "max_prompt_tokens": args.max_prompt_tokens, "no_system_prompt": args.no_system_prompt,
     })
 }
 
 pub fn run(args: &RegenerateArgs) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
-    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?;
+    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?
+        .with_system_prompt(!args.no_system_prompt);
     let (mut conversations, skipped) = read_conversations(&args.data)?;
     // A leading assistant message is dropped but its conversation kept: not a skip.
     let dropped = skipped
@@ -96,16 +101,26 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
         .iter()
         .map(|c| user_turns(c, args.max_turns))
         .collect();
-    let order = batch_order(&chat, &prompts, args.max_prompt_tokens)?;
+    // A prompt must leave room for the answer in the teacher's context: longer ones are left out
+    // (and counted), not failed, so one long record cannot stop a long job.
+    let context = teacher.config.max_position_embeddings.max(0) as usize;
+    ensure!(
+        args.max_new_tokens < context,
+        "--max-new-tokens {} does not fit the teacher's context of {context} positions",
+        args.max_new_tokens
+    );
+    let prompt_cap = args.max_prompt_tokens.min(context - args.max_new_tokens);
+    let order = batch_order(&chat, &prompts, prompt_cap)?;
     if order.len() < prompts.len() {
         eprintln!(
             "left out {} conversations whose first prompt exceeds {} tokens",
             prompts.len() - order.len(),
-            args.max_prompt_tokens
+            prompt_cap
         );
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let _lock = DirLock::acquire(&args.out, "regenerate")?;
     pin_inputs(&args.out.join(MANIFEST), &inputs_of(args))?;
     let batch_size = args.batch_size.max(1);
     let batches = order.len().div_ceil(batch_size);
@@ -113,9 +128,7 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
         .filter(|k| !part_path(&args.out, *k).exists())
         .take(args.max_batches.unwrap_or(usize::MAX))
         .collect();
-    let bar = ProgressBar::new(batches as u64).with_style(ProgressStyle::with_template(
-        "regenerate {bar:30} {pos}/{len} batches {msg} [{elapsed}<{eta}]",
-    )?);
+    let mut bar = Progress::new("regenerate (batches)", batches as u64);
     bar.set_position((batches - todo.len().min(batches)) as u64);
     let started = std::time::Instant::now();
     let mut new_tokens = 0;
@@ -129,13 +142,7 @@ pub fn run(args: &RegenerateArgs) -> Result<()> {
             seed: args.seed + k as u64,
             stop_ids: chat.stop_ids(),
         };
-        let (answered, tokens) = answer_batch(
-            &teacher,
-            &chat,
-            &batch_prompts,
-            &cfg,
-            args.max_prompt_tokens,
-        )?;
+        let (answered, tokens) = answer_batch(&teacher, &chat, &batch_prompts, &cfg, prompt_cap)?;
         new_tokens += tokens;
         let lines: String = members
             .iter()

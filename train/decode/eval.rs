@@ -20,8 +20,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::progress::Progress;
 use anyhow::{ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::decode::generate::{generate, GenerationConfig};
@@ -47,19 +47,19 @@ pub struct EvalArgs {
     #[arg(long)]
     pub tree: Option<String>,
     /// 0 = greedy; > 0 = lossless tree speculative sampling.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Device and dtype; the head runs in the teacher's dtype.
     #[command(flatten)]
     pub run_on: crate::model::device::RunOn,
     /// Evaluate only the first N questions.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::checks::positive)]
     pub limit: Option<usize>,
     /// Evaluate only the first N questions of each category (applied before --limit), so a
     /// small run still covers every category.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::checks::positive)]
     pub per_category: Option<usize>,
     /// Write the JSON report here.
     #[arg(long)]
@@ -73,6 +73,10 @@ pub struct EvalArgs {
     /// Untimed warm-up generations (of each decoder) before measuring.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
+    /// their own system message either way).
+    #[arg(long)]
+    pub no_system_prompt: bool,
 }
 
 /// One MT-bench / Spec-Bench question.
@@ -276,7 +280,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let head = load_head(&args.draft, &teacher)?;
-    let chat = ChatTokenizer::from_model_dir(&args.model, args.template.as_deref())?;
+    let chat = ChatTokenizer::from_model_dir(&args.model, args.template.as_deref())?
+        .with_system_prompt(!args.no_system_prompt);
     let tree = Tree::load(args.tree.as_deref())?;
     let mut questions = read_questions(&args.prompts)?;
     if let Some(n) = args.per_category {
@@ -367,9 +372,7 @@ fn plain_config(
 /// Ask every turn of every question with both decoders.
 fn evaluate(setup: &Setup, questions: &[Question], args: &EvalArgs) -> Result<Vec<TurnRecord>> {
     let total: usize = questions.iter().map(|q| q.turns.len()).sum();
-    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template(
-        "eval {bar:30} {pos}/{len} turns {msg} [{elapsed}<{eta}]",
-    )?);
+    let mut bar = Progress::new("eval (turns)", total as u64);
     let stop_ids = setup.chat.stop_ids();
     let mut records = Vec::with_capacity(total);
     for (qi, q) in questions.iter().enumerate() {

@@ -36,8 +36,8 @@ pub fn pick_next(logits: &Tensor, temperature: f64) -> Tensor {
 pub struct Sampling {
     /// 0 = greedy (argmax); > 0 = sample from softmax(logits / temperature).
     pub temperature: f64,
-    /// Seeds libtorch's default generators at the start of a generation (tch 0.24 exposes no
-    /// per-call `Generator`, so this is `tch::manual_seed`, as in `generate::generate`).
+    /// Seeds libtorch's generators for the whole generation, which holds them exclusively
+    /// (`rng::seeded`): the same seed gives the same answer whatever else runs.
     pub seed: i64,
 }
 
@@ -64,6 +64,20 @@ impl Sampling {
 /// One sample per row of a probability tensor [n,V] -> i64 [n].
 pub(crate) fn sample_rows(probs: &Tensor) -> Tensor {
     probs.multinomial(1, true).squeeze_dim(-1)
+}
+
+/// Refuses a prompt that leaves no room for `max_new` tokens in the teacher's context of
+/// `context` positions: past it the model is outside anything it was trained on, and a long
+/// prompt would only burn minutes of prefill before failing.
+pub fn check_context(prompt_len: usize, max_new: usize, context: i64) -> anyhow::Result<()> {
+    let room = (context.max(0) as usize).saturating_sub(max_new);
+    anyhow::ensure!(
+        prompt_len <= room,
+        "the prompt has {prompt_len} tokens, but the teacher's context of {context} positions \
+         leaves room for at most {room} with {max_new} new tokens (shorten the prompt or ask for \
+         fewer new tokens)"
+    );
+    Ok(())
 }
 
 /// Stop rules of `generate::generate`: the answer ends before the first stop id (which is not

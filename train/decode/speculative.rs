@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::decode::sampling::{pick_next, Answer, Timed};
+use crate::decode::sampling::{check_context, pick_next, Answer, Timed};
 use crate::decode::tree::{Tree, TreeTensors};
 use crate::model::head::DraftHead;
 use crate::model::layers::KvCache;
@@ -357,6 +357,7 @@ pub fn generate_with_drafter(
         "cannot generate from an empty prompt"
     );
     ensure!(max_new > 0, "max_new must be at least 1");
+    check_context(prompt_ids.len(), max_new, cap)?;
     ensure!(
         prompt_ids.len() as i64 + depth < cap,
         "prompt of {} tokens leaves no room for a depth-{depth} tree in the context of {cap}",
@@ -373,79 +374,81 @@ pub fn generate_with_drafter(
         "sampling at T > 0 needs every node's children to be ranks 0..m-1 (a drawn but unverified \
          draft token would break losslessness)"
     );
-    let _guard = tch::no_grad_guard();
-    let device = teacher.device();
-    let plan = VerifyPlan::new(tree, device);
-    let mut stats = SpecStats {
-        max_depth: tree.max_depth(),
-        ..Default::default()
-    };
-    tch::manual_seed(sampling.seed);
-    drafter.reset();
+    crate::rng::seeded_if(!sampling.is_greedy(), sampling.seed, || {
+        let _guard = tch::no_grad_guard();
+        let device = teacher.device();
+        let plan = VerifyPlan::new(tree, device);
+        let mut stats = SpecStats {
+            max_depth: tree.max_depth(),
+            ..Default::default()
+        };
+        drafter.reset();
 
-    // Prefill: the root token, and the draft's view of the whole prompt (each state paired with
-    // the next token, the last one with the root, G4).
-    let start = Instant::now();
-    let mut cache = teacher.new_cache(1);
-    let prompt = Tensor::from_slice(prompt_ids).to_device(device);
-    let positions = Tensor::arange(prompt_ids.len() as i64, (Kind::Int64, device)).unsqueeze(0);
-    let u = teacher.forward(&prompt.unsqueeze(0), &positions, None, Some(&mut cache));
-    let mut root = pick_next(&teacher.logits(&u.select(1, -1)), sampling.temperature);
-    let mut tokens = vec![root.int64_value(&[0])];
-    let prefill_seconds = start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    let stopped = 'gen: {
-        if let Some(stopped) = apply_stop_rules(&mut tokens, max_new, stop_ids) {
-            break 'gen stopped;
-        }
-        let rest = prompt.narrow(0, 1, prompt_ids.len() as i64 - 1);
-        let next_ids = Tensor::cat(&[rest, root.shallow_clone()], 0);
-        let (mut logits0, mut state0) = drafter.extend(&u, &next_ids.unsqueeze(0))?;
-        loop {
-            let committed = cache.len();
-            if committed + depth >= cap {
-                break 'gen false;
-            }
-            let t0 = Instant::now();
-            let (draft_tokens, q_rows) = draft_tree(drafter, &logits0, &state0, &plan, &sampling)?;
-            let t1 = Instant::now();
-            let (accepted, u) = verify(
-                teacher,
-                &mut cache,
-                &plan,
-                &root,
-                &draft_tokens,
-                q_rows.as_ref(),
-                &sampling,
-            )?;
-            stats.accepted.push(accepted.nodes.len() - 1);
-            stats.draft_seconds += (t1 - t0).as_secs_f64();
-            stats.verify_seconds += t1.elapsed().as_secs_f64();
-            tokens.extend_from_slice(&accepted.tokens[1..]);
-            tokens.push(accepted.bonus);
+        // Prefill: the root token, and the draft's view of the whole prompt (each state paired with
+        // the next token, the last one with the root, G4).
+        let start = Instant::now();
+        let mut cache = teacher.new_cache(1);
+        let prompt = Tensor::from_slice(prompt_ids).to_device(device);
+        let positions = Tensor::arange(prompt_ids.len() as i64, (Kind::Int64, device)).unsqueeze(0);
+        let u = teacher.forward(&prompt.unsqueeze(0), &positions, None, Some(&mut cache));
+        let mut root = pick_next(&teacher.logits(&u.select(1, -1)), sampling.temperature);
+        let mut tokens = vec![root.int64_value(&[0])];
+        let prefill_seconds = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        let stopped = 'gen: {
             if let Some(stopped) = apply_stop_rules(&mut tokens, max_new, stop_ids) {
                 break 'gen stopped;
             }
-            // The accepted states, each paired with the token after it; the last with the bonus.
-            let nodes: Vec<i64> = accepted.nodes.iter().map(|&i| i as i64).collect();
-            let nodes = Tensor::from_slice(&nodes).to_device(device);
-            let mut next: Vec<i64> = accepted.tokens[1..].to_vec();
-            next.push(accepted.bonus);
-            let next = Tensor::from_slice(&next).to_device(device);
-            root = next.narrow(0, next.size()[0] - 1, 1);
-            (logits0, state0) =
-                drafter.extend(&u.index_select(0, &nodes).unsqueeze(0), &next.unsqueeze(0))?;
-        }
-    };
-    let timed = Timed {
-        answer: Answer {
-            token_ids: tokens,
-            stopped,
-        },
-        prefill_seconds,
-        decode_seconds: start.elapsed().as_secs_f64(),
-    };
-    Ok((timed, stats))
+            let rest = prompt.narrow(0, 1, prompt_ids.len() as i64 - 1);
+            let next_ids = Tensor::cat(&[rest, root.shallow_clone()], 0);
+            let (mut logits0, mut state0) = drafter.extend(&u, &next_ids.unsqueeze(0))?;
+            loop {
+                let committed = cache.len();
+                if committed + depth >= cap {
+                    break 'gen false;
+                }
+                let t0 = Instant::now();
+                let (draft_tokens, q_rows) =
+                    draft_tree(drafter, &logits0, &state0, &plan, &sampling)?;
+                let t1 = Instant::now();
+                let (accepted, u) = verify(
+                    teacher,
+                    &mut cache,
+                    &plan,
+                    &root,
+                    &draft_tokens,
+                    q_rows.as_ref(),
+                    &sampling,
+                )?;
+                stats.accepted.push(accepted.nodes.len() - 1);
+                stats.draft_seconds += (t1 - t0).as_secs_f64();
+                stats.verify_seconds += t1.elapsed().as_secs_f64();
+                tokens.extend_from_slice(&accepted.tokens[1..]);
+                tokens.push(accepted.bonus);
+                if let Some(stopped) = apply_stop_rules(&mut tokens, max_new, stop_ids) {
+                    break 'gen stopped;
+                }
+                // The accepted states, each paired with the token after it; the last with the bonus.
+                let nodes: Vec<i64> = accepted.nodes.iter().map(|&i| i as i64).collect();
+                let nodes = Tensor::from_slice(&nodes).to_device(device);
+                let mut next: Vec<i64> = accepted.tokens[1..].to_vec();
+                next.push(accepted.bonus);
+                let next = Tensor::from_slice(&next).to_device(device);
+                root = next.narrow(0, next.size()[0] - 1, 1);
+                (logits0, state0) =
+                    drafter.extend(&u.index_select(0, &nodes).unsqueeze(0), &next.unsqueeze(0))?;
+            }
+        };
+        let timed = Timed {
+            answer: Answer {
+                token_ids: tokens,
+                stopped,
+            },
+            prefill_seconds,
+            decode_seconds: start.elapsed().as_secs_f64(),
+        };
+        Ok((timed, stats))
+    })
 }
 
 /// One teacher forward over the tree tokens (tree mask, depth positions after the committed

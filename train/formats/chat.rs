@@ -148,6 +148,9 @@ struct SpecialTokens {
 pub struct ChatTokenizer {
     pub tokenizer: tokenizers::Tokenizer,
     pub template: Template,
+    /// Put first when a conversation has no system message of its own: the reference's safety
+    /// prompt for LLaMA-3 templates (docs/clover2.md §3.2, §5), none for the others.
+    system_prompt: Option<String>,
     env: Environment<'static>,
     /// bos/eos strings handed to the template: the family's own for the built-ins (a Llama-3
     /// template always starts with `<|begin_of_text|>`), the tokenizer config's for Jinja.
@@ -166,6 +169,15 @@ pub struct Rendered {
 }
 
 const TEMPLATE_NAME: &str = "chat";
+
+/// The system prompt the reference puts before every LLaMA-3-Instruct conversation, in data
+/// generation and in evaluation alike (Llama-2's default safety prompt).
+pub const LLAMA3_SYSTEM_PROMPT: &str = "You are a helpful, respectful and honest assistant. \
+Always answer as helpfully as possible, while being safe.  Your answers should not include any \
+harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. Please ensure that your \
+responses are socially unbiased and positive in nature.\n\nIf a question does not make any \
+sense, or is not factually coherent, explain why instead of answering something not correct. If \
+you don't know the answer to a question, please don't share false information.";
 
 impl ChatTokenizer {
     /// Loads `tokenizer.json`, `tokenizer_config.json` (bos/eos, `chat_template`, also from
@@ -227,8 +239,15 @@ impl ChatTokenizer {
             }
         };
         let env = jinja_environment(template.source())?;
+        // The LLaMA-3 family: the built-in template, or a model's own that uses its headers.
+        let llama3 = match &template {
+            Template::Llama3 => true,
+            Template::Jinja(source) => source.contains("<|start_header_id|>"),
+            _ => false,
+        };
         Ok(ChatTokenizer {
             tokenizer,
+            system_prompt: llama3.then(|| LLAMA3_SYSTEM_PROMPT.to_string()),
             template,
             env,
             template_tokens,
@@ -238,8 +257,36 @@ impl ChatTokenizer {
         })
     }
 
+    /// `keep` false: render without the default system prompt (conversations keep a system
+    /// message of their own), for data that must stay as written.
+    pub fn with_system_prompt(mut self, keep: bool) -> Self {
+        if !keep {
+            self.system_prompt = None;
+        }
+        self
+    }
+
+    /// The default system prompt in use, if any.
+    pub fn system_prompt(&self) -> Option<&str> {
+        self.system_prompt.as_deref()
+    }
+
+    /// `messages`, with the default system prompt first when it has none of its own.
+    fn with_system<'m>(&self, messages: &'m [Message]) -> std::borrow::Cow<'m, [Message]> {
+        match &self.system_prompt {
+            Some(system) if messages.first().is_none_or(|m| m.role != Role::System) => {
+                let mut all = vec![Message::new(Role::System, system.clone())];
+                all.extend_from_slice(messages);
+                std::borrow::Cow::Owned(all)
+            }
+            _ => std::borrow::Cow::Borrowed(messages),
+        }
+    }
+
     /// Renders the whole conversation (no generation prompt) with its assistant spans.
     pub fn render_conversation(&self, messages: &[Message]) -> Result<Rendered> {
+        let messages = self.with_system(messages);
+        let messages = messages.as_ref();
         let values = message_values(messages);
         let text = self.render_values(&values, false)?;
         let mut spans = Vec::new();
@@ -313,7 +360,8 @@ impl ChatTokenizer {
     }
 
     fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        self.render_values(&message_values(messages), add_generation_prompt)
+        let messages = self.with_system(messages);
+        self.render_values(&message_values(&messages), add_generation_prompt)
     }
 
     /// Renders messages already converted to template values; the span search renders every

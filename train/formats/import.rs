@@ -16,6 +16,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value as Json};
 
 use crate::formats::gguf::{GgufFile, TensorInfo};
+use crate::progress::Progress;
 
 /// Architectures whose GGUF tensors map 1:1 onto HF's LlamaForCausalLM.
 const SUPPORTED_ARCHS: &[&str] = &["llama", "mistral"];
@@ -324,6 +325,7 @@ fn reorder_rows(w: &[f32], cols: usize, n_head: usize, to_hf: bool) -> Result<Ve
 /// f32 rather than bf16: Q4_1 values d*q+m are not exactly representable in bf16, and f32 keeps
 /// the imported weights bit-identical to what transformers' GGUF loader produces.
 fn write_safetensors(f: &GgufFile, tensors: &[PlannedTensor], path: &Path) -> Result<()> {
+    let mut bar = Progress::new("import (tensors)", tensors.len() as u64);
     let data: Vec<Vec<u8>> = tensors
         .par_iter()
         .map(|t| -> Result<Vec<u8>> {
@@ -332,9 +334,11 @@ fn write_safetensors(f: &GgufFile, tensors: &[PlannedTensor], path: &Path) -> Re
                 values = unpermute_rows(&values, t.info.dims[0] as usize, heads)
                     .with_context(|| format!("un-permuting tensor {}", t.info.name))?;
             }
+            bar.inc(1);
             Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
         })
         .collect::<Result<_>>()?;
+    bar.finish();
     let views = tensors
         .iter()
         .zip(&data)

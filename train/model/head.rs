@@ -93,8 +93,7 @@ impl DraftHead {
     /// A head with the reference initialisation (§1.1) from the teacher, seeded.
     pub fn new(teacher: &Teacher, cfg: HeadConfig, seed: i64) -> Result<Self> {
         cfg.check_against(&teacher.config)?;
-        tch::manual_seed(seed);
-        let init = reference_init(teacher, &cfg)?;
+        let init = crate::rng::seeded(seed, || reference_init(teacher, &cfg))?;
         Self::from_tensors(teacher, cfg, &init)
     }
 

@@ -26,15 +26,15 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Timed optimizer steps (after one warm-up step).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
     pub steps: usize,
     /// Rows per batch.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 2)]
     pub batch: usize,
     /// Tokens per row (all trained: loss mask 1).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 256)]
     pub seq_len: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 5)]
     pub num_depths: i64,
 }
 

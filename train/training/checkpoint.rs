@@ -1,6 +1,7 @@
 //! Training checkpoints: head weights, AdamW moments and the run state in one directory, written
 //! atomically, pruned to the newest few, and resolved from what a user names.
 
+use crate::data::jobfiles::publish_dir;
 use crate::training::config::TrainConfig;
 use crate::training::optimizer::AdamW;
 use std::collections::BTreeMap;
@@ -76,27 +77,18 @@ pub(crate) fn save_checkpoint(
 ) -> Result<PathBuf> {
     let dir = checkpoints_dir(out);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = checkpoint_name(state.step);
-    let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_tensors(&tmp.join(CK_HEAD), &head.named_tensors())?;
-    opt.save(&tmp.join(CK_OPTIM))?;
-    std::fs::write(tmp.join(CK_STATE), serde_json::to_string_pretty(state)?)
-        .with_context(|| format!("writing {}", tmp.join(CK_STATE).display()))?;
-    let teacher_cfg = teacher.dir.join("config.json");
-    std::fs::copy(&teacher_cfg, tmp.join(CK_TEACHER_CONFIG))
-        .with_context(|| format!("copying {}", teacher_cfg.display()))?;
-    let final_dir = dir.join(&name);
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)
-            .with_context(|| format!("replacing {}", final_dir.display()))?;
-    }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+    let final_dir = dir.join(checkpoint_name(state.step));
+    // All or nothing: a failed write (a full disk) leaves no partial checkpoint behind.
+    publish_dir(&final_dir, |tmp| {
+        write_tensors(&tmp.join(CK_HEAD), &head.named_tensors())?;
+        opt.save(&tmp.join(CK_OPTIM))?;
+        std::fs::write(tmp.join(CK_STATE), serde_json::to_string_pretty(state)?)
+            .with_context(|| format!("writing {}", tmp.join(CK_STATE).display()))?;
+        let teacher_cfg = teacher.dir.join("config.json");
+        std::fs::copy(&teacher_cfg, tmp.join(CK_TEACHER_CONFIG))
+            .with_context(|| format!("copying {}", teacher_cfg.display()))?;
+        Ok(())
+    })?;
     let all = list_checkpoints(out)?;
     for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
         std::fs::remove_dir_all(old)

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::checks::Problems;
 use crate::model::device::parse_device;
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
@@ -182,9 +183,146 @@ impl TrainConfig {
                 }
             }
         }
-        toml::Value::Table(table)
+        let cfg: Self = toml::Value::Table(table)
             .try_into()
-            .with_context(|| format!("{origin}: invalid training config"))
+            .with_context(|| format!("{origin}: invalid training config"))?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// The valid range of every numeric field, checked once at load: a nonsense value (a
+    /// negative learning rate, an empty batch) is refused before any work, all of them at once.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let mut p = Problems::default();
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        p.require(
+            self.num_depths >= 1,
+            "num_depths",
+            format!("{} < 1", self.num_depths),
+        );
+        p.require(
+            self.num_layers >= 1,
+            "num_layers",
+            format!("{} < 1", self.num_layers),
+        );
+        p.require(
+            self.decay.is_finite() && self.decay > 0.0 && self.decay <= 1.0,
+            "decay",
+            format!("{} is outside (0, 1]", self.decay),
+        );
+        p.require(
+            self.heads_coefficient.is_finite() && self.heads_coefficient >= 0.0,
+            "heads_coefficient",
+            format!("{} is not a finite number >= 0", self.heads_coefficient),
+        );
+        p.require(
+            positive(self.draft_rope_theta),
+            "draft_rope_theta",
+            format!("{} <= 0", self.draft_rope_theta),
+        );
+        p.require(
+            self.init_from_layer >= 0,
+            "init_from_layer",
+            format!("{} < 0", self.init_from_layer),
+        );
+        p.require(
+            self.max_steps != Some(0),
+            "max_steps",
+            "0: nothing to train",
+        );
+        p.require(self.epochs != Some(0), "epochs", "0: nothing to train");
+        p.require(
+            self.max_len >= 2,
+            "max_len",
+            format!("{} < 2 (one input and one target token)", self.max_len),
+        );
+        p.require(
+            self.batch_tokens >= self.max_len,
+            "batch_tokens",
+            format!(
+                "{} is below one row of max_len = {} tokens",
+                self.batch_tokens, self.max_len
+            ),
+        );
+        p.require(
+            self.max_train_samples != Some(0),
+            "max_train_samples",
+            "0: no data to train on",
+        );
+        p.require(self.bucket_window >= 1, "bucket_window", "0 < 1");
+        p.require(
+            positive(self.lr),
+            "lr",
+            format!("{} is not a finite number > 0", self.lr),
+        );
+        let beta = |b: f64| (0.0..1.0).contains(&b);
+        p.require(
+            beta(self.betas.0) && beta(self.betas.1),
+            "betas",
+            format!("{:?}: each must be in [0, 1)", self.betas),
+        );
+        p.require(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "weight_decay",
+            format!("{} is not a finite number >= 0", self.weight_decay),
+        );
+        p.require(
+            positive(self.adam_eps),
+            "adam_eps",
+            format!("{} is not a finite number > 0", self.adam_eps),
+        );
+        p.require(
+            positive(self.clip_value),
+            "clip_value",
+            format!("{} is not a finite number > 0", self.clip_value),
+        );
+        if let Some(steps) = self.max_steps {
+            p.require(
+                self.warmup_steps <= steps,
+                "warmup_steps",
+                format!("{} is more than max_steps = {steps}", self.warmup_steps),
+            );
+        }
+        if let Some(total) = self.schedule_steps {
+            p.require(
+                total >= 1 && self.warmup_steps <= total,
+                "schedule_steps",
+                format!(
+                    "{total} must be >= 1 and >= warmup_steps = {}",
+                    self.warmup_steps
+                ),
+            );
+        }
+        p.require(self.save_every >= 1, "save_every", "0 < 1");
+        p.require(
+            self.keep_last >= 1,
+            "keep_last",
+            "0 < 1 (the newest checkpoint is always kept)",
+        );
+        p.require(
+            self.eval_every == 0 || self.eval_samples >= 1,
+            "eval_samples",
+            "0 with eval_every > 0: nothing to evaluate (set eval_every = 0 to turn evaluation off)",
+        );
+        p.into_result(origin)
+    }
+
+    /// The settings of `self` that differ from `earlier` (a checkpoint's), as `key: old -> new`.
+    pub fn changes_from(&self, earlier: &TrainConfig) -> Vec<String> {
+        let (now, then) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(earlier).unwrap_or_default(),
+        );
+        let (Some(now), Some(then)) = (now.as_object(), then.as_object()) else {
+            return vec![];
+        };
+        now.iter()
+            .filter(|(k, v)| then.get(*k) != Some(v))
+            .map(|(k, v)| {
+                let old = then.get(k).map_or("(unset)".to_string(), |o| o.to_string());
+                format!("{k}: {old} -> {v}")
+            })
+            .collect()
     }
 
     pub fn load(path: &Path, profile: &str) -> Result<Self> {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use tch::{Kind, Tensor};
 
+use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
 use crate::model::head::check_head_tensors;
 use crate::model::head_config::HeadConfig;
@@ -68,6 +69,12 @@ pub fn export_config(cfg: &HeadConfig, teacher_config: &Path) -> Result<serde_js
         .as_object_mut()
         .with_context(|| format!("{} is not a JSON object", teacher_config.display()))?;
     obj.insert("num_hidden_layers".into(), 1.into());
+    // The draft runs RoPE unscaled with its own base (docs/clover2.md G2): say so, instead of
+    // handing a loader the teacher's scaling, which would rescale the draft's positions or, for
+    // a llama3-style scaling, be refused by the reference's loader.
+    obj.insert("rope_scaling".into(), serde_json::Value::Null);
+    obj.remove("rope_parameters");
+    obj.insert("rope_theta".into(), cfg.draft_rope_theta.into());
     obj.insert("clover".into(), cfg.clover_section());
     obj.insert("clover_rs".into(), cfg.clover_rs_section());
     Ok(v)
@@ -98,21 +105,23 @@ pub fn export_head(
         all.insert("lm_head.weight".into(), w.to_kind(Kind::Float));
         all.insert("clover_embed_tokens.weight".into(), w.to_kind(Kind::Float));
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    write_tensors(&out.join("model.safetensors"), &all)?;
-    let cfg_path = out.join("config.json");
-    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("writing {}", cfg_path.display()))?;
-    // Read back what was written: the exported dir must load as a head.
-    let back = crate::model::head::read_head_tensors(
-        &out.join("model.safetensors"),
-        &HeadConfig::from_export_json(&cfg_path)?,
-    )?;
-    ensure!(
-        back.len() == tensors.len(),
-        "export check: {} tensors read back, {} written",
-        back.len(),
-        tensors.len()
-    );
-    Ok(())
+    // All or nothing: the head is written into a temporary directory, read back as a head, and
+    // only then renamed to `out`, so a full disk never leaves half an export.
+    publish_dir(out, |dir| {
+        write_tensors(&dir.join("model.safetensors"), &all)?;
+        let cfg_path = dir.join("config.json");
+        std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+        let back = crate::model::head::read_head_tensors(
+            &dir.join("model.safetensors"),
+            &HeadConfig::from_export_json(&cfg_path)?,
+        )?;
+        ensure!(
+            back.len() == tensors.len(),
+            "export check: {} tensors read back, {} written",
+            back.len(),
+            tensors.len()
+        );
+        Ok(())
+    })
 }

@@ -16,14 +16,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::jobfiles::{atomic_write, pin_inputs};
+use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
 use crate::data::shards::{read_split, Sample, Split};
 use crate::model::device::{parse_device, parse_kind};
 use crate::model::teacher::Teacher;
@@ -51,10 +51,10 @@ pub struct DistillArgs {
     #[arg(long, default_value = "0/1")]
     pub shard: String,
     /// Tokens per teacher forward pass (samples are batched by length up to this budget).
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 8192)]
     pub batch_tokens: usize,
     /// Stop after writing this many shards in this run (the rest is left for a rerun).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::checks::positive)]
     pub max_shards: Option<usize>,
 }
 
@@ -102,14 +102,13 @@ pub fn run(args: &DistillArgs) -> Result<()> {
         shards: samples.len().div_ceil(SAMPLES_PER_SHARD),
         samples_per_shard: SAMPLES_PER_SHARD,
     };
+    let _lock = DirLock::acquire(&args.out, &format!("{worker}-of-{workers}"))?;
     pin_inputs(&args.out.join(MANIFEST), &manifest)?;
     let todo: Vec<usize> = (0..manifest.shards)
         .filter(|k| k % workers == worker && !shard_path(&args.out, *k).exists())
         .take(args.max_shards.unwrap_or(usize::MAX))
         .collect();
-    let bar = ProgressBar::new(todo.len() as u64).with_style(ProgressStyle::with_template(
-        "distill {bar:30} {pos}/{len} shards {msg} [{elapsed}<{eta}]",
-    )?);
+    let mut bar = Progress::new("distill (shards)", todo.len() as u64);
     let started = std::time::Instant::now();
     let mut tokens = 0usize;
     for k in todo {
@@ -238,6 +237,8 @@ pub struct DistillCache {
     offsets: Vec<Vec<i64>>,
     hidden_size: i64,
     kind: Kind,
+    dir: PathBuf,
+    manifest: Manifest,
 }
 
 impl DistillCache {
@@ -298,7 +299,16 @@ impl DistillCache {
                 file.display(),
                 manifest.data.display()
             );
-            kind = match st.tensor("prenorm")?.dtype() {
+            let prenorm = st.tensor("prenorm")?;
+            ensure!(
+                prenorm.shape().get(1) == Some(&(manifest.hidden_size as usize)),
+                "{}: prenorm has shape {:?}, but {} says hidden size {}",
+                file.display(),
+                prenorm.shape(),
+                path.display(),
+                manifest.hidden_size
+            );
+            kind = match prenorm.dtype() {
                 Dtype::BF16 => Kind::BFloat16,
                 Dtype::F16 => Kind::Half,
                 other => bail!(
@@ -315,7 +325,38 @@ impl DistillCache {
             offsets,
             hidden_size: manifest.hidden_size,
             kind,
+            dir: dir.to_path_buf(),
+            manifest,
         })
+    }
+
+    /// Refuses a cache made from another teacher or other prepared data than a training run
+    /// names, before its first step: the error names the cache and both values.
+    pub fn check_against(&self, model_dir: &Path, data_dir: &Path, hidden_size: i64) -> Result<()> {
+        let manifest = self.dir.join(MANIFEST);
+        ensure!(
+            same_path(&self.manifest.model, model_dir),
+            "{}: the cache was distilled from the teacher {}, but training uses {}",
+            manifest.display(),
+            self.manifest.model.display(),
+            model_dir.display()
+        );
+        ensure!(
+            self.manifest.hidden_size == hidden_size,
+            "{}: the cache holds states of hidden size {}, but the teacher {} has {}",
+            manifest.display(),
+            self.manifest.hidden_size,
+            model_dir.display(),
+            hidden_size
+        );
+        ensure!(
+            same_path(&self.manifest.data, data_dir),
+            "{}: the cache was made from the prepared data {}, but training uses {}",
+            manifest.display(),
+            self.manifest.data.display(),
+            data_dir.display()
+        );
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -345,5 +386,13 @@ impl DistillCache {
         let bytes = &view.data()[a * row_bytes..b * row_bytes];
         let states = Tensor::from_data_size(bytes, &[(b - a) as i64, self.hidden_size], self.kind);
         Ok((self.samples[i].clone(), states))
+    }
+}
+
+/// Two names of one directory (relative or absolute, through links) count as the same.
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }

@@ -31,8 +31,8 @@ use crate::training::optimizer::AdamW;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Kind, Tensor};
 
 use crate::data::shards::Sample;
@@ -93,6 +93,9 @@ pub fn train(
         .len()
         .min(cfg.max_train_samples.unwrap_or(usize::MAX));
     ensure!(n_train > 0, "no training samples");
+    if let Source::Offline(cache) = &source {
+        cache.check_against(&cfg.model_dir, &cfg.data_dir, teacher.config.hidden_size)?;
+    }
     let lengths: Vec<usize> = source.samples()[..n_train]
         .iter()
         .map(|s| s.input_ids.len().min(cfg.max_len))
@@ -128,11 +131,20 @@ pub fn train(
             )
         })?;
         let state = load_state(&last)?;
+        let changes = cfg.changes_from(&state.config);
         ensure!(
             state.head == *head.config(),
-            "{}: head config differs from the training config",
-            last.display()
+            "{}: the head this checkpoint holds differs from the training config's (changed: {})",
+            last.display(),
+            changes.join("; ")
         );
+        if !changes.is_empty() {
+            eprintln!(
+                "resuming with settings changed since {}:\n  {}",
+                last.display(),
+                changes.join("\n  ")
+            );
+        }
         let tensors = read_head_tensors(&last.join(CK_HEAD), &state.head)?;
         head.load_tensors(&tensors)?;
         opt.load(&last.join(CK_OPTIM), state.adam_step)?;
@@ -144,15 +156,11 @@ pub fn train(
     let mut tb =
         tensorboard_rs::summary_writer::SummaryWriter::new(cfg.out_dir.join("tensorboard"));
     let metrics = cfg.out_dir.join("metrics.jsonl");
-    let bar = if cfg.progress {
-        ProgressBar::new(total_steps)
+    let mut bar = if cfg.progress {
+        Progress::new("train", total_steps)
     } else {
-        ProgressBar::hidden()
+        Progress::hidden("train")
     };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} eta {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
     bar.set_position(step);
     let lm_head = |o: &Tensor| head.logits(o);
     if step == 0 && cfg.eval_every > 0 && !eval.is_empty() {
