@@ -146,7 +146,7 @@ fn reference_init_follows_spec_and_seed() {
 }
 
 fn ids(b: i64, t: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
+    let _rng = clover::rng::hold(seed);
     Tensor::randint(96, [b, t], (Kind::Int64, Device::Cpu))
 }
 

@@ -26,7 +26,7 @@ pub fn tiny_llama(tag: &str, vocab: i64, logit_scale: f64, seed: i64) -> PathBuf
         "tie_word_embeddings": false, "max_position_embeddings": 512, "eos_token_id": 1,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    tch::manual_seed(seed);
+    let _rng = clover::rng::hold(seed);
     let w = |shape: &[i64], std: f64| Tensor::randn(shape, (Kind::Float, Device::Cpu)) * std;
     let inv = 1.0 / (h as f64).sqrt();
     let mut tensors: Vec<(String, Tensor)> = vec![
@@ -185,7 +185,7 @@ fn greedy_speculative_equals_plain_with_noisy_oracle() {
     .iter()
     .enumerate()
     {
-        tch::manual_seed(100 + i as i64);
+        let _rng = clover::rng::hold(100 + i as i64);
         let plain = plain_greedy(&teacher, prompt, 48, &[]);
         let mut drafter = oracle(&teacher, prompt, 1.5);
         let (spec, stats) = generate_with_drafter(
@@ -327,7 +327,7 @@ struct ToyModels {
 
 impl ToyModels {
     fn new(v: i64) -> Self {
-        tch::manual_seed(7);
+        let _rng = clover::rng::hold(7);
         let p_table = (Tensor::randn([v + 1, v + 1, v], (Kind::Float, Device::Cpu)) * 1.2)
             .softmax(-1, Kind::Float);
         // The draft is the truth mixed with noise: often right, often wrong.
@@ -373,7 +373,7 @@ fn tree_sampling_acceptance_is_lossless() {
         temperature: 1.0,
         seed: 0,
     };
-    tch::manual_seed(2024);
+    let _rng = clover::rng::hold(2024);
     let root = 0i64;
     let n_samples = 6000;
     let mut counts = vec![0usize; (v * v) as usize];
@@ -459,7 +459,7 @@ fn chi_square_detects_a_lossy_sampler() {
     let toy = ToyModels::new(v);
     let p1 = ToyModels::row(&toy.p_table, &[0], v);
     let q = ToyModels::row(&toy.q_table, &[0], v);
-    tch::manual_seed(5);
+    let _rng = clover::rng::hold(5);
     let mut counts = vec![0usize; v as usize];
     for _ in 0..6000 {
         let x = q.multinomial(1, true).int64_value(&[0]);
@@ -513,7 +513,7 @@ fn speculative_sampling_end_to_end_first_tokens() {
     let n = 1500;
     // A bigram draft built from the teacher's own next-token logits after each single token, plus
     // noise: close enough to be accepted often, different enough to be rejected often.
-    tch::manual_seed(99);
+    let _rng = clover::rng::hold(99);
     let table = tch::no_grad(|| {
         let singles = Tensor::arange(v, (Kind::Int64, Device::Cpu)).unsqueeze(1);
         let l = last_logits(&teacher, &singles);

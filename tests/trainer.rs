@@ -216,6 +216,15 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
     assert_eq!(json["clover"]["num_heads"], 3);
     assert_eq!(json["clover"]["decay_coefficient"], 0.7);
     assert_eq!(json["hidden_size"], 64);
+    // The draft runs RoPE unscaled with its own base (docs/clover2.md G2), whatever the teacher's
+    // scaling (this teacher's is llama3-style, theta 500000): the exported config says so.
+    let teacher_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join(CK_TEACHER_CONFIG)).unwrap())
+            .unwrap();
+    assert_eq!(teacher_json["rope_parameters"]["rope_type"], "llama3");
+    assert_eq!(json.get("rope_scaling"), Some(&serde_json::Value::Null));
+    assert!(json.get("rope_parameters").is_none());
+    assert_eq!(json["rope_theta"], 10000.0);
     let keys: Vec<String> = Tensor::read_safetensors(exported.join("model.safetensors"))
         .unwrap()
         .into_iter()

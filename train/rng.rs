@@ -5,12 +5,12 @@
 //! different numbers depending on what else runs: the test suite's threads, or a host program
 //! that decodes in parallel. [`seeded`] makes a seeded sequence exclusive: it takes a process-wide
 //! lock, seeds the generators, runs the closure and releases the lock, so the same seed always
-//! gives the same draws. It is reentrant on one thread (a seeded generation that initialises a
+//! gives the same draws ([`hold`] does the same for the rest of a scope). It is reentrant on one thread (a seeded generation that initialises a
 //! seeded head nests without deadlock; the inner seed then restarts the sequence, as a plain
 //! `manual_seed` would).
 
 use std::cell::Cell;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 static GLOBAL_RNG: Mutex<()> = Mutex::new(());
 
@@ -18,26 +18,39 @@ thread_local! {
     static HELD: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with libtorch's generators seeded with `seed` and no other `seeded` section drawing
-/// at the same time.
-pub fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
-    if HELD.with(Cell::get) {
-        tch::manual_seed(seed);
-        return f();
-    }
-    // A panic inside another section poisons the lock, but the guarded data is `()`: go on.
-    let _guard = GLOBAL_RNG
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    HELD.with(|h| h.set(true));
-    struct Release;
-    impl Drop for Release {
-        fn drop(&mut self) {
+/// A seeded section: while it lives, libtorch's generators are this section's alone. Dropping
+/// it lets the next section draw.
+pub struct SeededScope {
+    guard: Option<MutexGuard<'static, ()>>,
+}
+
+impl Drop for SeededScope {
+    fn drop(&mut self) {
+        if self.guard.take().is_some() {
             HELD.with(|h| h.set(false));
         }
     }
-    let _release = Release;
+}
+
+/// Seeds libtorch's generators with `seed` and holds them until the returned scope is dropped.
+pub fn hold(seed: i64) -> SeededScope {
+    if HELD.with(Cell::get) {
+        tch::manual_seed(seed);
+        return SeededScope { guard: None };
+    }
+    // A panic inside another section poisons the lock, but the guarded data is `()`: go on.
+    let guard = GLOBAL_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    HELD.with(|h| h.set(true));
     tch::manual_seed(seed);
+    SeededScope { guard: Some(guard) }
+}
+
+/// Runs `f` with libtorch's generators seeded with `seed` and no other seeded section drawing
+/// at the same time.
+pub fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
+    let _scope = hold(seed);
     f()
 }
 

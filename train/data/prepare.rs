@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::progress::Progress;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -85,7 +85,11 @@ impl fmt::Display for Summary {
             "first message from the assistant dropped: {}",
             self.dropped_first_assistant
         )?;
-        writeln!(f, "truncated to max-len: {}", self.truncated)?;
+        writeln!(
+            f,
+            "truncated to --max-len (their tails are not trained on): {}",
+            self.truncated
+        )?;
         write!(
             f,
             "tokens {}, assistant tokens {}",
@@ -123,12 +127,17 @@ pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
 
 /// The whole `prepare` step; returns the summary also saved in the manifest.
 pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
-    if !(0.0..=1.0).contains(&args.eval_fraction) {
-        bail!(
-            "--eval-fraction must lie in [0, 1], got {}",
-            args.eval_fraction
-        );
-    }
+    // The library checks what the command line's parsers check, for callers that skip them.
+    ensure!(
+        (0.0..1.0).contains(&args.eval_fraction),
+        "--eval-fraction must lie in [0, 1) (1 would leave nothing to train on), got {}",
+        args.eval_fraction
+    );
+    ensure!(
+        args.max_len >= 2,
+        "--max-len must be at least 2 (one input and one target token), got {}",
+        args.max_len
+    );
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?
         .with_system_prompt(!args.no_system_prompt);
     let (conversations, notes) = read_conversations(&args.input)?;
@@ -176,6 +185,13 @@ pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
             args.input.display()
         );
     }
+    ensure!(
+        !train.is_empty(),
+        "{}: every kept conversation fell into the eval split (--eval-fraction {}): nothing to \
+         train on",
+        args.input.display(),
+        args.eval_fraction
+    );
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;

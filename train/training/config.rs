@@ -236,13 +236,12 @@ impl TrainConfig {
             "max_len",
             format!("{} < 2 (one input and one target token)", self.max_len),
         );
+        // A row needs 2 tokens; that the longest row of the data fits is checked against the
+        // data before the first step (`trainer::train`).
         p.require(
-            self.batch_tokens >= self.max_len,
+            self.batch_tokens >= 2,
             "batch_tokens",
-            format!(
-                "{} is below one row of max_len = {} tokens",
-                self.batch_tokens, self.max_len
-            ),
+            format!("{} is below one row (2 tokens)", self.batch_tokens),
         );
         p.require(
             self.max_train_samples != Some(0),

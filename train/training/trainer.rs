@@ -100,6 +100,14 @@ pub fn train(
         .iter()
         .map(|s| s.input_ids.len().min(cfg.max_len))
         .collect();
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    ensure!(
+        longest <= cfg.batch_tokens,
+        "batch_tokens = {} is below the longest training row ({longest} tokens after truncation to \
+         max_len = {}): raise batch_tokens or lower max_len",
+        cfg.batch_tokens,
+        cfg.max_len
+    );
     let batches_per_epoch =
         epoch_batches(&lengths, cfg.batch_tokens, cfg.bucket_window, cfg.seed, 0).len();
     let total_steps = match (cfg.max_steps, cfg.epochs) {
