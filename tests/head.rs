@@ -17,7 +17,7 @@ pub fn tiny_teacher(kind: Kind) -> Teacher {
 
 pub fn tiny_head(teacher: &Teacher, depths: i64, seed: i64) -> DraftHead {
     let mut cfg = HeadConfig::from_teacher(&teacher.config);
-    cfg.num_depths = depths;
+    cfg.options.num_depths = depths;
     DraftHead::new(teacher, cfg, seed).expect("tiny head builds")
 }
 

@@ -237,6 +237,7 @@ fn training_config_refuses_values_out_of_range_naming_each() {
         ("eval_samples = 0", "eval_samples"),
         ("bucket_window = 0", "bucket_window"),
         ("max_train_samples = 0", "max_train_samples"),
+        ("num_dephts = 3", "num_dephts"),
     ];
     for (line, key) in cases {
         // A later key of the same name would be a TOML error: put the case's keys first.

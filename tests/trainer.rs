@@ -402,7 +402,7 @@ fn shipped_configs_parse() {
             "{name}"
         );
         assert_eq!(
-            (cfg.num_depths, cfg.num_layers, cfg.decay),
+            (cfg.head.num_depths, cfg.head.num_layers, cfg.head.decay),
             (5, 2, 0.7),
             "{name}"
         );

@@ -237,7 +237,7 @@ impl DraftHead {
     /// The Augmenting-Block layers, rebuilt per call from the (possibly cast) trainable weights so
     /// autograd reaches the master variables.
     fn augmenting_layers(&self) -> Vec<DecoderLayer> {
-        (0..self.cfg.num_layers)
+        (0..self.cfg.options.num_layers)
             .map(|l| {
                 let get = |rel: &str| self.w(&format!("layers.{l}.{rel}"));
                 DecoderLayer::from_weights(&self.draft_llama, &get)
@@ -318,7 +318,7 @@ impl DraftHead {
             .expand([b, t], true);
         let (o0, mut state) = self.depth0(u, next_ids, &positions, mask, None);
         let mut outs = vec![o0];
-        for i in 1..self.cfg.num_depths.min(t) {
+        for i in 1..self.cfg.options.num_depths.min(t) {
             let tok = next_ids.narrow(1, i, t - i);
             let (o, s) = self.step(&state.narrow(1, 0, t - i), &tok);
             outs.push(o);
@@ -362,7 +362,7 @@ fn reference_init(teacher: &Teacher, cfg: &HeadConfig) -> Result<BTreeMap<String
             .to_device(Device::Cpu))
     };
     let mut out = BTreeMap::new();
-    let src = format!("model.layers.{}", cfg.init_from_layer);
+    let src = format!("model.layers.{}", cfg.options.init_from_layer);
     for (name, _) in cfg.trainable_shapes() {
         if let Some(rest) = name.strip_prefix("layers.") {
             // "layers.{l}.<rel>": every Augmenting-Block layer copies the same base layer (G1).

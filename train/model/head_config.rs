@@ -6,30 +6,161 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::checks::Problems;
 use crate::model::config::LlamaConfig;
 
 /// The RoPE base of the reference draft: `LlamaAttention._init_rope` is called without
 /// `rope_theta`, so the draft always uses 10000 even for LLaMA3 (θ=500000). G2.
 pub const REFERENCE_DRAFT_ROPE_THETA: f64 = 10000.0;
 
-fn default_num_depths() -> i64 {
-    5
+/// The Clover-2 hyper-parameters of a head, defined once: the training config and the head
+/// config flatten this struct (the same keys, the same reference defaults), and export writes it
+/// as the reference's `"clover"` section plus our `"clover_rs"` extras.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HeadOptions {
+    /// Unrolled draft depths ("num_heads" in the reference): depth 0 + weight-tied depths 1..
+    pub num_depths: i64,
+    /// Augmenting-Block layers.
+    pub num_layers: i64,
+    /// Per-depth loss decay (`decay_coefficient`).
+    pub decay: f64,
+    pub heads_coefficient: f64,
+    /// RoPE base of the draft's Augmenting Block. Default 10000 as the reference (G2), whatever the
+    /// teacher's rope_theta; rope_scaling is likewise not applied (the reference's plain
+    /// LlamaRotaryEmbedding has none).
+    pub draft_rope_theta: f64,
+    /// Which teacher layer initialises both Augmenting-Block layers. Default 0: the reference
+    /// reads `model.layers.{draft_config.num_hidden_layers-1}` with the draft config's
+    /// num_hidden_layers = 1, i.e. base layer 0 (G1), although its comments suggest the last layer.
+    pub init_from_layer: i64,
 }
-fn default_num_layers() -> i64 {
-    2
+
+impl Default for HeadOptions {
+    /// The reference: 5 depths, 2 Augmenting-Block layers, decay 0.7, coefficient 1, RoPE 10000,
+    /// both layers from teacher layer 0.
+    fn default() -> Self {
+        HeadOptions {
+            num_depths: 5,
+            num_layers: 2,
+            decay: 0.7,
+            heads_coefficient: 1.0,
+            draft_rope_theta: REFERENCE_DRAFT_ROPE_THETA,
+            init_from_layer: 0,
+        }
+    }
 }
-fn default_decay() -> f64 {
-    0.7
+
+impl HeadOptions {
+    /// Records every out-of-range option.
+    pub fn check(&self, p: &mut Problems) {
+        p.require(
+            self.num_depths >= 1,
+            "num_depths",
+            format!("{} < 1", self.num_depths),
+        );
+        p.require(
+            self.num_layers >= 1,
+            "num_layers",
+            format!("{} < 1", self.num_layers),
+        );
+        p.require(
+            self.decay.is_finite() && self.decay > 0.0 && self.decay <= 1.0,
+            "decay",
+            format!("{} is outside (0, 1]", self.decay),
+        );
+        p.require(
+            self.heads_coefficient.is_finite() && self.heads_coefficient >= 0.0,
+            "heads_coefficient",
+            format!("{} is not a finite number >= 0", self.heads_coefficient),
+        );
+        p.require(
+            self.draft_rope_theta.is_finite() && self.draft_rope_theta > 0.0,
+            "draft_rope_theta",
+            format!("{} is not a finite number > 0", self.draft_rope_theta),
+        );
+        p.require(
+            self.init_from_layer >= 0,
+            "init_from_layer",
+            format!("{} < 0", self.init_from_layer),
+        );
+    }
 }
-fn default_heads_coefficient() -> f64 {
-    1.0
+
+/// The reference's `ConfigClover` section of an exported config.json, under its own key names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct CloverSection {
+    num_heads: i64,
+    num_layers: i64,
+    heads_coefficient: f64,
+    decay_coefficient: f64,
 }
-fn default_draft_rope_theta() -> f64 {
-    REFERENCE_DRAFT_ROPE_THETA
+
+/// Our settings the reference's config has no field for (kept out of `"clover"` so the reference's
+/// `ConfigClover(**section)` does not see unknown keywords).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+struct CloverRsSection {
+    draft_rope_theta: f64,
+    init_from_layer: i64,
+}
+
+impl From<&HeadOptions> for CloverSection {
+    fn from(o: &HeadOptions) -> Self {
+        CloverSection {
+            num_heads: o.num_depths,
+            num_layers: o.num_layers,
+            heads_coefficient: o.heads_coefficient,
+            decay_coefficient: o.decay,
+        }
+    }
+}
+
+impl From<&HeadOptions> for CloverRsSection {
+    fn from(o: &HeadOptions) -> Self {
+        CloverRsSection {
+            draft_rope_theta: o.draft_rope_theta,
+            init_from_layer: o.init_from_layer,
+        }
+    }
+}
+
+impl Default for CloverSection {
+    fn default() -> Self {
+        (&HeadOptions::default()).into()
+    }
+}
+
+impl Default for CloverRsSection {
+    fn default() -> Self {
+        (&HeadOptions::default()).into()
+    }
+}
+
+/// What `HeadConfig::from_export_json` reads: the teacher's shape keys and the two sections.
+#[derive(Deserialize)]
+struct ExportedConfig {
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_attention_heads: i64,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    vocab_size: i64,
+    /// The same default as `LlamaConfig`.
+    #[serde(default = "default_rms_norm_eps")]
+    rms_norm_eps: f64,
+    clover: CloverSection,
+    #[serde(default)]
+    clover_rs: CloverRsSection,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
 }
 
 /// Shape and hyper-parameters of a draft head. The LLaMA shape fields are copied from the
-/// teacher; the clover fields mirror the reference's `ConfigClover` section.
+/// teacher; the options mirror the reference's `ConfigClover` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadConfig {
     pub hidden_size: i64,
@@ -39,27 +170,8 @@ pub struct HeadConfig {
     pub head_dim: i64,
     pub vocab_size: i64,
     pub rms_norm_eps: f64,
-    /// Unrolled draft depths ("num_heads" in the reference): depth 0 + weight-tied depths 1..
-    #[serde(default = "default_num_depths")]
-    pub num_depths: i64,
-    /// Augmenting-Block layers.
-    #[serde(default = "default_num_layers")]
-    pub num_layers: i64,
-    /// Per-depth loss decay (`decay_coefficient`).
-    #[serde(default = "default_decay")]
-    pub decay: f64,
-    #[serde(default = "default_heads_coefficient")]
-    pub heads_coefficient: f64,
-    /// RoPE base of the draft's Augmenting Block. Default 10000 as the reference (G2), whatever the
-    /// teacher's rope_theta; rope_scaling is likewise not applied (the reference's plain
-    /// LlamaRotaryEmbedding has none).
-    #[serde(default = "default_draft_rope_theta")]
-    pub draft_rope_theta: f64,
-    /// Which teacher layer initialises both Augmenting-Block layers. Default 0: the reference
-    /// reads `model.layers.{draft_config.num_hidden_layers-1}` with the draft config's
-    /// num_hidden_layers = 1, i.e. base layer 0 (G1), although its comments suggest the last layer.
-    #[serde(default)]
-    pub init_from_layer: i64,
+    #[serde(flatten)]
+    pub options: HeadOptions,
 }
 
 impl HeadConfig {
@@ -73,12 +185,7 @@ impl HeadConfig {
             head_dim: cfg.head_dim,
             vocab_size: cfg.vocab_size,
             rms_norm_eps: cfg.rms_norm_eps,
-            num_depths: default_num_depths(),
-            num_layers: default_num_layers(),
-            decay: default_decay(),
-            heads_coefficient: default_heads_coefficient(),
-            draft_rope_theta: default_draft_rope_theta(),
-            init_from_layer: 0,
+            options: HeadOptions::default(),
         }
     }
 
@@ -111,14 +218,14 @@ impl HeadConfig {
             );
         }
         ensure!(
-            self.num_depths >= 1,
+            self.options.num_depths >= 1,
             "num_depths must be >= 1, got {}",
-            self.num_depths
+            self.options.num_depths
         );
         ensure!(
-            self.num_layers >= 1,
+            self.options.num_layers >= 1,
             "num_layers must be >= 1, got {}",
-            self.num_layers
+            self.options.num_layers
         );
         ensure!(
             self.hidden_size % self.num_attention_heads == 0,
@@ -127,9 +234,9 @@ impl HeadConfig {
             self.num_attention_heads
         );
         ensure!(
-            (0..cfg.num_hidden_layers).contains(&self.init_from_layer),
+            (0..cfg.num_hidden_layers).contains(&self.options.init_from_layer),
             "init_from_layer {} is outside the teacher's {} layers",
-            self.init_from_layer,
+            self.options.init_from_layer,
             cfg.num_hidden_layers
         );
         Ok(())
@@ -138,8 +245,8 @@ impl HeadConfig {
     /// The teacher's LlamaConfig reshaped for the draft's Augmenting Block (layer count, RoPE).
     pub fn draft_llama_config(&self, teacher: &LlamaConfig) -> LlamaConfig {
         let mut cfg = teacher.clone();
-        cfg.num_hidden_layers = self.num_layers;
-        cfg.rope_theta = self.draft_rope_theta;
+        cfg.num_hidden_layers = self.options.num_layers;
+        cfg.rope_theta = self.options.draft_rope_theta;
         cfg.rope_scaling = None;
         cfg
     }
@@ -150,7 +257,7 @@ impl HeadConfig {
         let q_out = self.num_attention_heads * self.head_dim;
         let kv_out = self.num_key_value_heads * self.head_dim;
         let mut out: Vec<(String, Vec<i64>)> = Vec::new();
-        for l in 0..self.num_layers {
+        for l in 0..self.options.num_layers {
             let p = format!("layers.{l}");
             out.push((format!("{p}.self_attn.q_proj.weight"), vec![q_out, h]));
             out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv_out, h]));
@@ -180,83 +287,43 @@ impl HeadConfig {
 
     /// The `"clover"` section of the exported config.json, as the reference's `ConfigClover`.
     pub fn clover_section(&self) -> serde_json::Value {
-        serde_json::json!({
-            "num_heads": self.num_depths,
-            "num_layers": self.num_layers,
-            "heads_coefficient": self.heads_coefficient,
-            "decay_coefficient": self.decay,
-        })
+        serde_json::to_value(CloverSection::from(&self.options)).unwrap_or_default()
     }
 
-    /// Our extra settings the reference's config has no field for (kept out of `"clover"` so the
-    /// reference's `ConfigClover(**section)` does not see unknown keywords).
+    /// The `"clover_rs"` section: our options the reference has no field for.
     pub fn clover_rs_section(&self) -> serde_json::Value {
-        serde_json::json!({
-            "draft_rope_theta": self.draft_rope_theta,
-            "init_from_layer": self.init_from_layer,
-        })
+        serde_json::to_value(CloverRsSection::from(&self.options)).unwrap_or_default()
     }
 
     /// Reads an exported config.json (LlamaConfig fields + "clover" + optional "clover_rs").
     pub fn from_export_json(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let int = |k: &str| -> Result<i64> {
-            v.get(k)
-                .and_then(|x| x.as_i64())
-                .with_context(|| format!("{}: missing integer {k}", path.display()))
-        };
-        let hidden_size = int("hidden_size")?;
-        let num_attention_heads = int("num_attention_heads")?;
-        let clover = v
-            .get("clover")
-            .with_context(|| format!("{}: no \"clover\" section", path.display()))?;
-        let rs = v.get("clover_rs");
-        let head_dim = match v.get("head_dim").and_then(|x| x.as_i64()) {
-            Some(d) => d,
-            None => hidden_size / num_attention_heads,
-        };
+        let c: ExportedConfig = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not an exported draft head config (teacher shape keys and a \"clover\" \
+                 section)",
+                path.display()
+            )
+        })?;
         Ok(HeadConfig {
-            hidden_size,
-            intermediate_size: int("intermediate_size")?,
-            num_attention_heads,
-            num_key_value_heads: v
-                .get("num_key_value_heads")
-                .and_then(|x| x.as_i64())
-                .unwrap_or(num_attention_heads),
-            head_dim,
-            vocab_size: int("vocab_size")?,
-            // The same default as teacher::LlamaConfig.
-            rms_norm_eps: v
-                .get("rms_norm_eps")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(1e-6),
-            num_depths: clover
-                .get("num_heads")
-                .and_then(|x| x.as_i64())
-                .unwrap_or(default_num_depths()),
-            num_layers: clover
-                .get("num_layers")
-                .and_then(|x| x.as_i64())
-                .unwrap_or(default_num_layers()),
-            decay: clover
-                .get("decay_coefficient")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(default_decay()),
-            heads_coefficient: clover
-                .get("heads_coefficient")
-                .and_then(|x| x.as_f64())
-                .unwrap_or(default_heads_coefficient()),
-            draft_rope_theta: rs
-                .and_then(|r| r.get("draft_rope_theta"))
-                .and_then(|x| x.as_f64())
-                .unwrap_or(REFERENCE_DRAFT_ROPE_THETA),
-            init_from_layer: rs
-                .and_then(|r| r.get("init_from_layer"))
-                .and_then(|x| x.as_i64())
-                .unwrap_or(0),
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim: c
+                .head_dim
+                .unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
+            vocab_size: c.vocab_size,
+            rms_norm_eps: c.rms_norm_eps,
+            options: HeadOptions {
+                num_depths: c.clover.num_heads,
+                num_layers: c.clover.num_layers,
+                decay: c.clover.decay_coefficient,
+                heads_coefficient: c.clover.heads_coefficient,
+                draft_rope_theta: c.clover_rs.draft_rope_theta,
+                init_from_layer: c.clover_rs.init_from_layer,
+            },
         })
     }
 }

@@ -49,7 +49,7 @@ pub fn run_bench(args: &BenchTrainArgs) -> Result<()> {
     };
     let teacher = Teacher::load(&args.model, device, kind)?;
     let mut head_cfg = HeadConfig::from_teacher(&teacher.config);
-    head_cfg.num_depths = args.num_depths;
+    head_cfg.options.num_depths = args.num_depths;
     let mut head = DraftHead::new(&teacher, head_cfg, 0)?;
     if device.is_cuda() {
         head.set_compute_kind(Kind::BFloat16);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checks::Problems;
 use crate::model::device::parse_device;
-use crate::model::head_config::HeadConfig;
+use crate::model::head_config::{HeadConfig, HeadOptions};
 use crate::model::teacher::Teacher;
 
 fn d_auto() -> String {
@@ -46,21 +46,6 @@ fn d_every() -> u64 {
 fn d_true() -> bool {
     true
 }
-fn d_depths() -> i64 {
-    5
-}
-fn d_layers() -> i64 {
-    2
-}
-fn d_decay() -> f64 {
-    0.7
-}
-fn d_one() -> f64 {
-    1.0
-}
-fn d_theta() -> f64 {
-    crate::model::head_config::REFERENCE_DRAFT_ROPE_THETA
-}
 fn d_eval_samples() -> usize {
     64
 }
@@ -84,21 +69,10 @@ pub struct TrainConfig {
     /// Start from an exported head dir instead of the reference init.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
-    // --- head (the reference's ConfigClover; see head::HeadConfig) ---
-    #[serde(default = "d_depths")]
-    pub num_depths: i64,
-    #[serde(default = "d_layers")]
-    pub num_layers: i64,
-    #[serde(default = "d_decay")]
-    pub decay: f64,
-    #[serde(default = "d_one")]
-    pub heads_coefficient: f64,
-    /// G2: 10000 as the reference, whatever the teacher's rope_theta.
-    #[serde(default = "d_theta")]
-    pub draft_rope_theta: f64,
-    /// G1: base layer 0, as the reference actually does.
-    #[serde(default)]
-    pub init_from_layer: i64,
+    /// The head's options (`num_depths`, `num_layers`, `decay`, `heads_coefficient`,
+    /// `draft_rope_theta`, `init_from_layer`) as top-level keys, with the reference's defaults.
+    #[serde(flatten)]
+    pub head: HeadOptions,
     // --- length of training ---
     /// Passes over the train split (the reference runs 21, G14). Used when max_steps is absent.
     #[serde(default)]
@@ -195,36 +169,7 @@ impl TrainConfig {
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
         let positive = |x: f64| x.is_finite() && x > 0.0;
-        p.require(
-            self.num_depths >= 1,
-            "num_depths",
-            format!("{} < 1", self.num_depths),
-        );
-        p.require(
-            self.num_layers >= 1,
-            "num_layers",
-            format!("{} < 1", self.num_layers),
-        );
-        p.require(
-            self.decay.is_finite() && self.decay > 0.0 && self.decay <= 1.0,
-            "decay",
-            format!("{} is outside (0, 1]", self.decay),
-        );
-        p.require(
-            self.heads_coefficient.is_finite() && self.heads_coefficient >= 0.0,
-            "heads_coefficient",
-            format!("{} is not a finite number >= 0", self.heads_coefficient),
-        );
-        p.require(
-            positive(self.draft_rope_theta),
-            "draft_rope_theta",
-            format!("{} <= 0", self.draft_rope_theta),
-        );
-        p.require(
-            self.init_from_layer >= 0,
-            "init_from_layer",
-            format!("{} < 0", self.init_from_layer),
-        );
+        self.head.check(&mut p);
         p.require(
             self.max_steps != Some(0),
             "max_steps",
@@ -332,12 +277,7 @@ impl TrainConfig {
 
     pub fn head_config(&self, teacher: &Teacher) -> HeadConfig {
         let mut h = HeadConfig::from_teacher(&teacher.config);
-        h.num_depths = self.num_depths;
-        h.num_layers = self.num_layers;
-        h.decay = self.decay;
-        h.heads_coefficient = self.heads_coefficient;
-        h.draft_rope_theta = self.draft_rope_theta;
-        h.init_from_layer = self.init_from_layer;
+        h.options = self.head.clone();
         h
     }
 }

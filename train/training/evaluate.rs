@@ -28,7 +28,7 @@ pub fn evaluate(
     step: u64,
 ) -> Result<EvalRecord> {
     tch::no_grad(|| {
-        let k_depths = head.config().num_depths as usize;
+        let k_depths = head.config().options.num_depths as usize;
         let weights = LossWeights::reference(head.config());
         let lm_head = |o: &Tensor| head.logits(o);
         let lengths: Vec<usize> = eval

@@ -74,7 +74,7 @@ pub fn export_config(cfg: &HeadConfig, teacher_config: &Path) -> Result<serde_js
     // a llama3-style scaling, be refused by the reference's loader.
     obj.insert("rope_scaling".into(), serde_json::Value::Null);
     obj.remove("rope_parameters");
-    obj.insert("rope_theta".into(), cfg.draft_rope_theta.into());
+    obj.insert("rope_theta".into(), cfg.options.draft_rope_theta.into());
     obj.insert("clover".into(), cfg.clover_section());
     obj.insert("clover_rs".into(), cfg.clover_rs_section());
     Ok(v)

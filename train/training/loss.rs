@@ -42,8 +42,8 @@ impl LossWeights {
         LossWeights {
             v_w: VLOSS_WEIGHT,
             p_w: PLOSS_WEIGHT,
-            decay: cfg.decay,
-            heads_coefficient: cfg.heads_coefficient,
+            decay: cfg.options.decay,
+            heads_coefficient: cfg.options.heads_coefficient,
         }
     }
     /// decay^i · heads_coefficient: 1, 0.7, 0.49, 0.343, 0.2401 for the reference.
