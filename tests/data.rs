@@ -12,7 +12,7 @@ fn args(input: &Path, out: &Path) -> PrepareArgs {
     PrepareArgs {
         input: input.to_path_buf(),
         model: fixture_model_dir(),
-        template: "chatml".into(),
+        template: clover::formats::chat::TemplateName::Chatml,
         no_system_prompt: false,
         out: out.to_path_buf(),
         max_len: 2048,

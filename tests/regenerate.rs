@@ -21,7 +21,7 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
         batch_size: 2,
         max_turns: Some(2),
         limit: None,
-        template: "auto".into(),
+        template: clover::formats::chat::TemplateName::Auto,
         no_system_prompt: false,
         seed: 0,
         run_on: clover::model::device::RunOn::cpu(),

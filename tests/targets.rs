@@ -27,8 +27,10 @@ fn args(data: &Path, out: &Path, max_shards: Option<usize>) -> DistillArgs {
         data: data.to_path_buf(),
         model: fixture("tiny-llama-tied"),
         out: out.to_path_buf(),
-        device: "cpu".into(),
-        dtype: "bf16".into(),
+        run_on: clover::model::device::RunOn {
+            device: clover::model::device::DeviceChoice::Cpu,
+            dtype: clover::model::device::DtypeChoice::Bf16,
+        },
         shard: "0/1".into(),
         batch_tokens: 64,
         max_shards,

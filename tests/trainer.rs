@@ -457,8 +457,10 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         data: data.clone(),
         model: repo_root().join("tests/fixtures/tiny-llama-untied"),
         out: cache.clone(),
-        device: "cpu".into(),
-        dtype: "bf16".into(),
+        run_on: clover::model::device::RunOn {
+            device: clover::model::device::DeviceChoice::Cpu,
+            dtype: clover::model::device::DtypeChoice::Bf16,
+        },
         shard: "0/1".into(),
         batch_tokens: 64,
         max_shards: None,
@@ -491,7 +493,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
     clover::cli::train::run(&clover::cli::train::TrainArgs {
         config: root.join("offline.toml"),
         resume: false,
-        profile: "auto".into(),
+        profile: clover::training::config::Profile::Auto,
     })
     .unwrap();
     let lines = std::fs::read_to_string(root.join("offline/metrics.jsonl")).unwrap();

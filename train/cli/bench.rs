@@ -13,7 +13,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::shards::{read_split, write_samples, Split};
 use crate::decode::generate::{generate, GenerationConfig};
-use crate::model::device::parse_kind;
+use crate::formats::chat::TemplateName;
+use crate::model::device::{DeviceChoice, DtypeChoice, RunOn};
 use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
@@ -30,9 +31,9 @@ pub struct BenchArgs {
     /// Tokens decoded for the decode measurement.
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
     pub decode_tokens: usize,
-    /// Dtype on CUDA (the CPU always runs f32).
-    #[arg(long, default_value = "bf16")]
-    pub cuda_dtype: String,
+    /// Dtype of the CUDA rows, when CUDA is present (auto = bf16; the CPU rows always run f32).
+    #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
+    pub dtype: DtypeChoice,
     /// ShareGPT conversations for the data-stage figures (prepare and distill).
     #[arg(long)]
     pub conversations: Option<PathBuf>,
@@ -44,7 +45,7 @@ pub struct BenchArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let mut devices = vec![(Device::Cpu, Kind::Float)];
     if tch::Cuda::is_available() {
-        devices.push((Device::Cuda(0), parse_kind(&args.cuda_dtype)?));
+        devices.push((Device::Cuda(0), args.dtype.kind_on(Device::Cuda(0))));
     }
     let mut reports = vec![];
     for (device, kind) in devices {
@@ -112,7 +113,7 @@ fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value
     let summary = prepare(&PrepareArgs {
         input: conversations.to_path_buf(),
         model: args.model.clone(),
-        template: "auto".into(),
+        template: TemplateName::Auto,
         no_system_prompt: false,
         out: prepared.clone(),
         max_len: 2048,
@@ -126,17 +127,19 @@ fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value
     write_samples(&subset, Split::Train, &samples)?;
     let cache = scratch.join("cache");
     let device = if tch::Cuda::is_available() {
-        "cuda"
+        DeviceChoice::Cuda(0)
     } else {
-        "cpu"
+        DeviceChoice::Cpu
     };
     let start = Instant::now();
     crate::training::targets::run(&crate::training::targets::DistillArgs {
         data: subset,
         model: args.model.clone(),
         out: cache.clone(),
-        device: device.into(),
-        dtype: "bf16".into(),
+        run_on: RunOn {
+            device,
+            dtype: DtypeChoice::Bf16,
+        },
         shard: "0/1".into(),
         batch_tokens: 8192,
         max_shards: None,
@@ -154,7 +157,7 @@ fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value
         "conversations": conversations,
         "prepare_tokens": summary.tokens,
         "prepare_tokens_per_s": summary.tokens as f64 / prepare_seconds,
-        "distill_device": device,
+        "distill_device": if device == DeviceChoice::Cpu { "cpu" } else { "cuda" },
         "distill_tokens": distilled,
         "distill_tokens_per_s": distilled as f64 / distill_seconds,
         "cache_bytes_per_token": cache_bytes as f64 / distilled as f64,

@@ -1,7 +1,7 @@
 //! `clover train` and `clover bench-train`: load a training config and run the trainer.
 
-use crate::training::config::TrainConfig;
 use crate::training::config::TrainOptions;
+use crate::training::config::{Profile, TrainConfig};
 use crate::training::trainer::train;
 use crate::training::trainer::Source;
 use std::path::PathBuf;
@@ -24,12 +24,12 @@ pub struct TrainArgs {
     pub resume: bool,
     /// Which overrides apply: `cuda` applies the config's [cuda] table, `cpu` ignores it, `auto`
     /// applies it when the run lands on a CUDA device.
-    #[arg(long, default_value = "auto")]
-    pub profile: String,
+    #[arg(long, value_enum, default_value_t = Profile::Auto)]
+    pub profile: Profile,
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::load(&args.config, &args.profile)?;
+    let cfg = TrainConfig::load(&args.config, args.profile)?;
     let device = parse_device(&cfg.device)?;
     let teacher_kind = if device.is_cuda() {
         Kind::BFloat16

@@ -17,7 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::formats::chat::ChatTokenizer;
+use crate::formats::chat::{ChatTokenizer, TemplateName};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrepareArgs {
@@ -27,9 +27,9 @@ pub struct PrepareArgs {
     /// HF-style model dir (tokenizer.json, tokenizer_config.json).
     #[arg(long)]
     pub model: PathBuf,
-    /// vicuna | llama3 | chatml | auto (the model's own chat_template).
-    #[arg(long, default_value = "auto", value_parser = ["vicuna", "llama3", "chatml", "auto"])]
-    pub template: String,
+    /// The chat template: auto (the model's own chat_template), vicuna, llama3 or chatml.
+    #[arg(long, value_enum, default_value_t = TemplateName::Auto)]
+    pub template: TemplateName,
     #[arg(long)]
     pub out: PathBuf,
     /// Conversations longer than this many tokens are truncated to it (as the reference does).
@@ -138,7 +138,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
         "--max-len must be at least 2 (one input and one target token), got {}",
         args.max_len
     );
-    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?
+    let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?
         .with_system_prompt(!args.no_system_prompt);
     let (conversations, notes) = read_conversations(&args.input)?;
     let mut summary = Summary {
@@ -199,7 +199,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
     let eval_shards = write_samples(&args.out, Split::Eval, &eval)?;
     let manifest = Manifest {
         source: args.input.clone(),
-        template: args.template.clone(),
+        template: args.template.as_str().to_string(),
         system_prompt: chat.system_prompt().map(str::to_string),
         model: args.model.clone(),
         max_len: args.max_len,

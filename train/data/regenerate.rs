@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
 use crate::data::sharegpt::{read_conversations, Conversation, SkipReason};
 use crate::decode::generate::{generate_batch, GenerationConfig};
-use crate::formats::chat::{ChatTokenizer, Message, Role};
+use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
 use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
@@ -46,8 +46,8 @@ pub struct RegenerateArgs {
     #[arg(long, value_parser = crate::checks::positive)]
     pub limit: Option<usize>,
     /// Chat template (vicuna, llama3, chatml or auto = the model's own).
-    #[arg(long, default_value = "auto")]
-    pub template: String,
+    #[arg(long, value_enum, default_value_t = TemplateName::Auto)]
+    pub template: TemplateName,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -74,7 +74,7 @@ fn inputs_of(args: &RegenerateArgs) -> serde_json::Value {
     serde_json::json!({
         "data": args.data, "model": args.model, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "batch_size": args.batch_size, "max_turns": args.max_turns,
-        "limit": args.limit, "template": args.template, "seed": args.seed,
+        "limit": args.limit, "template": args.template.as_str(), "seed": args.seed,
         "max_prompt_tokens": args.max_prompt_tokens, "no_system_prompt": args.no_system_prompt,
     })
 }
@@ -82,7 +82,7 @@ fn inputs_of(args: &RegenerateArgs) -> serde_json::Value {
 pub fn run(args: &RegenerateArgs) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
-    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?
+    let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?
         .with_system_prompt(!args.no_system_prompt);
     let (mut conversations, skipped) = read_conversations(&args.data)?;
     // A leading assistant message is dropped but its conversation kept: not a skip.

@@ -28,7 +28,7 @@ use crate::decode::generate::{generate, GenerationConfig};
 use crate::decode::sampling::Sampling;
 use crate::decode::speculative::{generate_speculative, SpecStats};
 use crate::decode::tree::Tree;
-use crate::formats::chat::{ChatTokenizer, Message, Role};
+use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
 use crate::model::head::{load_head, DraftHead};
 use crate::model::teacher::Teacher;
 
@@ -65,8 +65,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Chat template: the model's own by default ("auto"), or vicuna / llama3 / chatml.
-    #[arg(long)]
-    pub template: Option<String>,
+    #[arg(long, value_enum)]
+    pub template: Option<TemplateName>,
     /// Base seed; question i uses seed + i (the reference seeds per question).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -280,7 +280,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let head = load_head(&args.draft, &teacher)?;
-    let chat = ChatTokenizer::from_model_dir(&args.model, args.template.as_deref())?
+    let chat = ChatTokenizer::from_model_dir(&args.model, args.template.map(TemplateName::as_str))?
         .with_system_prompt(!args.no_system_prompt);
     let tree = Tree::load(args.tree.as_deref())?;
     let mut questions = read_questions(&args.prompts)?;

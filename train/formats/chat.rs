@@ -66,6 +66,30 @@ impl Message {
     }
 }
 
+/// A template as a user names it on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum TemplateName {
+    /// FastChat's vicuna_v1.1.
+    Vicuna,
+    /// Meta's Llama-3-Instruct template.
+    Llama3,
+    Chatml,
+    /// The model's own `chat_template`.
+    #[default]
+    Auto,
+}
+
+impl TemplateName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TemplateName::Vicuna => "vicuna",
+            TemplateName::Llama3 => "llama3",
+            TemplateName::Chatml => "chatml",
+            TemplateName::Auto => "auto",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Template {
     Vicuna,

@@ -1,69 +1,119 @@
 //! Where and in what precision a command runs: one device and dtype policy for every command.
+//! Every command takes `--device auto|cpu|cuda|cuda:N` and `--dtype auto|f32|f16|bf16` through
+//! [`RunOn`]; the training config names its device with the same words.
+
+use std::str::FromStr;
 
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind};
 
+/// A device as a user names it; whether it exists is checked by [`DeviceChoice::resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when CUDA is available, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(DeviceChoice::Cuda(i)),
+                _ => Err(format!(
+                    "unknown device {other:?} (use auto, cpu, cuda or cuda:N)"
+                )),
+            },
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// The libtorch device, refusing CUDA where there is none.
+    pub fn resolve(self) -> Result<Device> {
+        Ok(match self {
+            DeviceChoice::Auto => Device::cuda_if_available(),
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda(i) => {
+                ensure!(
+                    tch::Cuda::is_available(),
+                    "device cuda:{i} asked for, but CUDA is not available (`clover doctor` tells why)"
+                );
+                ensure!(
+                    i < tch::Cuda::device_count() as usize,
+                    "CUDA device {i} does not exist ({} visible)",
+                    tch::Cuda::device_count()
+                );
+                Device::Cuda(i)
+            }
+        })
+    }
+}
+
+/// A dtype as a user names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DtypeChoice {
+    /// f32 on the CPU (where 16-bit matmuls are slow), bf16 on CUDA.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeChoice {
+    /// The compute dtype on `device`.
+    pub fn kind_on(self, device: Device) -> Kind {
+        match self {
+            DtypeChoice::Auto if device == Device::Cpu => Kind::Float,
+            DtypeChoice::Auto => Kind::BFloat16,
+            DtypeChoice::F32 => Kind::Float,
+            DtypeChoice::F16 => Kind::Half,
+            DtypeChoice::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+fn device_choice(text: &str) -> std::result::Result<DeviceChoice, String> {
+    text.parse()
+}
+
 /// Where and in what precision a command runs the teacher (and the draft head with it).
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct RunOn {
-    /// cpu, cuda, cuda:N or auto (CUDA when available).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32, f16 or bf16 (default: f32 on the CPU, where 16-bit matmuls are slow; bf16 on CUDA).
-    #[arg(long)]
-    pub dtype: Option<String>,
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = device_choice)]
+    pub device: DeviceChoice,
+    /// auto (f32 on the CPU, bf16 on CUDA), f32, f16 or bf16.
+    #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
+    pub dtype: DtypeChoice,
 }
 
 impl RunOn {
     pub fn cpu() -> Self {
         Self {
-            device: "cpu".into(),
-            dtype: None,
+            device: DeviceChoice::Cpu,
+            dtype: DtypeChoice::Auto,
         }
     }
 
     pub fn resolve(&self) -> Result<(Device, Kind)> {
-        let device = parse_device(&self.device)?;
-        let kind = match self.dtype.as_deref() {
-            Some(name) => parse_kind(name)?,
-            None if device == Device::Cpu => Kind::Float,
-            None => Kind::BFloat16,
-        };
-        Ok((device, kind))
+        let device = self.device.resolve()?;
+        Ok((device, self.dtype.kind_on(device)))
     }
 }
 
-/// Parse a device name: "cpu", "cuda", "cuda:N" or "auto" (CUDA when available).
+/// A device from its name (as the training config gives it).
 pub fn parse_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "auto" => Device::cuda_if_available(),
-        "cuda" => {
-            ensure!(
-                tch::Cuda::is_available(),
-                "--device cuda asked for, but CUDA is not available"
-            );
-            Device::Cuda(0)
-        }
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => {
-                ensure!(
-                    i < tch::Cuda::device_count() as usize,
-                    "CUDA device {i} does not exist"
-                );
-                Device::Cuda(i)
-            }
-            _ => bail!("unknown device {other:?} (use cpu, cuda, cuda:N or auto)"),
-        },
-    })
-}
-
-/// Parse a dtype name: f32, f16, bf16.
-pub fn parse_kind(name: &str) -> Result<Kind> {
-    Ok(match name {
-        "f32" | "float32" => Kind::Float,
-        "f16" | "float16" | "fp16" => Kind::Half,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        other => bail!("unknown dtype {other:?} (use f32, f16 or bf16)"),
-    })
+    match name.parse::<DeviceChoice>() {
+        Ok(choice) => choice.resolve(),
+        Err(msg) => bail!("{msg}"),
+    }
 }

@@ -12,7 +12,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use crate::data::shards::Sample;
-use crate::model::device::parse_device;
+use crate::model::device::RunOn;
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
@@ -23,8 +23,8 @@ pub struct BenchTrainArgs {
     /// Teacher model dir.
     #[arg(long)]
     pub model: PathBuf,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub run_on: RunOn,
     /// Timed optimizer steps (after one warm-up step).
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
     pub steps: usize,
@@ -41,12 +41,7 @@ pub struct BenchTrainArgs {
 /// Throughput of the full online training step (teacher forward, 5-depth head forward/backward,
 /// AdamW) on random tokens, and the process's peak resident memory, as one JSON line.
 pub fn run_bench(args: &BenchTrainArgs) -> Result<()> {
-    let device = parse_device(&args.device)?;
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
+    let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let mut head_cfg = HeadConfig::from_teacher(&teacher.config);
     head_cfg.options.num_depths = args.num_depths;

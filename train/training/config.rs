@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::checks::Problems;
@@ -48,6 +48,18 @@ fn d_true() -> bool {
 }
 fn d_eval_samples() -> usize {
     64
+}
+
+/// Which overrides of a training config apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Profile {
+    /// The `[cuda]` table when the run lands on a CUDA device.
+    #[default]
+    Auto,
+    /// Never the `[cuda]` table.
+    Cpu,
+    /// Always the `[cuda]` table.
+    Cuda,
 }
 
 /// The TOML training config. A `[cuda]` table overrides any top-level key when the run lands on a
@@ -131,11 +143,11 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Parses TOML, applying the `[cuda]` table when `device` resolves to CUDA.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        Self::from_toml_with_profile(text, origin, "auto")
+        Self::from_toml_with_profile(text, origin, Profile::Auto)
     }
 
     /// As `from_toml`; `profile` = cuda | cpu | auto says whether the `[cuda]` table applies.
-    pub fn from_toml_with_profile(text: &str, origin: &str, profile: &str) -> Result<Self> {
+    pub fn from_toml_with_profile(text: &str, origin: &str, profile: Profile) -> Result<Self> {
         let mut table: toml::Table =
             toml::from_str(text).with_context(|| format!("parsing {origin}"))?;
         let cuda = table.remove("cuda");
@@ -145,10 +157,9 @@ impl TrainConfig {
             .unwrap_or("auto")
             .to_string();
         let use_cuda_table = match profile {
-            "cuda" => true,
-            "cpu" => false,
-            "auto" => parse_device(&device)?.is_cuda(),
-            other => bail!("unknown --profile {other:?} (use auto, cpu or cuda)"),
+            Profile::Cuda => true,
+            Profile::Cpu => false,
+            Profile::Auto => parse_device(&device)?.is_cuda(),
         };
         if use_cuda_table {
             if let Some(toml::Value::Table(over)) = cuda {
@@ -269,7 +280,7 @@ impl TrainConfig {
             .collect()
     }
 
-    pub fn load(path: &Path, profile: &str) -> Result<Self> {
+    pub fn load(path: &Path, profile: Profile) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_toml_with_profile(&text, &path.display().to_string(), profile)

@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
 use crate::data::shards::{read_split, Sample, Split};
-use crate::model::device::{parse_device, parse_kind};
+use crate::model::device::{DtypeChoice, RunOn};
 use crate::model::teacher::Teacher;
 
 pub const SAMPLES_PER_SHARD: usize = 256;
@@ -42,11 +42,10 @@ pub struct DistillArgs {
     /// Output cache directory.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Storage and compute dtype of the teacher: bf16 or f16 (stored states are always 16-bit).
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
+    /// Device, and the stored states' dtype: bf16 (auto) or f16; the teacher computes in that
+    /// dtype on CUDA and in f32 on the CPU (where 16-bit matmuls are slow).
+    #[command(flatten)]
+    pub run_on: RunOn,
     /// Which part of the shards this worker computes, as i/N.
     #[arg(long, default_value = "0/1")]
     pub shard: String,
@@ -72,12 +71,12 @@ struct Manifest {
 
 pub fn run(args: &DistillArgs) -> Result<()> {
     let (worker, workers) = parse_shard(&args.shard)?;
-    let kind = parse_kind(&args.dtype)?;
-    ensure!(
-        matches!(kind, Kind::BFloat16 | Kind::Half),
-        "--dtype must be bf16 or f16: the cache stores 16-bit states"
-    );
-    let device = parse_device(&args.device)?;
+    let kind = match args.run_on.dtype {
+        DtypeChoice::Auto | DtypeChoice::Bf16 => Kind::BFloat16,
+        DtypeChoice::F16 => Kind::Half,
+        DtypeChoice::F32 => bail!("--dtype must be bf16 or f16: the cache stores 16-bit states"),
+    };
+    let device = args.run_on.device.resolve()?;
     // On CPU, 16-bit matmuls are slow or unsupported: compute in f32 and store 16-bit.
     let compute = if device == Device::Cpu {
         Kind::Float
@@ -96,7 +95,7 @@ pub fn run(args: &DistillArgs) -> Result<()> {
     let manifest = Manifest {
         data: args.data.clone(),
         model: args.model.clone(),
-        dtype: args.dtype.clone(),
+        dtype: if kind == Kind::Half { "f16" } else { "bf16" }.to_string(),
         hidden_size: teacher.config.hidden_size,
         samples: samples.len(),
         shards: samples.len().div_ceil(SAMPLES_PER_SHARD),
