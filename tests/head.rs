@@ -323,6 +323,73 @@ fn loss_weights_and_denominators_by_hand() {
     }
 }
 
+/// Unit round-off of f64 (half an ulp of 1).
+const U64: f64 = f64::EPSILON / 2.0;
+
+/// Allowed round-off of one evaluated loss, in units of U64·|L|. Every loss term is >= 0 and L is
+/// their sum, so an evaluated L̂ = L + e with |e| <= K·U64·|L|, K counting the rounding steps a term
+/// goes through times their conditioning. Measured here: central differences at ε <= 1e-8 scatter
+/// by about 2e-15, half an ulp of L ≈ 20; K = 64 leaves a factor 64 for other CPUs' kernels.
+const K_ROUND: f64 = 64.0;
+
+/// Central differences of the loss along one direction `d` (some or all parameters), at steps ε
+/// and 2ε. They do not depend on the analytic gradient, so one probe can judge any candidate.
+struct FdProbe {
+    label: String,
+    /// θ⁺ − θ⁻ as actually stored at step ε: θ ± ε·d are rounded, so the analytic side uses the
+    /// step really taken instead of 2ε·d.
+    step: BTreeMap<String, Tensor>,
+    eps: f64,
+    /// D(h) = (L(θ + h·d) − L(θ − h·d)) / 2h at h = ε and h = 2ε.
+    d1: f64,
+    d2: f64,
+    /// |L(θ)|, the scale of the loss's own round-off.
+    loss: f64,
+    /// Elements of d: the number of terms of the analytic dot product.
+    n: i64,
+}
+
+/// What a probe says about one candidate gradient.
+struct FdVerdict {
+    analytic: f64,
+    numeric: f64,
+    tol: f64,
+}
+
+impl FdVerdict {
+    fn passes(&self) -> bool {
+        (self.analytic - self.numeric).abs() <= self.tol
+    }
+}
+
+impl FdProbe {
+    fn verdict(&self, grads: &BTreeMap<String, Tensor>) -> FdVerdict {
+        let two_eps = 2.0 * self.eps;
+        let (mut dot, mut abs_dot) = (0.0, 0.0);
+        for (name, step) in &self.step {
+            let prod = &grads[name] * step;
+            dot += prod.sum(Kind::Double).double_value(&[]);
+            abs_dot += prod.abs().sum(Kind::Double).double_value(&[]);
+        }
+        // Error model of |analytic − numeric|, doubled for the O(ε⁴) terms it leaves out:
+        // - round-off of D(ε) = (L̂⁺ − L̂⁻)/2ε: 2δ/2ε = δ/ε, with δ = K·U64·|L| per evaluated loss;
+        // - truncation: D(h) = L' + h²·T + O(h⁴) with T = L'''(d)/6, so D(2ε) − D(ε) = 3ε²·T
+        //   (Richardson) and ε²·|T| <= |D(2ε) − D(ε)|/3 + (δ/ε + δ/2ε)/3, the last term being the
+        //   estimate's own round-off; with the first item that is 1.5·δ/ε of round-off in all;
+        // - analytic side: each gradient element within K ulps, summed over n products (γ_n):
+        //   (n + K)·U64·Σ|g_i·Δ_i| / 2ε.
+        let delta = K_ROUND * U64 * self.loss;
+        let round_off = 1.5 * delta / self.eps;
+        let truncation = (self.d2 - self.d1).abs() / 3.0;
+        let dot_error = (self.n as f64 + K_ROUND) * U64 * abs_dot / two_eps;
+        FdVerdict {
+            analytic: dot / two_eps,
+            numeric: self.d1,
+            tol: 2.0 * (round_off + truncation + dot_error),
+        }
+    }
+}
+
 #[test]
 fn gradient_matches_finite_differences_in_f64() {
     let teacher = tiny_teacher(Kind::Double);
@@ -351,8 +418,75 @@ fn gradient_matches_finite_differences_in_f64() {
             let _ = g.zero_();
         }
     }
-    loss(&head).backward();
-    let probes = [
+    let l0 = loss(&head);
+    l0.backward();
+    let l0 = l0.double_value(&[]);
+    let grads: BTreeMap<String, Tensor> = params
+        .iter()
+        .map(|(k, p)| (k.clone(), p.grad().copy()))
+        .collect();
+    let orig: BTreeMap<String, Tensor> = params
+        .iter()
+        .map(|(k, p)| (k.clone(), p.detach().copy()))
+        .collect();
+    // L at θ + h·d; θ is restored exactly afterwards.
+    let loss_along = |d: &BTreeMap<String, Tensor>, h: f64| -> f64 {
+        tch::no_grad(|| {
+            for (k, dk) in d {
+                let _ = params[k].detach().copy_(&(&orig[k] + dk * h));
+            }
+            let v = loss(&head).double_value(&[]);
+            for k in d.keys() {
+                let _ = params[k].detach().copy_(&orig[k]);
+            }
+            v
+        })
+    };
+    // ε = 2^-17 ≈ 7.6e-6: round-off 1.5·δ/ε ≈ 3e-8 here, truncation ε²·|T| ≈ 2e-7 along the
+    // all-parameter directions (T ≈ 3e3), both far below their derivatives (|∇L·d| ~ |∇L| ≈ 10).
+    let eps = 2f64.powi(-17);
+    let probe = |label: String, d: BTreeMap<String, Tensor>| -> FdProbe {
+        let step = d
+            .iter()
+            .map(|(k, dk)| (k.clone(), (&orig[k] + dk * eps) - (&orig[k] - dk * eps)))
+            .collect();
+        let n = d.values().map(|t| t.numel() as i64).sum();
+        let d1 = (loss_along(&d, eps) - loss_along(&d, -eps)) / (2.0 * eps);
+        let d2 = (loss_along(&d, 2.0 * eps) - loss_along(&d, -2.0 * eps)) / (4.0 * eps);
+        FdProbe {
+            label,
+            step,
+            eps,
+            d1,
+            d2,
+            loss: l0.abs(),
+            n,
+        }
+    };
+
+    // Directional derivatives over ALL parameters at once, along seeded ±1 directions drawn from a
+    // Rust-side RNG (libtorch's global generator is shared by the test threads).
+    let mut rng = clover::trainer::SplitMix64::new(0x5eed_f00d);
+    let mut probes: Vec<FdProbe> = (0..3)
+        .map(|i| {
+            let d = params
+                .iter()
+                .map(|(k, p)| {
+                    let signs: Vec<f64> = (0..p.numel())
+                        .map(|_| if rng.next_u64() >> 63 == 1 { 1.0 } else { -1.0 })
+                        .collect();
+                    (
+                        k.clone(),
+                        Tensor::from_slice(&signs).view(p.size().as_slice()),
+                    )
+                })
+                .collect();
+            probe(format!("random direction {i}"), d)
+        })
+        .collect();
+    let n_directions = probes.len();
+    // Single elements (one-hot directions), judged by the same error model.
+    for (name, flat_idx) in [
         ("clover_head_mlp_rnn.q.weight", 3),
         ("clover_head_mlp_rnn.v.bias", 5),
         ("layers.0.self_attn.k_proj.weight", 17),
@@ -362,25 +496,61 @@ fn gradient_matches_finite_differences_in_f64() {
         ("clover_head_mlp2.weight", 100),
         ("clover_head_mlp_rnn2.k.weight", 9),
         ("clover_head_norm.weight", 1),
-    ];
-    for (name, flat_idx) in probes {
+    ] {
         let p = &params[name];
-        let analytic = p.grad().reshape([-1]).double_value(&[flat_idx]);
-        let eps = 1e-6;
-        let bump = |delta: f64| {
-            tch::no_grad(|| {
-                let flat = p.reshape([-1]);
-                let v = flat.double_value(&[flat_idx]);
-                let _ = flat.get(flat_idx).fill_(v + delta);
-            });
-        };
-        bump(eps);
-        let up = tch::no_grad(|| loss(&head).double_value(&[]));
-        bump(-2.0 * eps);
-        let down = tch::no_grad(|| loss(&head).double_value(&[]));
-        bump(eps);
-        let numeric = (up - down) / (2.0 * eps);
-        let err = (numeric - analytic).abs() / (numeric.abs().max(analytic.abs()).max(1e-6));
-        assert!(err < 1e-5, "{name}[{flat_idx}]: autograd {analytic} vs finite difference {numeric} (rel err {err})");
+        let one_hot = Tensor::zeros([p.numel() as i64], (Kind::Double, Device::Cpu));
+        let _ = one_hot.get(flat_idx).fill_(1.0);
+        let d = BTreeMap::from([(name.to_string(), one_hot.view(p.size().as_slice()))]);
+        probes.push(probe(format!("{name}[{flat_idx}]"), d));
     }
+    for pr in &probes {
+        let v = pr.verdict(&grads);
+        let diff = (v.analytic - v.numeric).abs();
+        eprintln!(
+            "{}: autograd {:e} vs finite difference {:e}: |diff| {diff:.2e} <= tol {:.2e}?",
+            pr.label, v.analytic, v.numeric, v.tol
+        );
+        assert!(
+            v.passes(),
+            "{}: autograd {} vs finite difference {} differ by {diff:e} > tol {:e}",
+            pr.label,
+            v.analytic,
+            v.numeric,
+            v.tol
+        );
+    }
+
+    // Control: the same check must reject a gradient broken the way a real bug breaks it, here one
+    // parameter tensor's gradient dropped (zeroed) or sign-flipped, for every tensor in turn.
+    let mut closest = (f64::INFINITY, String::new());
+    for name in grads.keys() {
+        for (bug, factor) in [("zeroed", 0.0), ("sign-flipped", -1.0)] {
+            let mut broken: BTreeMap<String, Tensor> = grads
+                .iter()
+                .map(|(k, g)| (k.clone(), g.shallow_clone()))
+                .collect();
+            broken.insert(name.clone(), &grads[name] * factor);
+            // How far outside the bound the broken gradient lands, in units of tol (> 1: rejected).
+            let outside = probes[..n_directions]
+                .iter()
+                .map(|pr| {
+                    let v = pr.verdict(&broken);
+                    (v.analytic - v.numeric).abs() / v.tol
+                })
+                .fold(0.0, f64::max);
+            assert!(
+                outside > 1.0,
+                "{name} gradient {bug}: the check does not reject it (|diff|/tol {outside})"
+            );
+            if outside < closest.0 {
+                closest = (outside, format!("{name} {bug}"));
+            }
+        }
+    }
+    eprintln!(
+        "control: all {} broken gradients rejected; the closest call, {}, lands at {:.3e} x tol",
+        2 * grads.len(),
+        closest.1,
+        closest.0
+    );
 }
