@@ -1,8 +1,9 @@
 //! Chat templates against goldens from HF `apply_chat_template` (scripts/golden_templates.py).
 
+use crate::common::{fixture, fixture_model_dir};
 use clover::chat::{mask_from_spans, ChatTokenizer, Message, Role};
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Deserialize)]
 struct Golden {
@@ -15,12 +16,8 @@ struct Golden {
     prompt_ids: Vec<i64>,
 }
 
-pub fn fixture_model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/tokenizer")
-}
-
 fn goldens() -> Vec<Golden> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/golden.json");
+    let path = fixture("chat").join("golden.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

@@ -1,8 +1,10 @@
 //! Paths and small helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use clover::head::{DraftHead, HeadConfig};
+use clover::teacher::Teacher;
 use std::path::PathBuf;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -10,6 +12,28 @@ pub fn repo_root() -> PathBuf {
 
 pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests").join("fixtures").join(name)
+}
+
+/// The chat fixture's model dir: SmolLM2's tokenizer.json and tokenizer_config.json, no weights.
+pub fn fixture_model_dir() -> PathBuf {
+    fixture("chat").join("tokenizer")
+}
+
+/// A tiny LLaMA fixture (`tiny-llama-tied` or `tiny-llama-untied`) as a CPU teacher in `kind`.
+pub fn fixture_teacher(name: &str, kind: Kind) -> Teacher {
+    Teacher::load(&fixture(name), Device::Cpu, kind).expect("tiny fixture loads")
+}
+
+/// The tiny untied fixture (GQA, llama3 RoPE scaling) as a CPU teacher in `kind`.
+pub fn tiny_teacher(kind: Kind) -> Teacher {
+    fixture_teacher("tiny-llama-untied", kind)
+}
+
+/// A reference-init draft head with `depths` depths on `teacher`, seeded.
+pub fn tiny_head(teacher: &Teacher, depths: i64, seed: i64) -> DraftHead {
+    let mut cfg = HeadConfig::from_teacher(&teacher.config);
+    cfg.num_depths = depths;
+    DraftHead::new(teacher, cfg, seed).expect("tiny head builds")
 }
 
 /// The imported SmolLM2 teacher. `make setup` creates it; a test that needs it fails loudly

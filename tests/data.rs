@@ -1,6 +1,6 @@
 //! `data prepare`, the shard reader/writer, the ShareGPT reader and the chitchat import.
 
-use crate::chat::fixture_model_dir;
+use crate::common::fixture_model_dir;
 use clover::chat::{ChatTokenizer, Message, Role};
 use clover::data::{
     import_chitchat, prepare, read_conversations, read_split, split_of, write_samples,

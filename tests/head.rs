@@ -2,21 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::{fixture, max_abs_diff};
-use clover::head::{attention_decoder, DraftHead, HeadConfig};
+use crate::common::{max_abs_diff, tiny_head, tiny_teacher};
+use clover::head::{attention_decoder, DraftHead};
 use clover::loss::{clover_loss, shift_for_training, teacher_targets, DistillTargets, LossWeights};
-use clover::teacher::Teacher;
 use tch::{Device, Kind, Tensor};
-
-pub fn tiny_teacher(kind: Kind) -> Teacher {
-    Teacher::load(&fixture("tiny-llama-untied"), Device::Cpu, kind).expect("tiny fixture loads")
-}
-
-pub fn tiny_head(teacher: &Teacher, depths: i64, seed: i64) -> DraftHead {
-    let mut cfg = HeadConfig::from_teacher(&teacher.config);
-    cfg.num_depths = depths;
-    DraftHead::new(teacher, cfg, seed).expect("tiny head builds")
-}
 
 fn t2(rows: &[[f64; 4]]) -> Tensor {
     let flat: Vec<f64> = rows.iter().flatten().copied().collect();

@@ -1,7 +1,6 @@
-use crate::common::fixture;
+use crate::common::{fixture, fixture_teacher};
 use clover::data::{write_samples, Sample, Split};
 use clover::targets::{run, DistillArgs, DistillCache, SAMPLES_PER_SHARD};
-use clover::teacher::Teacher;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -43,7 +42,7 @@ fn stored_states_equal_a_fresh_teacher_forward_within_bf16_rounding() {
     run(&args(&data, &out, None)).unwrap();
     let cache = DistillCache::open(&out).unwrap();
     assert_eq!(cache.len(), SAMPLES_PER_SHARD + 20);
-    let teacher = Teacher::load(&fixture("tiny-llama-tied"), Device::Cpu, Kind::Float).unwrap();
+    let teacher = fixture_teacher("tiny-llama-tied", Kind::Float);
     for i in [0, 7, SAMPLES_PER_SHARD + 3] {
         let (sample, stored) = cache.get(i).unwrap();
         let n = sample.input_ids.len() as i64;

@@ -1,10 +1,6 @@
-use crate::common::{fixture, max_abs_diff, read_golden};
+use crate::common::{fixture, fixture_teacher, max_abs_diff, read_golden};
 use clover::teacher::{LlamaConfig, Teacher};
 use tch::{Device, Kind, Tensor};
-
-fn tiny(name: &str) -> Teacher {
-    Teacher::load(&fixture(name), Device::Cpu, Kind::Float).expect("tiny fixture loads")
-}
 
 fn positions(start: i64, n: i64) -> Tensor {
     Tensor::arange_start(start, start + n, (Kind::Int64, Device::Cpu)).unsqueeze(0)
@@ -13,7 +9,7 @@ fn positions(start: i64, n: i64) -> Tensor {
 #[test]
 fn tiny_llama_matches_transformers_tied_and_untied() {
     for name in ["tiny-llama-tied", "tiny-llama-untied"] {
-        let teacher = tiny(name);
+        let teacher = fixture_teacher(name, Kind::Float);
         let golden = read_golden(&fixture(name).join("golden.safetensors"));
         let ids = &golden["input_ids"];
         let n = ids.size()[1];
@@ -40,7 +36,7 @@ fn untied_fixture_has_gqa_and_llama3_rope_scaling() {
 
 #[test]
 fn kv_cache_decoding_equals_full_recomputation() {
-    let teacher = tiny("tiny-llama-untied");
+    let teacher = fixture_teacher("tiny-llama-untied", Kind::Float);
     let golden = read_golden(&fixture("tiny-llama-untied").join("golden.safetensors"));
     let ids = &golden["input_ids"];
     let n = ids.size()[1];
@@ -67,7 +63,7 @@ fn kv_cache_decoding_equals_full_recomputation() {
 
 #[test]
 fn tree_mask_forward_equals_plain_forward_over_each_path() {
-    let teacher = tiny("tiny-llama-tied");
+    let teacher = fixture_teacher("tiny-llama-tied", Kind::Float);
     let prefix = Tensor::from_slice(&[1i64, 5, 17, 33, 2]).unsqueeze(0);
     // Tree over 5 nodes: root r(0); children a(1), b(2) of r; c(3) child of a; d(4) child of c.
     let tokens = [40i64, 41, 42, 43, 44];
@@ -133,7 +129,7 @@ fn tree_mask_forward_equals_plain_forward_over_each_path() {
 
 #[test]
 fn kv_cache_compaction_keeps_the_accepted_rows() {
-    let teacher = tiny("tiny-llama-tied");
+    let teacher = fixture_teacher("tiny-llama-tied", Kind::Float);
     let seq = Tensor::from_slice(&[1i64, 5, 17, 33, 2, 64, 70]).unsqueeze(0);
     let mut cache = teacher.new_cache(1);
     tch::no_grad(|| {

@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::common::{max_abs_diff, repo_root};
-use crate::head::{tiny_head, tiny_teacher};
+use crate::common::{max_abs_diff, repo_root, tiny_head, tiny_teacher};
 use clover::data::Sample;
 use clover::export::export_head;
 use clover::head::DraftHead;
