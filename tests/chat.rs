@@ -1,9 +1,8 @@
 //! Chat templates against goldens from HF `apply_chat_template` (scripts/golden_templates.py).
 
-use crate::common::{fixture, fixture_model_dir};
+use crate::common::{fixture, fixture_model_dir, scratch_dir, Scratch};
 use clover::chat::{mask_from_spans, ChatTokenizer, Message, Role};
 use serde::Deserialize;
-use std::path::PathBuf;
 
 #[derive(Deserialize)]
 struct Golden {
@@ -126,9 +125,8 @@ fn mask_marks_first_to_last_overlapping_token() {
 }
 
 /// A model dir with the fixture tokenizer and the given tokenizer_config.json.
-fn model_dir_with_config(name: &str, config: serde_json::Value) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-chat-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn model_dir_with_config(name: &str, config: serde_json::Value) -> Scratch {
+    let dir = scratch_dir("chat", name);
     std::fs::copy(
         fixture_model_dir().join("tokenizer.json"),
         dir.join("tokenizer.json"),
@@ -148,8 +146,8 @@ fn model_templates_get_python_string_methods_and_named_templates() {
         "eos_token": "<|im_end|>",
         "chat_template": [{"name": "tool_use", "template": "unused"}, {"name": "default", "template": template}],
     });
-    let chat =
-        ChatTokenizer::from_model_dir(&model_dir_with_config("named", config), None).unwrap();
+    let dir = model_dir_with_config("named", config);
+    let chat = ChatTokenizer::from_model_dir(&dir, None).unwrap();
     let messages = vec![
         Message::new(Role::User, "  hi \n"),
         Message::new(Role::Assistant, "\tyes "),

@@ -3,7 +3,7 @@
 
 use clover::head::{DraftHead, HeadConfig};
 use clover::teacher::Teacher;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 pub fn repo_root() -> PathBuf {
@@ -54,12 +54,42 @@ pub fn smollm2_dir() -> PathBuf {
     dir
 }
 
-/// A fresh, empty scratch directory for one test, unique per test area, name and process.
-pub fn scratch_dir(area: &str, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-{area}-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory that lives as long as the guard: removed on drop when the test passed,
+/// kept (and its path printed) when the test is panicking, for a look at what it left.
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept the failed test's scratch dir {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A fresh, empty scratch directory for one test, unique per test area, name and process. Keep
+/// the guard alive for the whole test body: the directory goes when it is dropped.
+pub fn scratch_dir(area: &str, name: &str) -> Scratch {
+    let path = std::env::temp_dir().join(format!("clover-{area}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    Scratch { path }
 }
 
 /// Named tensors of a safetensors file.

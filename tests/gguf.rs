@@ -346,7 +346,6 @@ fn reader_parses_every_metadata_type_alignment_and_tensors() {
     assert_eq!(b.offset, 64);
     let expected: Vec<f32> = (0..32).map(|i| 2.0 * i as f32).collect();
     assert_eq!(f.dequantize(b).unwrap(), expected);
-    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -395,7 +394,6 @@ fn reader_errors_name_the_file_and_the_problem() {
     fs::write(&path, huge_string).unwrap();
     let err = format!("{:#}", GgufFile::open(&path).err().unwrap());
     assert!(err.contains("exceeds"), "{err}");
-    fs::remove_dir_all(dir).unwrap();
 }
 
 /// A tiny llama-like file: enough metadata to get past the architecture checks.
@@ -450,7 +448,6 @@ fn import_rejects_other_architectures_and_unsupported_types_leaving_nothing() {
     let err = format!("{:#}", import_gguf(&no_vocab, &out).unwrap_err());
     assert!(err.contains("refusing"), "{err}");
     assert!(out.join("notes.txt").exists());
-    fs::remove_dir_all(dir).unwrap();
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -570,7 +567,6 @@ fn tiny_untied_import_unpermutes_q_and_k_and_keeps_lm_head() {
             .unwrap();
     assert_eq!(tc["eos_token"], "<|endoftext|>");
     assert!(tc.get("chat_template").is_none());
-    fs::remove_dir_all(dir).unwrap();
 }
 
 /// The SmolLM2 GGUF: $CLOVER_SMOLLM2_GGUF, else what `make setup` downloads, else the local
@@ -795,5 +791,4 @@ fn import_smollm2_matches_transformers() {
         import_gguf(&smollm2_gguf(), &out).unwrap();
         assert!(out.join("model.safetensors").is_file());
     }
-    fs::remove_dir_all(scratch_dir).unwrap();
 }

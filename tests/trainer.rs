@@ -135,8 +135,6 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         dir_a.join("tensorboard").read_dir().unwrap().count() > 0,
         "TensorBoard events written"
     );
-    let _ = std::fs::remove_dir_all(dir_a);
-    let _ = std::fs::remove_dir_all(dir_b);
 }
 
 #[test]
@@ -172,7 +170,6 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
         .collect();
     assert_eq!(names, vec!["step-00000001", "step-00000002"]);
     read_checkpoint_head(&dir.join("checkpoints/step-00000002")).unwrap();
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -290,7 +287,6 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
             && err.contains("clover_norm.weight: shape [3]"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -399,7 +395,8 @@ fn shipped_configs_parse() {
 fn chained_eval_accuracy_is_cumulative_over_depths() {
     let teacher = tiny_teacher(Kind::Float);
     let head = tiny_head(&teacher, 4, 3);
-    let cfg = tiny_config(&crate::common::scratch_dir("trainer", "eval"));
+    let dir = crate::common::scratch_dir("trainer", "eval");
+    let cfg = tiny_config(&dir);
     // Loss masks all 1, and answers that follow the teacher's own greedy choice so starts exist.
     let mut evs = samples(4, 8);
     for s in &mut evs {
@@ -498,5 +495,4 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         root.join("offline/eval.jsonl").exists(),
         "eval on the prepared eval split ran"
     );
-    let _ = std::fs::remove_dir_all(root);
 }
