@@ -103,3 +103,24 @@ pub fn read_golden(path: &std::path::Path) -> std::collections::HashMap<String, 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
+
+pub fn max_abs(a: &Tensor) -> f64 {
+    a.abs().max().double_value(&[])
+}
+
+/// Unit round-off of f32, 2^-24.
+pub const F32_U: f64 = 1.0 / 16_777_216.0;
+
+/// Unit round-off of f64, 2^-53.
+pub const F64_U: f64 = f64::EPSILON / 2.0;
+
+/// How far apart two f32 evaluations of the same network may land when they get there through
+/// different kernels (batch or chunk shapes, a KV cache, a tree mask, another library or CPU),
+/// each free to order every reduction its own way. A k-term sum in any order is within
+/// γ_k ≈ k·u of the exact one relative to Σ|terms|, so two orders differ by at most 2k·u of it.
+/// Blocks that normalize their input (decoder layers, head steps, RMSNorm) keep activations, and
+/// so Σ|terms|, of the order of the largest compared value `scale`, and the errors of successive
+/// blocks add: `widths` holds the widest reduction of each block on the path.
+pub fn f32_paths_bound(widths: &[i64], scale: f64) -> f64 {
+    2.0 * F32_U * widths.iter().sum::<i64>() as f64 * scale
+}

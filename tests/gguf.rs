@@ -601,6 +601,8 @@ fn raw_smollm2_tensors_match_the_gguf_python_package() {
         assert_eq!(info.dims, dims, "{name}");
         let values = f.dequantize(info).unwrap();
         assert_eq!(values[..64], f32s(&g["first64"])[..], "{name}");
+        // A sequential f64 sum in Rust rounds each add in program order, the same on every CPU:
+        // no kernel in the loop, so this fixed gap to the golden cannot move between machines.
         let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
         let expected = g["sum"].as_f64().unwrap();
         assert!(
@@ -719,6 +721,7 @@ fn check_weights(dir: &Path, golden: &Json) {
         }
         let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
         let abs_sum: f64 = values.iter().map(|&v| f64::from(v).abs()).sum();
+        // Sequential f64 sums in Rust: program order, the same on every CPU (see above).
         for (got, key) in [(sum, "sum"), (abs_sum, "abs_sum")] {
             let expected = g[key].as_f64().unwrap();
             assert!(

@@ -1,6 +1,13 @@
-use crate::common::{fixture, fixture_teacher, max_abs_diff, read_golden};
+use crate::common::{
+    f32_paths_bound, fixture, fixture_teacher, max_abs, max_abs_diff, read_golden,
+};
 use clover::teacher::{LlamaConfig, Teacher};
 use tch::{Device, Kind, Tensor};
+
+/// Widest reduction per block of the tiny fixtures, for `f32_paths_bound`: two decoder layers
+/// (MLP down projection over 160), then the final norm and lm_head (over H = 64) for logits.
+const PRENORM_PATH: [i64; 2] = [160, 160];
+const LOGITS_PATH: [i64; 3] = [160, 160, 64];
 
 fn positions(start: i64, n: i64) -> Tensor {
     Tensor::arange_start(start, start + n, (Kind::Int64, Device::Cpu)).unsqueeze(0)
@@ -17,11 +24,17 @@ fn tiny_llama_matches_transformers_tied_and_untied() {
         let logits = tch::no_grad(|| teacher.logits(&u));
         let d_prenorm = max_abs_diff(&u, &golden["prenorm"]);
         let d_logits = max_abs_diff(&logits, &golden["logits"]);
+        // Other library, other kernels: 2·320·2^-24·|u| ≈ 8e-4 at |u| ≈ 20; 2·384·2^-24·|l| ≈ 3e-4.
+        let tol_prenorm = f32_paths_bound(&PRENORM_PATH, max_abs(&golden["prenorm"]));
+        let tol_logits = f32_paths_bound(&LOGITS_PATH, max_abs(&golden["logits"]));
         assert!(
-            d_prenorm <= 1e-4,
-            "{name}: pre-norm hidden differs by {d_prenorm}"
+            d_prenorm <= tol_prenorm,
+            "{name}: pre-norm hidden differs by {d_prenorm} (tol {tol_prenorm:e})"
         );
-        assert!(d_logits <= 1e-4, "{name}: logits differ by {d_logits}");
+        assert!(
+            d_logits <= tol_logits,
+            "{name}: logits differ by {d_logits} (tol {tol_logits:e})"
+        );
     }
 }
 
@@ -55,9 +68,11 @@ fn kv_cache_decoding_equals_full_recomputation() {
     assert_eq!(cache.len(), n);
     let incremental = Tensor::cat(&parts, 1);
     let d = max_abs_diff(&incremental, &full);
+    // Chunks of 5, 3, 1 rows vs one pass: 2·320·2^-24·|u| ≈ 8e-4 at |u| ≈ 20.
+    let tol = f32_paths_bound(&PRENORM_PATH, max_abs(&full));
     assert!(
-        d <= 1e-4,
-        "cached decoding differs from full recomputation by {d}"
+        d <= tol,
+        "cached decoding differs from full recomputation by {d} (tol {tol:e})"
     );
 }
 
@@ -120,9 +135,11 @@ fn tree_mask_forward_equals_plain_forward_over_each_path() {
         let plain =
             tch::no_grad(|| teacher.logits(&teacher.forward(&seq, &positions(0, n), None, None)));
         let d = max_abs_diff(&plain.select(1, n - 1), &tree_logits.select(1, i as i64));
+        // Tree-masked block vs plain path: 2·384·2^-24·|l| ≈ 3e-4 at |l| ≈ 6.
+        let tol = f32_paths_bound(&LOGITS_PATH, max_abs(&plain));
         assert!(
-            d <= 1e-4,
-            "tree node {i}: logits differ from the plain path forward by {d}"
+            d <= tol,
+            "tree node {i}: logits differ from the plain path forward by {d} (tol {tol:e})"
         );
     }
 }
@@ -161,9 +178,11 @@ fn kv_cache_compaction_keeps_the_accepted_rows() {
         );
         let full = teacher.forward(&seq.narrow(1, 0, 6), &positions(0, 6), None, None);
         let d = max_abs_diff(&next.select(1, 0), &full.select(1, 5));
+        // Compacted cache vs one pass: 2·320·2^-24·|u| ≈ 8e-4 at |u| ≈ 20.
+        let tol = f32_paths_bound(&PRENORM_PATH, max_abs(&full));
         assert!(
-            d <= 1e-4,
-            "compacted cache differs from recomputation by {d}"
+            d <= tol,
+            "compacted cache differs from recomputation by {d} (tol {tol:e})"
         );
     });
 }

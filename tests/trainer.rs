@@ -104,6 +104,8 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         rest.steps.iter().map(|s| s.step).collect::<Vec<_>>(),
         vec![4, 5, 6]
     );
+    // Same ops on the same inputs in one process, with weights, moments and data order restored
+    // exactly: bit-identical, so 1e-6 (under an f32 ulp of a loss ≈ 25) asks for exactness.
     for (a, b) in full.steps.iter().zip(first.steps.iter().chain(&rest.steps)) {
         assert_eq!(a.step, b.step);
         assert!(
@@ -366,6 +368,8 @@ fn own_adamw_matches_torch_adamw() {
         own.update(&params, 1e-2);
     }
     let d = max_abs_diff(&p_ref, &p_own);
+    // Each side rounds p twice a step (decay, update) at ulp(|p| < 0.5) = 3e-8; the update's own
+    // rounding is ~u·lr: 5 steps stay within 5·2·3e-8 = 3e-7 < 1e-6.
     assert!(d < 1e-6, "own AdamW differs from torch's by {d}");
 }
 
