@@ -11,7 +11,8 @@ use clover::tree::Tree;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// A random LLaMA written into a temp dir (config.json + model.safetensors, untied lm_head).
+/// A random LLaMA written into a scratch dir (config.json + model.safetensors, untied lm_head),
+/// removed when the returned guard drops.
 /// `logit_scale` sets the std of the logits: large = peaked (no near-ties for greedy tests),
 /// about 1 = high-entropy (sampling tests).
 pub fn tiny_llama(tag: &str, vocab: i64, logit_scale: f64, seed: i64) -> Scratch {
