@@ -1,7 +1,7 @@
 //! Chat templates against goldens from HF `apply_chat_template` (scripts/golden_templates.py).
 
 use crate::common::{fixture, fixture_model_dir, scratch_dir, Scratch};
-use clover::chat::{mask_from_spans, ChatTokenizer, Message, Role};
+use clover::formats::chat::{mask_from_spans, ChatTokenizer, Message, Role, LLAMA3_SYSTEM_PROMPT};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -21,7 +21,10 @@ fn goldens() -> Vec<Golden> {
 }
 
 fn check_template(name: &str) {
-    let chat = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some(name)).unwrap();
+    // The goldens render the messages as given: no default system prompt.
+    let chat = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some(name))
+        .unwrap()
+        .with_system_prompt(false);
     let cases: Vec<Golden> = goldens()
         .into_iter()
         .filter(|g| g.template == name)
@@ -57,6 +60,58 @@ fn vicuna_matches_fastchat_and_hf_mask() {
 #[test]
 fn llama3_matches_official_template() {
     check_template("llama3");
+}
+
+/// The reference prompts LLaMA-3-Instruct with its safety system prompt, in data and in eval.
+/// HF's template puts a system message's (trimmed) content between the system header and
+/// `<|eot_id|>`, so its rendering with the safety prompt is the golden's system-message rendering
+/// with that content swapped in.
+#[test]
+fn llama3_puts_the_reference_system_prompt_first_by_default() {
+    let golden = goldens()
+        .into_iter()
+        .find(|g| g.template == "llama3" && g.messages[0].role == Role::System)
+        .expect("a llama3 golden with a system message");
+    let own_system = golden.messages[0].content.trim().to_string();
+    let rest = &golden.messages[1..];
+    let chat = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some("llama3")).unwrap();
+    assert_eq!(chat.system_prompt(), Some(LLAMA3_SYSTEM_PROMPT));
+    let want_text = golden
+        .text
+        .replacen(&own_system, LLAMA3_SYSTEM_PROMPT.trim(), 1);
+    let want_prompt = golden
+        .prompt_text
+        .replacen(&own_system, LLAMA3_SYSTEM_PROMPT.trim(), 1);
+    assert_eq!(chat.render_conversation(rest).unwrap().text, want_text);
+    assert_eq!(chat.render_prompt(rest).unwrap(), want_prompt);
+    // The system prompt is not trained on: the mask covers the same assistant text.
+    let (ids, mask) = chat.encode_conversation(rest).unwrap();
+    let masked: Vec<u32> = ids
+        .iter()
+        .zip(&mask)
+        .filter(|(_, m)| **m == 1)
+        .map(|(i, _)| *i as u32)
+        .collect();
+    let golden_masked: Vec<u32> = golden
+        .input_ids
+        .iter()
+        .zip(&golden.loss_mask)
+        .filter(|(_, m)| **m == 1)
+        .map(|(i, _)| *i as u32)
+        .collect();
+    assert_eq!(masked, golden_masked);
+    // A conversation's own system message wins; the option turns the default off.
+    assert_eq!(
+        chat.render_conversation(&golden.messages).unwrap().text,
+        golden.text
+    );
+    let plain = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some("llama3"))
+        .unwrap()
+        .with_system_prompt(false);
+    assert!(!plain.render_prompt(rest).unwrap().contains("respectful"));
+    // Other families get no default system prompt.
+    let chatml = ChatTokenizer::from_model_dir(&fixture_model_dir(), Some("chatml")).unwrap();
+    assert_eq!(chatml.system_prompt(), None);
 }
 
 #[test]

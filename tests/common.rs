@@ -1,8 +1,9 @@
 //! Paths and small helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use clover::head::{DraftHead, HeadConfig};
-use clover::teacher::Teacher;
+use clover::model::head::DraftHead;
+use clover::model::head_config::HeadConfig;
+use clover::model::teacher::Teacher;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 

@@ -1,11 +1,11 @@
 //! `data prepare`, the shard reader/writer, the ShareGPT reader and the chitchat import.
 
 use crate::common::fixture_model_dir;
-use clover::chat::{ChatTokenizer, Message, Role};
-use clover::data::{
-    import_chitchat, prepare, read_conversations, read_split, split_of, write_samples,
-    Conversation, Manifest, PrepareArgs, Sample, SkipReason, Split,
-};
+use clover::data::chitchat::import_chitchat;
+use clover::data::prepare::{prepare, split_of, Manifest, PrepareArgs};
+use clover::data::shards::{read_split, write_samples, Sample, Split};
+use clover::data::sharegpt::{read_conversations, Conversation, SkipReason};
+use clover::formats::chat::{ChatTokenizer, Message, Role};
 use std::path::Path;
 
 fn args(input: &Path, out: &Path) -> PrepareArgs {
@@ -13,6 +13,7 @@ fn args(input: &Path, out: &Path) -> PrepareArgs {
         input: input.to_path_buf(),
         model: fixture_model_dir(),
         template: "chatml".into(),
+        no_system_prompt: false,
         out: out.to_path_buf(),
         max_len: 2048,
         eval_fraction: 0.3,

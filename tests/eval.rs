@@ -1,8 +1,9 @@
 //! `clover eval`: pooled figures by hand, and a small end-to-end run on SmolLM2.
-use clover::eval::{run, summarize, EvalArgs, TurnRecord};
-use clover::export::export_head;
-use clover::head::{DraftHead, HeadConfig};
-use clover::teacher::Teacher;
+use clover::decode::eval::{run, summarize, EvalArgs, TurnRecord};
+use clover::model::head::DraftHead;
+use clover::model::head_config::HeadConfig;
+use clover::model::teacher::Teacher;
+use clover::training::export::export_head;
 use tch::{Device, Kind};
 
 fn record(cat: &str, accepted: Vec<usize>, tokens: usize, secs: f64, base_secs: f64) -> TurnRecord {
@@ -91,11 +92,12 @@ fn eval_end_to_end_smollm2_random_head() {
         tree: None,
         temperature: 0.0,
         max_new_tokens: 12,
-        run_on: clover::teacher::RunOn::cpu(),
+        run_on: clover::model::device::RunOn::cpu(),
         limit: Some(2),
         per_category: None,
         report: Some(report.clone()),
         template: None,
+        no_system_prompt: false,
         seed: 0,
         warmup: 0,
     };
@@ -129,19 +131,19 @@ fn eval_end_to_end_smollm2_random_head() {
     let cats = json["tau_per_category"].as_object().unwrap();
     assert_eq!(cats.len(), 2);
     // `clover generate --draft` runs the same head speculatively.
-    let gen = clover::generate::GenerateArgs {
+    let gen = clover::cli::generate::GenerateArgs {
         model: model.clone(),
         prompt: "Say hello.".into(),
         chat: true,
         max_new_tokens: 6,
         temperature: 0.0,
         seed: 0,
-        run_on: clover::teacher::RunOn::cpu(),
+        run_on: clover::model::device::RunOn::cpu(),
         json: true,
         draft: Some(dir.join("draft")),
         tree: None,
     };
-    clover::generate::run(&gen).unwrap();
+    clover::cli::generate::run(&gen).unwrap();
 }
 
 #[test]
@@ -153,11 +155,14 @@ fn bad_question_files_are_reported_with_line_numbers() {
         "{\"question_id\": 1, \"turns\": [\"hi\"]}\n{\"question_id\": 2}\n",
     )
     .unwrap();
-    let err = format!("{:#}", clover::eval::read_questions(&file).unwrap_err());
+    let err = format!(
+        "{:#}",
+        clover::decode::eval::read_questions(&file).unwrap_err()
+    );
     assert!(err.contains("line 2"), "{err}");
     std::fs::write(&file, "{\"question_id\": 1, \"turns\": []}\n").unwrap();
-    assert!(clover::eval::read_questions(&file).is_err());
+    assert!(clover::decode::eval::read_questions(&file).is_err());
     std::fs::write(&file, "{\"question_id\": 1, \"turns\": [\"hi\"]}\n").unwrap();
-    let q = clover::eval::read_questions(&file).unwrap();
+    let q = clover::decode::eval::read_questions(&file).unwrap();
     assert_eq!(q[0].category, "default");
 }

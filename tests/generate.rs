@@ -1,6 +1,6 @@
 use crate::common::{fixture, fixture_teacher, smollm2_dir};
-use clover::generate::{generate, generate_batch, GenerationConfig};
-use clover::teacher::Teacher;
+use clover::decode::generate::{generate, generate_batch, GenerationConfig};
+use clover::model::teacher::Teacher;
 use tch::{Device, Kind};
 
 fn greedy(max_new_tokens: usize) -> GenerationConfig {
@@ -58,11 +58,11 @@ fn smollm2_greedy_ids_equal_transformers() {
     let cases: Vec<GreedyCase> =
         serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_greedy.json")).unwrap())
             .unwrap();
-    let chat = clover::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
+    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
     let teacher = Teacher::load(&dir, Device::Cpu, Kind::Float).unwrap();
     for case in cases {
-        let messages = [clover::chat::Message::new(
-            clover::chat::Role::User,
+        let messages = [clover::formats::chat::Message::new(
+            clover::formats::chat::Role::User,
             case.prompt.clone(),
         )];
         assert_eq!(
@@ -79,10 +79,10 @@ fn smollm2_greedy_ids_equal_transformers() {
 #[test]
 fn smollm2_knows_the_capital_of_france() {
     let dir = smollm2_dir();
-    let chat = clover::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
+    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
     let teacher = Teacher::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    let messages = [clover::chat::Message::new(
-        clover::chat::Role::User,
+    let messages = [clover::formats::chat::Message::new(
+        clover::formats::chat::Role::User,
         "What is the capital of France?",
     )];
     let prompt = chat.encode_prompt(&messages).unwrap();

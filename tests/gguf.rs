@@ -4,8 +4,11 @@
 //! GGUF loader) and scripts/golden_tokenizer.py (transformers' GGUF-converted tokenizer).
 
 use crate::common::{fixture, repo_root};
-use clover::gguf::{dequantize, import_gguf, GgmlType, GgufFile, Value};
-use clover::import::permute_rows;
+use clover::formats::dequant::dequantize;
+use clover::formats::dequant::GgmlType;
+use clover::formats::gguf::{GgufFile, Value};
+use clover::formats::import::import_gguf;
+use clover::formats::import::permute_rows;
 use safetensors::SafeTensors;
 use serde_json::Value as Json;
 use std::fs;

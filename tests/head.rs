@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 
 use crate::common::{f32_paths_bound, max_abs, max_abs_diff, tiny_head, tiny_teacher, F64_U};
-use clover::head::{attention_decoder, DraftHead};
-use clover::loss::{clover_loss, shift_for_training, teacher_targets, DistillTargets, LossWeights};
+use clover::model::head::{attention_decoder, DraftHead};
+use clover::training::loss::{
+    clover_loss, shift_for_training, teacher_targets, DistillTargets, LossWeights,
+};
 use tch::{Device, Kind, Tensor};
 
 fn t2(rows: &[[f64; 4]]) -> Tensor {
@@ -117,7 +119,7 @@ fn reference_init_follows_spec_and_seed() {
     let other = tiny_head(&teacher, 5, 8).named_tensors();
     assert_eq!(max_abs_diff(&again["clover_head_mlp2.weight"], fc1), 0.0);
     assert!(max_abs_diff(&other["clover_head_mlp2.weight"], fc1) > 0.0);
-    // Parameter count as spec §1.4's formula: 2 layers + 2 cells (3(H²+H)+H) + FC0 + FC1 + 2 norms.
+    // Parameter count as docs/clover2.md §1.4's formula: 2 layers + 2 cells (3(H²+H)+H) + FC0 + FC1 + 2 norms.
     let c = head.config();
     let (hh, i, q, kv) = (
         h,
@@ -132,7 +134,7 @@ fn reference_init_follows_spec_and_seed() {
 }
 
 fn ids(b: i64, t: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
+    let _rng = clover::rng::hold(seed);
     Tensor::randint(96, [b, t], (Kind::Int64, Device::Cpu))
 }
 
@@ -470,7 +472,7 @@ fn gradient_matches_finite_differences_in_f64() {
 
     // Directional derivatives over ALL parameters at once, along seeded ±1 directions drawn from a
     // Rust-side RNG (libtorch's global generator is shared by the test threads).
-    let mut rng = clover::trainer::SplitMix64::new(0x5eed_f00d);
+    let mut rng = clover::training::batches::SplitMix64::new(0x5eed_f00d);
     let mut probes: Vec<FdProbe> = (0..3)
         .map(|i| {
             let d = params

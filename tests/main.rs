@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod gguf;
 mod head;
+mod hostile;
 mod regenerate;
 mod speculative;
 mod targets;

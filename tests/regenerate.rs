@@ -1,5 +1,5 @@
 use crate::common::smollm2_dir;
-use clover::regenerate::{run, RegenerateArgs, OUTPUT_FILE};
+use clover::data::regenerate::{run, RegenerateArgs, OUTPUT_FILE};
 use std::path::Path;
 
 fn conversations(path: &Path) {
@@ -22,8 +22,9 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
         max_turns: Some(2),
         limit: None,
         template: "auto".into(),
+        no_system_prompt: false,
         seed: 0,
-        run_on: clover::teacher::RunOn::cpu(),
+        run_on: clover::model::device::RunOn::cpu(),
         max_batches,
         max_prompt_tokens: 1536,
     }

@@ -1,13 +1,15 @@
 //! Speculative decoding: lossless greedy output, lossless sampling (chi-square), KV compaction.
 use crate::common::{scratch_dir, Scratch};
-use clover::generate::{generate, GenerationConfig};
-use clover::head::{DraftHead, HeadConfig};
-use clover::speculative::{
+use clover::decode::generate::{generate, GenerationConfig};
+use clover::decode::sampling::Sampling;
+use clover::decode::speculative::{
     accept_greedy, accept_sampling, draft_topk, generate_speculative, generate_with_drafter,
-    Drafter, Sampling, VerifyPlan,
+    Drafter, VerifyPlan,
 };
-use clover::teacher::Teacher;
-use clover::tree::Tree;
+use clover::decode::tree::Tree;
+use clover::model::head::DraftHead;
+use clover::model::head_config::HeadConfig;
+use clover::model::teacher::Teacher;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -25,7 +27,7 @@ pub fn tiny_llama(tag: &str, vocab: i64, logit_scale: f64, seed: i64) -> Scratch
         "tie_word_embeddings": false, "max_position_embeddings": 512, "eos_token_id": 1,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    tch::manual_seed(seed);
+    let _rng = clover::rng::hold(seed);
     let w = |shape: &[i64], std: f64| Tensor::randn(shape, (Kind::Float, Device::Cpu)) * std;
     let inv = 1.0 / (h as f64).sqrt();
     let mut tensors: Vec<(String, Tensor)> = vec![
@@ -185,7 +187,7 @@ fn greedy_speculative_equals_plain_with_noisy_oracle() {
     .iter()
     .enumerate()
     {
-        tch::manual_seed(100 + i as i64);
+        let _rng = clover::rng::hold(100 + i as i64);
         let plain = plain_greedy(&teacher, prompt, 48, &[]);
         let mut drafter = oracle(&teacher, prompt, 1.5);
         let (spec, stats) = generate_with_drafter(
@@ -328,7 +330,7 @@ struct ToyModels {
 
 impl ToyModels {
     fn new(v: i64) -> Self {
-        tch::manual_seed(7);
+        let _rng = clover::rng::hold(7);
         let p_table = (Tensor::randn([v + 1, v + 1, v], (Kind::Float, Device::Cpu)) * 1.2)
             .softmax(-1, Kind::Float);
         // The draft is the truth mixed with noise: often right, often wrong.
@@ -374,7 +376,7 @@ fn tree_sampling_acceptance_is_lossless() {
         temperature: 1.0,
         seed: 0,
     };
-    tch::manual_seed(2024);
+    let _rng = clover::rng::hold(2024);
     let root = 0i64;
     let n_samples = 6000;
     let mut counts = vec![0usize; (v * v) as usize];
@@ -460,7 +462,7 @@ fn chi_square_detects_a_lossy_sampler() {
     let toy = ToyModels::new(v);
     let p1 = ToyModels::row(&toy.p_table, &[0], v);
     let q = ToyModels::row(&toy.q_table, &[0], v);
-    tch::manual_seed(5);
+    let _rng = clover::rng::hold(5);
     let mut counts = vec![0usize; v as usize];
     for _ in 0..6000 {
         let x = q.multinomial(1, true).int64_value(&[0]);
@@ -515,7 +517,7 @@ fn speculative_sampling_end_to_end_first_tokens() {
     let n = 1500;
     // A bigram draft built from the teacher's own next-token logits after each single token, plus
     // noise: close enough to be accepted often, different enough to be rejected often.
-    tch::manual_seed(99);
+    let _rng = clover::rng::hold(99);
     let table = tch::no_grad(|| {
         let singles = Tensor::arange(v, (Kind::Int64, Device::Cpu)).unsqueeze(1);
         let l = last_logits(&teacher, &singles);
@@ -650,9 +652,9 @@ fn greedy_speculative_equals_plain_smollm2_random_head() {
     let teacher = load(&dir);
     let head = random_head(&teacher, 1);
     let tree = Tree::load(None).unwrap();
-    let chat = clover::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
-    let messages = [clover::chat::Message::new(
-        clover::chat::Role::User,
+    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
+    let messages = [clover::formats::chat::Message::new(
+        clover::formats::chat::Role::User,
         "Name three primary colors and explain why they are called primary.".to_string(),
     )];
     let prompt = chat.encode_prompt(&messages).unwrap();
@@ -698,8 +700,8 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         seed: 0,
         stop_ids: vec![],
     };
-    let answers = clover::generate::generate_batch(&teacher, &prompts, &cfg).unwrap();
-    let samples: Vec<clover::data::Sample> = prompts
+    let answers = clover::decode::generate::generate_batch(&teacher, &prompts, &cfg).unwrap();
+    let samples: Vec<clover::data::shards::Sample> = prompts
         .iter()
         .zip(&answers)
         .enumerate()
@@ -708,7 +710,7 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
             let loss_mask = (0..input_ids.len())
                 .map(|j| u8::from(j >= p.len()))
                 .collect();
-            clover::data::Sample {
+            clover::data::shards::Sample {
                 id: format!("s{i}"),
                 input_ids,
                 loss_mask,
@@ -723,20 +725,21 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         dir.display(),
         out.display()
     );
-    let train_cfg = clover::trainer::TrainConfig::from_toml(&toml, "trained-tiny").unwrap();
-    let outcome = clover::trainer::train(
+    let train_cfg =
+        clover::training::config::TrainConfig::from_toml(&toml, "trained-tiny").unwrap();
+    let outcome = clover::training::trainer::train(
         &train_cfg,
         &teacher,
-        clover::trainer::Source::Online(samples),
+        clover::training::trainer::Source::Online(samples),
         vec![],
         false,
-        &clover::trainer::TrainOptions::default(),
+        &clover::training::config::TrainOptions::default(),
     )
     .unwrap();
     let ck = outcome
         .last_checkpoint
         .expect("training writes a final checkpoint");
-    let (head_cfg, tensors) = clover::trainer::read_checkpoint_head(&ck).unwrap();
+    let (head_cfg, tensors) = clover::training::checkpoint::read_checkpoint_head(&ck).unwrap();
     let trained = DraftHead::from_tensors(&teacher, head_cfg, &tensors).unwrap();
     let untrained = random_head(&teacher, 3);
     let tree = Tree::load(None).unwrap();

@@ -1,6 +1,6 @@
 use crate::common::{f32_paths_bound, fixture, fixture_teacher, max_abs};
-use clover::data::{write_samples, Sample, Split};
-use clover::targets::{run, DistillArgs, DistillCache, SAMPLES_PER_SHARD};
+use clover::data::shards::{write_samples, Sample, Split};
+use clover::training::targets::{run, DistillArgs, DistillCache, SAMPLES_PER_SHARD};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 

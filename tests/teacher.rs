@@ -1,7 +1,8 @@
 use crate::common::{
     f32_paths_bound, fixture, fixture_teacher, max_abs, max_abs_diff, read_golden,
 };
-use clover::teacher::{LlamaConfig, Teacher};
+use clover::model::config::LlamaConfig;
+use clover::model::teacher::Teacher;
 use tch::{Device, Kind, Tensor};
 
 /// Widest reduction per block of the tiny fixtures, for `f32_paths_bound`: two decoder layers

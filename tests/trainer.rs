@@ -4,17 +4,21 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::common::{max_abs_diff, repo_root, tiny_head, tiny_teacher};
-use clover::data::Sample;
-use clover::export::export_head;
-use clover::head::DraftHead;
-use clover::trainer::{
-    epoch_batches, evaluate, list_checkpoints, lr_factor, read_checkpoint_head, resolve_checkpoint,
-    train, AdamW, Source, TrainConfig, TrainOptions, CK_TEACHER_CONFIG,
+use clover::data::shards::Sample;
+use clover::model::head::DraftHead;
+use clover::training::batches::epoch_batches;
+use clover::training::checkpoint::{
+    list_checkpoints, read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG,
 };
+use clover::training::config::{TrainConfig, TrainOptions};
+use clover::training::evaluate::evaluate;
+use clover::training::export::export_head;
+use clover::training::optimizer::{lr_factor, AdamW};
+use clover::training::trainer::{train, Source};
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
 fn samples(n: usize, seed: u64) -> Vec<Sample> {
-    let mut rng = clover::trainer::SplitMix64::new(seed);
+    let mut rng = clover::training::batches::SplitMix64::new(seed);
     (0..n)
         .map(|i| {
             let len = 6 + (rng.next_u64() % 12) as usize;
@@ -210,6 +214,15 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
     assert_eq!(json["clover"]["num_heads"], 3);
     assert_eq!(json["clover"]["decay_coefficient"], 0.7);
     assert_eq!(json["hidden_size"], 64);
+    // The draft runs RoPE unscaled with its own base (docs/clover2.md G2), whatever the teacher's
+    // scaling (this teacher's is llama3-style, theta 500000): the exported config says so.
+    let teacher_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join(CK_TEACHER_CONFIG)).unwrap())
+            .unwrap();
+    assert_eq!(teacher_json["rope_parameters"]["rope_type"], "llama3");
+    assert_eq!(json.get("rope_scaling"), Some(&serde_json::Value::Null));
+    assert!(json.get("rope_parameters").is_none());
+    assert_eq!(json["rope_theta"], 10000.0);
     let keys: Vec<String> = Tensor::read_safetensors(exported.join("model.safetensors"))
         .unwrap()
         .into_iter()
@@ -435,10 +448,12 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
     let root = crate::common::scratch_dir("trainer", "offline");
     let data = root.join("data");
     let train_set = samples(12, 21);
-    clover::data::write_samples(&data, clover::data::Split::Train, &train_set).unwrap();
-    clover::data::write_samples(&data, clover::data::Split::Eval, &samples(3, 22)).unwrap();
+    clover::data::shards::write_samples(&data, clover::data::shards::Split::Train, &train_set)
+        .unwrap();
+    clover::data::shards::write_samples(&data, clover::data::shards::Split::Eval, &samples(3, 22))
+        .unwrap();
     let cache = root.join("cache");
-    clover::targets::run(&clover::targets::DistillArgs {
+    clover::training::targets::run(&clover::training::targets::DistillArgs {
         data: data.clone(),
         model: repo_root().join("tests/fixtures/tiny-llama-untied"),
         out: cache.clone(),
@@ -473,14 +488,14 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         root.join("offline").display()
     );
     std::fs::write(root.join("offline.toml"), toml).unwrap();
-    clover::trainer::run(&clover::trainer::TrainArgs {
+    clover::cli::train::run(&clover::cli::train::TrainArgs {
         config: root.join("offline.toml"),
         resume: false,
         profile: "auto".into(),
     })
     .unwrap();
     let lines = std::fs::read_to_string(root.join("offline/metrics.jsonl")).unwrap();
-    let offline: Vec<clover::trainer::StepRecord> = lines
+    let offline: Vec<clover::training::metrics::StepRecord> = lines
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();

@@ -1,5 +1,5 @@
-//! Default tree buffers against spec §4.2 / §4.4, and explicit-parent handling (G11).
-use clover::tree::{mc_sim_7b_63, Tree, DEFAULT_TOP_K};
+//! Default tree buffers against docs/clover2.md §4.2 / §4.4, and explicit-parent handling (G11).
+use clover::decode::tree::{mc_sim_7b_63, Tree, DEFAULT_TOP_K};
 use tch::Device;
 
 fn default_tree() -> Tree {
@@ -75,7 +75,7 @@ fn default_attn_mask_is_diagonal_root_and_ancestors() {
             assert_eq!(t.attn_mask[i][j], want, "mask[{i}][{j}]");
         }
     }
-    // Spot checks from spec §4.4: column 0 everywhere, diagonal, and node 24 = [0,0,0,0,0]
+    // Spot checks from docs/clover2.md §4.4: column 0 everywhere, diagonal, and node 24 = [0,0,0,0,0]
     // sees exactly 0,1,5,13,21,24.
     assert!((0..26).all(|i| t.attn_mask[i][0] && t.attn_mask[i][i]));
     let row24: Vec<usize> = (0..26).filter(|&j| t.attn_mask[24][j]).collect();

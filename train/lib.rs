@@ -1,25 +1,34 @@
 //! clover: train and evaluate Clover-2 speculative-decoding draft heads with libtorch.
 //!
-//! Data flows one way through the modules: `gguf` + `import` (bring a model in) → `chat` / `data`
-//! (conversations to tokenized parquet; `regenerate` for self-distillation) → `targets` (teacher
-//! states) → `head` + `trainer` (the draft head) → `export` → `tree` + `speculative` → `eval`.
-//! `teacher` is the frozen model every stage runs; `generate` is its plain decoding.
+//! The crate is six wings; each imports only the ones listed before it, so data flows one way:
+//!
+//! 1. [`formats`]: files in and out. GGUF reading and dequantisation, `import-gguf` to an
+//!    HF-style model dir, chat templates (rendering with an assistant loss mask), safetensors.
+//! 2. [`model`]: the LLaMA config and layers, the frozen [`model::teacher::Teacher`], the Clover-2
+//!    [`model::head::DraftHead`] and its config, and the device/dtype policy.
+//! 3. [`decode`]: sampling rules, plain generation, static trees, tree-attention speculative
+//!    decoding with a draft head, and `eval` (tau and speed on held-out prompts).
+//! 4. [`data`]: ShareGPT input -> conversations -> tokenized parquet shards (`prepare`), the chitchat
+//!    import, and self-distillation (`regenerate`, which answers with `decode`).
+//! 5. [`training`]: distillation targets (the teacher's cached states), the training config,
+//!    batches, the per-depth loss, AdamW and schedule, checkpoints, metrics, held-out evaluation,
+//!    the trainer loop, and `export` of a checkpoint as the reference's safetensors layout.
+//! 6. [`cli`]: the `clover` command line on top: parses options and hands them to the wings.
+//!
+//! Leaves every wing may use: [`checks`] (valid ranges of settings), [`progress`] (bars on a
+//! terminal, plain lines in a log) and [`rng`] (seeded, exclusive draws from libtorch's generator).
+//!
+//! A training step: `data::shards` (samples) -> `training::targets` (cached states, offline) or
+//! `model::teacher` (online) -> `training::batches` -> `model::head` -> `training::loss` ->
+//! `training::optimizer` -> `training::checkpoint`. The design, with shapes and the places where
+//! clover knowingly differs from the reference implementation, is written in `docs/clover2.md`.
 
-pub mod bench;
-pub mod chat;
+pub mod checks;
 pub mod cli;
 pub mod data;
-pub mod eval;
-pub mod export;
-pub mod files;
-pub mod generate;
-pub mod gguf;
-pub mod head;
-pub mod import;
-pub mod loss;
-pub mod regenerate;
-pub mod speculative;
-pub mod targets;
-pub mod teacher;
-pub mod trainer;
-pub mod tree;
+pub mod decode;
+pub mod formats;
+pub mod model;
+pub mod progress;
+pub mod rng;
+pub mod training;

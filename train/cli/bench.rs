@@ -1,0 +1,168 @@
+//! `clover bench`: throughput figures written as JSON (never asserted in tests).
+//!
+//! Teacher prefill and decode tokens/s on the CPU, and on CUDA when present; with
+//! `--conversations`, also the data stages: prepare tokens/s, distill tokens/s and the cache's
+//! bytes per token.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::shards::{read_split, write_samples, Split};
+use crate::decode::generate::{generate, GenerationConfig};
+use crate::model::device::parse_kind;
+use crate::model::teacher::Teacher;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Teacher model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Where to write the JSON report.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 512)]
+    pub prefill_tokens: i64,
+    /// Tokens decoded for the decode measurement.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
+    pub decode_tokens: usize,
+    /// Dtype on CUDA (the CPU always runs f32).
+    #[arg(long, default_value = "bf16")]
+    pub cuda_dtype: String,
+    /// ShareGPT conversations for the data-stage figures (prepare and distill).
+    #[arg(long)]
+    pub conversations: Option<PathBuf>,
+    /// Conversations distilled for the distill figure (prepare uses them all).
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
+    pub distill_samples: usize,
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let mut devices = vec![(Device::Cpu, Kind::Float)];
+    if tch::Cuda::is_available() {
+        devices.push((Device::Cuda(0), parse_kind(&args.cuda_dtype)?));
+    }
+    let mut reports = vec![];
+    for (device, kind) in devices {
+        let teacher = Teacher::load(&args.model, device, kind)?;
+        let report = bench_teacher(&teacher, args)?;
+        println!("{}", serde_json::to_string(&report)?);
+        reports.push(report);
+    }
+    let data = match &args.conversations {
+        Some(conversations) => bench_data(args, conversations)?,
+        None => Value::Null,
+    };
+    let out = json!({ "model": args.model, "teacher": reports, "data": data });
+    std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn bench_teacher(teacher: &Teacher, args: &BenchArgs) -> Result<Value> {
+    let device = teacher.device();
+    let vocab = teacher.config.vocab_size;
+    let n = args.prefill_tokens;
+    let ids = Tensor::randint_low(10, vocab, [1, n], (Kind::Int64, device));
+    let positions = Tensor::arange(n, (Kind::Int64, device)).unsqueeze(0);
+    let prefill =
+        || tch::no_grad(|| teacher.logits(&teacher.forward(&ids, &positions, None, None)));
+    let _ = prefill(); // warm-up
+    sync(device);
+    let start = Instant::now();
+    let reps = 3;
+    for _ in 0..reps {
+        let _ = prefill();
+    }
+    sync(device);
+    let prefill_tps = (reps * n) as f64 / start.elapsed().as_secs_f64();
+    let prompt: Vec<i64> = (0..32).map(|i| 100 + i).collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: args.decode_tokens,
+        temperature: 0.0,
+        seed: 0,
+        stop_ids: vec![],
+    };
+    generate(teacher, &prompt, &cfg)?; // warm-up
+    let timed = generate(teacher, &prompt, &cfg)?;
+    let decoded = timed.answer.token_ids.len().saturating_sub(1).max(1);
+    Ok(json!({
+        "device": format!("{device:?}"),
+        "dtype": format!("{:?}", teacher.kind()),
+        "threads": tch::get_num_threads(),
+        "prefill_tokens": n,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens": decoded,
+        "decode_tokens_per_s": decoded as f64 / timed.decode_seconds,
+    }))
+}
+
+/// Prepare all `conversations`, then distill the first `distill_samples` train samples on the
+/// best device, in a scratch directory that is removed afterwards.
+fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value> {
+    use crate::data::prepare::{prepare, PrepareArgs};
+    let scratch = std::env::temp_dir().join(format!("clover-bench-{}", std::process::id()));
+    let prepared = scratch.join("prepared");
+    let start = Instant::now();
+    let summary = prepare(&PrepareArgs {
+        input: conversations.to_path_buf(),
+        model: args.model.clone(),
+        template: "auto".into(),
+        no_system_prompt: false,
+        out: prepared.clone(),
+        max_len: 2048,
+        eval_fraction: 0.0,
+        seed: 0,
+    })?;
+    let prepare_seconds = start.elapsed().as_secs_f64();
+    let mut samples = read_split(&prepared, Split::Train)?;
+    samples.truncate(args.distill_samples);
+    let subset = scratch.join("subset");
+    write_samples(&subset, Split::Train, &samples)?;
+    let cache = scratch.join("cache");
+    let device = if tch::Cuda::is_available() {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    let start = Instant::now();
+    crate::training::targets::run(&crate::training::targets::DistillArgs {
+        data: subset,
+        model: args.model.clone(),
+        out: cache.clone(),
+        device: device.into(),
+        dtype: "bf16".into(),
+        shard: "0/1".into(),
+        batch_tokens: 8192,
+        max_shards: None,
+    })?;
+    let distill_seconds = start.elapsed().as_secs_f64();
+    let distilled: usize = samples.iter().map(|s| s.input_ids.len()).sum();
+    let cache_bytes: u64 = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    std::fs::remove_dir_all(&scratch).ok();
+    Ok(json!({
+        "conversations": conversations,
+        "prepare_tokens": summary.tokens,
+        "prepare_tokens_per_s": summary.tokens as f64 / prepare_seconds,
+        "distill_device": device,
+        "distill_tokens": distilled,
+        "distill_tokens_per_s": distilled as f64 / distill_seconds,
+        "cache_bytes_per_token": cache_bytes as f64 / distilled as f64,
+    }))
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}

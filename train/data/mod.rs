@@ -1,0 +1,9 @@
+//! Conversation data: ShareGPT input, chat rendering into tokenized shards, the chitchat import,
+//! self-distillation (regenerate) and the file helpers of resumable jobs.
+
+pub mod chitchat;
+pub mod jobfiles;
+pub mod prepare;
+pub mod regenerate;
+pub mod shards;
+pub mod sharegpt;

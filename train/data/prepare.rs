@@ -1,0 +1,309 @@
+//! `clover data prepare`: conversations -> chat-template rendering with an assistant loss mask ->
+//! tokenized parquet shards with a deterministic train/eval split and a manifest.
+
+use crate::data::shards::write_samples;
+use crate::data::shards::Sample;
+use crate::data::shards::Split;
+use crate::data::sharegpt::read_conversations;
+use crate::data::sharegpt::Conversation;
+use crate::data::sharegpt::SkipReason;
+use crate::data::sharegpt::Skipped;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::progress::Progress;
+use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::formats::chat::ChatTokenizer;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrepareArgs {
+    /// ShareGPT file: a JSON list, JSONL, or parquet with a `conversations` column.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// HF-style model dir (tokenizer.json, tokenizer_config.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// vicuna | llama3 | chatml | auto (the model's own chat_template).
+    #[arg(long, default_value = "auto", value_parser = ["vicuna", "llama3", "chatml", "auto"])]
+    pub template: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Conversations longer than this many tokens are truncated to it (as the reference does).
+    #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 2048)]
+    pub max_len: usize,
+    #[arg(long, value_parser = crate::checks::fraction_below_one, default_value_t = 0.05)]
+    pub eval_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
+    /// their own system message either way).
+    #[arg(long)]
+    pub no_system_prompt: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Records read from the input.
+    pub read: usize,
+    pub kept: usize,
+    pub train: usize,
+    pub eval: usize,
+    /// Skipped records by reason.
+    pub skipped: BTreeMap<String, usize>,
+    /// Kept conversations whose first (assistant) message was dropped.
+    pub dropped_first_assistant: usize,
+    /// Kept conversations cut to `max_len` tokens.
+    pub truncated: usize,
+    pub tokens: usize,
+    pub assistant_tokens: usize,
+}
+
+impl Summary {
+    fn count_skip(&mut self, reason: SkipReason) {
+        *self.skipped.entry(reason.name().to_string()).or_default() += 1;
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "read {} records, kept {} (train {}, eval {})",
+            self.read, self.kept, self.train, self.eval
+        )?;
+        let skipped: usize = self.skipped.values().sum();
+        writeln!(f, "skipped {skipped}")?;
+        for (reason, count) in &self.skipped {
+            writeln!(f, "  {reason}: {count}")?;
+        }
+        writeln!(
+            f,
+            "first message from the assistant dropped: {}",
+            self.dropped_first_assistant
+        )?;
+        writeln!(
+            f,
+            "truncated to --max-len (their tails are not trained on): {}",
+            self.truncated
+        )?;
+        write!(
+            f,
+            "tokens {}, assistant tokens {}",
+            self.tokens, self.assistant_tokens
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub source: PathBuf,
+    pub template: String,
+    /// The default system prompt put before conversations without one (LLaMA-3), if any.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    pub model: PathBuf,
+    pub max_len: usize,
+    pub eval_fraction: f64,
+    pub seed: u64,
+    pub vocab_size: usize,
+    pub train_shards: Vec<String>,
+    pub eval_shards: Vec<String>,
+    pub summary: Summary,
+}
+
+// ----------------------------------------------------------------------------------------------
+// prepare
+
+pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
+    let summary = prepare(args)?;
+    println!("{summary}");
+    println!("wrote {}", args.out.join("manifest.json").display());
+    Ok(())
+}
+
+/// The whole `prepare` step; returns the summary also saved in the manifest.
+pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
+    // The library checks what the command line's parsers check, for callers that skip them.
+    ensure!(
+        (0.0..1.0).contains(&args.eval_fraction),
+        "--eval-fraction must lie in [0, 1) (1 would leave nothing to train on), got {}",
+        args.eval_fraction
+    );
+    ensure!(
+        args.max_len >= 2,
+        "--max-len must be at least 2 (one input and one target token), got {}",
+        args.max_len
+    );
+    let chat = ChatTokenizer::from_model_dir(&args.model, Some(&args.template))?
+        .with_system_prompt(!args.no_system_prompt);
+    let (conversations, notes) = read_conversations(&args.input)?;
+    let mut summary = Summary {
+        read: count_records(&conversations, &notes),
+        ..Summary::default()
+    };
+    let mut skip_messages = Vec::new();
+    for note in &notes {
+        if note.reason == SkipReason::LeadingAssistant {
+            summary.dropped_first_assistant += 1;
+        } else {
+            summary.count_skip(note.reason);
+            skip_messages.push(format!("skipped {note}"));
+        }
+    }
+
+    let encoded = tokenize_all(&chat, &conversations, args.max_len);
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (conversation, result) in conversations.iter().zip(encoded) {
+        match result {
+            Ok((sample, truncated)) => {
+                summary.truncated += usize::from(truncated);
+                summary.tokens += sample.input_ids.len();
+                summary.assistant_tokens += sample.loss_mask.iter().filter(|&&m| m != 0).count();
+                match split_of(&sample.id, args.seed, args.eval_fraction) {
+                    Split::Train => train.push(sample),
+                    Split::Eval => eval.push(sample),
+                }
+            }
+            Err((reason, detail)) => {
+                summary.count_skip(reason);
+                let id = &conversation.id;
+                skip_messages.push(format!("skipped id {id}: {}: {detail}", reason.name()));
+            }
+        }
+    }
+    print_skips(&skip_messages);
+    summary.train = train.len();
+    summary.eval = eval.len();
+    summary.kept = train.len() + eval.len();
+    if summary.kept == 0 {
+        bail!(
+            "{}: no usable conversation\n{summary}",
+            args.input.display()
+        );
+    }
+    ensure!(
+        !train.is_empty(),
+        "{}: every kept conversation fell into the eval split (--eval-fraction {}): nothing to \
+         train on",
+        args.input.display(),
+        args.eval_fraction
+    );
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let train_shards = write_samples(&args.out, Split::Train, &train)?;
+    let eval_shards = write_samples(&args.out, Split::Eval, &eval)?;
+    let manifest = Manifest {
+        source: args.input.clone(),
+        template: args.template.clone(),
+        system_prompt: chat.system_prompt().map(str::to_string),
+        model: args.model.clone(),
+        max_len: args.max_len,
+        eval_fraction: args.eval_fraction,
+        seed: args.seed,
+        vocab_size: chat.vocab_size(),
+        train_shards,
+        eval_shards,
+        summary: summary.clone(),
+    };
+    let path = args.out.join("manifest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(summary)
+}
+
+/// The first few skip messages: enough to see what is wrong without flooding the terminal.
+fn print_skips(messages: &[String]) {
+    const SHOWN: usize = 20;
+    for message in messages.iter().take(SHOWN) {
+        eprintln!("{message}");
+    }
+    if messages.len() > SHOWN {
+        eprintln!(
+            "... and {} more skipped records (counts in the summary)",
+            messages.len() - SHOWN
+        );
+    }
+}
+
+/// Records = kept conversations + records skipped while reading (dropped messages aren't records).
+fn count_records(conversations: &[Conversation], notes: &[Skipped]) -> usize {
+    conversations.len()
+        + notes
+            .iter()
+            .filter(|n| n.reason != SkipReason::LeadingAssistant)
+            .count()
+}
+
+type Encoded = std::result::Result<(Sample, bool), (SkipReason, String)>;
+
+/// Tokenizes in parallel, in input order; the bool says the sample was truncated.
+fn tokenize_all(
+    chat: &ChatTokenizer,
+    conversations: &[Conversation],
+    max_len: usize,
+) -> Vec<Encoded> {
+    let mut bar = Progress::new("prepare (conversations)", conversations.len() as u64);
+    let encoded = conversations
+        .par_iter()
+        .map(|conversation| {
+            let result = tokenize_one(chat, conversation, max_len);
+            bar.inc(1);
+            result
+        })
+        .collect();
+    bar.finish();
+    encoded
+}
+
+/// Over-long conversations are truncated to `max_len`, as the reference trainer does (spec
+/// §2.1), rather than skipped: their first `max_len` tokens are still good training data.
+fn tokenize_one(chat: &ChatTokenizer, conversation: &Conversation, max_len: usize) -> Encoded {
+    let (mut input_ids, mut loss_mask) = chat
+        .encode_conversation(&conversation.messages)
+        .map_err(|e| (SkipReason::TemplateError, format!("{e:#}")))?;
+    let truncated = input_ids.len() > max_len;
+    input_ids.truncate(max_len);
+    loss_mask.truncate(max_len);
+    if !loss_mask.contains(&1) {
+        return Err((
+            SkipReason::NoAssistantTokens,
+            format!("{} tokens, none from the assistant", input_ids.len()),
+        ));
+    }
+    let sample = Sample {
+        id: conversation.id.clone(),
+        input_ids,
+        loss_mask,
+    };
+    Ok((sample, truncated))
+}
+
+/// Deterministic split: a hash of (id, seed) mapped to [0, 1) below `eval_fraction` goes to eval.
+pub fn split_of(id: &str, seed: u64, eval_fraction: f64) -> Split {
+    let unit = (stable_hash(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64;
+    if unit < eval_fraction {
+        Split::Eval
+    } else {
+        Split::Train
+    }
+}
+
+/// FNV-1a over the bytes, seeded, with a splitmix64 finalizer: stable across runs and platforms.
+fn stable_hash(bytes: &[u8], seed: u64) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+// ----------------------------------------------------------------------------------------------
+// parquet shards

@@ -1,0 +1,481 @@
+//! `clover eval`: tau and speed of speculative decoding with a draft head on MT-bench /
+//! Spec-Bench style prompts, against plain decoding of the same prompts (docs/clover2.md §5).
+//!
+//! Each question's turns are asked in order with the model's chat template; the history keeps
+//! the PLAIN (baseline) answer to each turn, so both decoders always see the same prompt. At T = 0
+//! the speculative answer must be identical (any difference is counted in `lossless_mismatches`);
+//! at T > 0 both answers are samples of the same law.
+//!
+//! Definitions (docs/clover2.md §5, G12):
+//! - `tau` = committed tokens / verification steps, pooled over all turns: each step commits its
+//!   accepted drafts plus the teacher's own token (bonus counted). The prefill's first token is
+//!   not a verification step and is not counted.
+//! - `tau_reference_variant` = the same tokens / Σ(steps − 1) per turn (the reference
+//!   `tau_spe.py` divides by the last loop index), slightly larger.
+//! - `acceptance_per_depth[d-1]` = fraction of steps that accepted at least d drafts.
+//! - `tokens_per_s` = answer tokens / wall seconds (prefill included), pooled over all turns (the
+//!   reference averages per-question ratios; pooling weighs long answers more). `speedup` is its
+//!   ratio to `baseline_tokens_per_s`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::progress::Progress;
+use anyhow::{ensure, Context, Result};
+use serde::Serialize;
+
+use crate::decode::generate::{generate, GenerationConfig};
+use crate::decode::sampling::Sampling;
+use crate::decode::speculative::{generate_speculative, SpecStats};
+use crate::decode::tree::Tree;
+use crate::formats::chat::{ChatTokenizer, Message, Role};
+use crate::model::head::{load_head, DraftHead};
+use crate::model::teacher::Teacher;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Teacher model directory (HF layout).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Exported draft head directory (model.safetensors + config.json).
+    #[arg(long)]
+    pub draft: PathBuf,
+    /// JSONL questions: {"question_id", "category", "turns": [..]} (MT-bench / Spec-Bench).
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Tree: "mc_sim_7b_63" (default) or a JSON file with a list of paths.
+    #[arg(long)]
+    pub tree: Option<String>,
+    /// 0 = greedy; > 0 = lossless tree speculative sampling.
+    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Device and dtype; the head runs in the teacher's dtype.
+    #[command(flatten)]
+    pub run_on: crate::model::device::RunOn,
+    /// Evaluate only the first N questions.
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub limit: Option<usize>,
+    /// Evaluate only the first N questions of each category (applied before --limit), so a
+    /// small run still covers every category.
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub per_category: Option<usize>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Chat template: the model's own by default ("auto"), or vicuna / llama3 / chatml.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Base seed; question i uses seed + i (the reference seeds per question).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Untimed warm-up generations (of each decoder) before measuring.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
+    /// their own system message either way).
+    #[arg(long)]
+    pub no_system_prompt: bool,
+}
+
+/// One MT-bench / Spec-Bench question.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Question {
+    pub question_id: serde_json::Value,
+    #[serde(default = "default_category")]
+    pub category: String,
+    pub turns: Vec<String>,
+}
+
+fn default_category() -> String {
+    "default".into()
+}
+
+/// Read a JSONL question file (blank lines skipped).
+pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading prompts {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let q: Question = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{} line {}: expected {{\"question_id\", \"category\", \"turns\": [..]}}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        ensure!(
+            !q.turns.is_empty(),
+            "{} line {}: question {} has no turns",
+            path.display(),
+            i + 1,
+            q.question_id
+        );
+        out.push(q);
+    }
+    ensure!(!out.is_empty(), "{} holds no questions", path.display());
+    Ok(out)
+}
+
+/// Measurements of one turn.
+#[derive(Debug, Clone, Serialize)]
+pub struct TurnRecord {
+    pub question_id: String,
+    pub category: String,
+    pub turn: usize,
+    pub new_tokens: usize,
+    pub seconds: f64,
+    pub baseline_new_tokens: usize,
+    pub baseline_seconds: f64,
+    /// Accepted drafts per verification step.
+    pub accepted: Vec<usize>,
+    /// At T = 0: speculative ids differ from plain ids.
+    pub mismatch: bool,
+    /// Host-side split of the speculative steps (exact on the CPU; on CUDA, kernels run
+    /// asynchronously, so time drifts into the verify part, which ends with a device sync).
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+}
+
+impl TurnRecord {
+    fn committed(&self) -> usize {
+        self.accepted.iter().map(|a| a + 1).sum()
+    }
+}
+
+/// Pooled figures for a set of turns.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Pooled {
+    pub turns: usize,
+    pub steps: usize,
+    pub tau: f64,
+    pub tau_reference_variant: f64,
+    pub new_tokens: usize,
+    pub tokens_per_s: f64,
+    pub baseline_tokens_per_s: f64,
+    pub speedup: f64,
+}
+
+fn pool<'a>(records: impl Iterator<Item = &'a TurnRecord>) -> Pooled {
+    let (mut turns, mut steps, mut ref_steps, mut committed) = (0, 0, 0, 0);
+    let (mut tokens, mut secs, mut base_tokens, mut base_secs) = (0, 0.0, 0, 0.0);
+    for r in records {
+        turns += 1;
+        steps += r.accepted.len();
+        ref_steps += r.accepted.len().saturating_sub(1);
+        committed += r.committed();
+        tokens += r.new_tokens;
+        secs += r.seconds;
+        base_tokens += r.baseline_new_tokens;
+        base_secs += r.baseline_seconds;
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let tokens_per_s = ratio(tokens as f64, secs);
+    let baseline_tokens_per_s = ratio(base_tokens as f64, base_secs);
+    Pooled {
+        turns,
+        steps,
+        tau: ratio(committed as f64, steps as f64),
+        tau_reference_variant: ratio(committed as f64, ref_steps as f64),
+        new_tokens: tokens,
+        tokens_per_s,
+        baseline_tokens_per_s,
+        speedup: ratio(tokens_per_s, baseline_tokens_per_s),
+    }
+}
+
+/// The JSON report of `clover eval`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub tau: f64,
+    pub tau_reference_variant: f64,
+    pub tau_per_category: BTreeMap<String, f64>,
+    pub acceptance_per_depth: Vec<f64>,
+    pub tokens_per_s: f64,
+    pub baseline_tokens_per_s: f64,
+    pub speedup: f64,
+    pub tree_tokens: usize,
+    pub temperature: f64,
+    pub device: String,
+    pub dtype: String,
+    pub n_prompts: usize,
+    pub n_turns: usize,
+    pub new_tokens: usize,
+    pub baseline_new_tokens: usize,
+    pub verification_steps: usize,
+    pub lossless_mismatches: usize,
+    pub max_new_tokens: usize,
+    /// Σ draft / Σ verify seconds of the speculative steps (see `TurnRecord`).
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+    pub per_category: BTreeMap<String, Pooled>,
+    pub turns: Vec<TurnRecord>,
+}
+
+/// Pool the turn records into the report's figures.
+pub fn summarize(records: &[TurnRecord], max_depth: usize) -> EvalReport {
+    let all = pool(records.iter());
+    let mut per_category = BTreeMap::new();
+    for cat in records.iter().map(|r| r.category.clone()) {
+        if !per_category.contains_key(&cat) {
+            let pooled = pool(records.iter().filter(|r| r.category == cat));
+            per_category.insert(cat, pooled);
+        }
+    }
+    let acceptance_per_depth = (1..=max_depth)
+        .map(|d| {
+            let hits: usize = records
+                .iter()
+                .map(|r| r.accepted.iter().filter(|&&a| a >= d).count())
+                .sum();
+            if all.steps > 0 {
+                hits as f64 / all.steps as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    EvalReport {
+        tau: all.tau,
+        tau_reference_variant: all.tau_reference_variant,
+        tau_per_category: per_category
+            .iter()
+            .map(|(k, v)| (k.clone(), v.tau))
+            .collect(),
+        acceptance_per_depth,
+        tokens_per_s: all.tokens_per_s,
+        baseline_tokens_per_s: all.baseline_tokens_per_s,
+        speedup: all.speedup,
+        tree_tokens: 0,
+        temperature: 0.0,
+        device: String::new(),
+        dtype: String::new(),
+        n_prompts: 0,
+        n_turns: records.len(),
+        new_tokens: all.new_tokens,
+        baseline_new_tokens: records.iter().map(|r| r.baseline_new_tokens).sum(),
+        verification_steps: all.steps,
+        lossless_mismatches: records.iter().filter(|r| r.mismatch).count(),
+        max_new_tokens: 0,
+        draft_seconds: records.iter().map(|r| r.draft_seconds).sum(),
+        verify_seconds: records.iter().map(|r| r.verify_seconds).sum(),
+        per_category,
+        turns: records.to_vec(),
+    }
+}
+
+/// Everything one evaluation needs, loaded once.
+struct Setup {
+    teacher: Teacher,
+    head: DraftHead,
+    chat: ChatTokenizer,
+    tree: Tree,
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let (device, kind) = args.run_on.resolve()?;
+    let teacher = Teacher::load(&args.model, device, kind)?;
+    let head = load_head(&args.draft, &teacher)?;
+    let chat = ChatTokenizer::from_model_dir(&args.model, args.template.as_deref())?
+        .with_system_prompt(!args.no_system_prompt);
+    let tree = Tree::load(args.tree.as_deref())?;
+    let mut questions = read_questions(&args.prompts)?;
+    if let Some(n) = args.per_category {
+        let mut seen = std::collections::HashMap::new();
+        questions.retain(|q| {
+            let count = seen.entry(q.category.clone()).or_insert(0usize);
+            *count += 1;
+            *count <= n
+        });
+    }
+    if let Some(n) = args.limit {
+        questions.truncate(n);
+    }
+    let setup = Setup {
+        teacher,
+        head,
+        chat,
+        tree,
+    };
+    warm_up(&setup, &questions[0], args)?;
+    let records = evaluate(&setup, &questions, args)?;
+    let mut report = summarize(&records, setup.tree.max_depth());
+    report.tree_tokens = setup.tree.len();
+    report.temperature = args.temperature;
+    report.device = device_name(device);
+    report.dtype = format!("{kind:?}");
+    report.n_prompts = questions.len();
+    report.max_new_tokens = args.max_new_tokens;
+    print_table(&report);
+    if let Some(path) = &args.report {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing report {}", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// Untimed runs so one-off costs (kernel selection, allocator growth) stay out of the figures.
+fn warm_up(setup: &Setup, question: &Question, args: &EvalArgs) -> Result<()> {
+    let prompt = setup
+        .chat
+        .encode_prompt(&[Message::new(Role::User, question.turns[0].clone())])?;
+    let max_new = args.max_new_tokens.min(16);
+    for _ in 0..args.warmup {
+        let cfg = plain_config(args, max_new, 0, vec![]);
+        generate(&setup.teacher, &prompt, &cfg)?;
+        let sampling = Sampling {
+            temperature: args.temperature,
+            seed: args.seed as i64,
+        };
+        generate_speculative(
+            &setup.teacher,
+            &setup.head,
+            &setup.tree,
+            &prompt,
+            max_new,
+            sampling,
+            &[],
+        )?;
+    }
+    Ok(())
+}
+
+fn plain_config(
+    args: &EvalArgs,
+    max_new: usize,
+    seed: u64,
+    stop_ids: Vec<i64>,
+) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: max_new,
+        temperature: args.temperature,
+        seed,
+        stop_ids,
+    }
+}
+
+/// Ask every turn of every question with both decoders.
+fn evaluate(setup: &Setup, questions: &[Question], args: &EvalArgs) -> Result<Vec<TurnRecord>> {
+    let total: usize = questions.iter().map(|q| q.turns.len()).sum();
+    let mut bar = Progress::new("eval (turns)", total as u64);
+    let stop_ids = setup.chat.stop_ids();
+    let mut records = Vec::with_capacity(total);
+    for (qi, q) in questions.iter().enumerate() {
+        let seed = args.seed + qi as u64;
+        let mut history: Vec<Message> = Vec::new();
+        for (ti, turn) in q.turns.iter().enumerate() {
+            history.push(Message::new(Role::User, turn.clone()));
+            let prompt = setup.chat.encode_prompt(&history)?;
+            let cfg = plain_config(args, args.max_new_tokens, seed, stop_ids.clone());
+            let plain = generate(&setup.teacher, &prompt, &cfg).with_context(|| {
+                format!("question {} turn {}: plain decoding", q.question_id, ti + 1)
+            })?;
+            let sampling = Sampling {
+                temperature: args.temperature,
+                seed: seed as i64,
+            };
+            let (spec, stats): (_, SpecStats) = generate_speculative(
+                &setup.teacher,
+                &setup.head,
+                &setup.tree,
+                &prompt,
+                args.max_new_tokens,
+                sampling,
+                &stop_ids,
+            )
+            .with_context(|| {
+                format!(
+                    "question {} turn {}: speculative decoding",
+                    q.question_id,
+                    ti + 1
+                )
+            })?;
+            let mismatch =
+                args.temperature <= 0.0 && spec.answer.token_ids != plain.answer.token_ids;
+            records.push(TurnRecord {
+                question_id: id_string(&q.question_id),
+                category: q.category.clone(),
+                turn: ti + 1,
+                new_tokens: spec.answer.token_ids.len(),
+                seconds: spec.prefill_seconds + spec.decode_seconds,
+                baseline_new_tokens: plain.answer.token_ids.len(),
+                baseline_seconds: plain.prefill_seconds + plain.decode_seconds,
+                mismatch,
+                draft_seconds: stats.draft_seconds,
+                verify_seconds: stats.verify_seconds,
+                accepted: stats.accepted,
+            });
+            let answer = setup.chat.decode(&plain.answer.token_ids)?;
+            history.push(Message::new(Role::Assistant, answer));
+            let so_far = pool(records.iter());
+            bar.set_message(format!(
+                "tau {:.2} speedup {:.2}x",
+                so_far.tau, so_far.speedup
+            ));
+            bar.inc(1);
+        }
+    }
+    bar.finish();
+    Ok(records)
+}
+
+fn id_string(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(r: &EvalReport) {
+    println!(
+        "{:<16} {:>6} {:>7} {:>10} {:>11} {:>8}",
+        "category", "turns", "tau", "tok/s", "base tok/s", "speedup"
+    );
+    let row = |name: &str, p: &Pooled| {
+        println!(
+            "{:<16} {:>6} {:>7.3} {:>10.1} {:>11.1} {:>7.2}x",
+            name, p.turns, p.tau, p.tokens_per_s, p.baseline_tokens_per_s, p.speedup
+        );
+    };
+    for (cat, p) in &r.per_category {
+        row(cat, p);
+    }
+    let all = pool(r.turns.iter());
+    row("all", &all);
+    let depths: Vec<String> = r
+        .acceptance_per_depth
+        .iter()
+        .map(|a| format!("{a:.3}"))
+        .collect();
+    println!(
+        "tau {:.3} (reference variant {:.3}), acceptance per depth [{}], tree {} tokens, T = {}, \
+         {} {}, {} prompts, {} new tokens, lossless mismatches {}, draft {:.2}s / verify {:.2}s",
+        r.tau,
+        r.tau_reference_variant,
+        depths.join(", "),
+        r.tree_tokens,
+        r.temperature,
+        r.device,
+        r.dtype,
+        r.n_prompts,
+        r.new_tokens,
+        r.lossless_mismatches,
+        r.draft_seconds,
+        r.verify_seconds
+    );
+}

@@ -1,0 +1,164 @@
+//! A LLaMA-family `config.json`: shape, RoPE (theta and llama3-style scaling), special tokens.
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use serde::Deserialize;
+
+/// llama3-style frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default = "one")]
+    pub factor: f64,
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    #[serde(default = "default_original_max")]
+    pub original_max_position_embeddings: i64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn four() -> f64 {
+    4.0
+}
+fn default_original_max() -> i64 {
+    8192
+}
+
+/// The fields of an HF `config.json` that a LLaMA-family decoder needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub vocab_size: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: i64,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_ids: Vec<i64>,
+    pub pad_token_id: Option<i64>,
+}
+
+/// `eos_token_id` is an int in most configs and a list in LLaMA3's.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    vocab_size: i64,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<RopeScaling>,
+    /// transformers 5 writes `rope_theta` and the scaling fields together under this key.
+    rope_parameters: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    max_position_embeddings: Option<i64>,
+    bos_token_id: Option<i64>,
+    eos_token_id: Option<OneOrMany>,
+    pad_token_id: Option<i64>,
+    model_type: Option<String>,
+}
+
+impl LlamaConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read model config {}", path.display()))?;
+        let raw: RawConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a LLaMA-style config.json", path.display()))?;
+        if let Some(t) = raw.model_type.as_deref() {
+            ensure!(
+                matches!(t, "llama" | "mistral" | "qwen2" | "smollm" | "smollm2"),
+                "{}: model_type {t:?} is not a LLaMA-family decoder",
+                path.display()
+            );
+        }
+        ensure!(
+            raw.num_attention_heads > 0 && raw.hidden_size % raw.num_attention_heads == 0,
+            "{}: hidden_size {} is not divisible by num_attention_heads {}",
+            path.display(),
+            raw.hidden_size,
+            raw.num_attention_heads
+        );
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        ensure!(
+            raw.num_attention_heads % num_key_value_heads == 0,
+            "{}: num_attention_heads {} is not a multiple of num_key_value_heads {num_key_value_heads}",
+            path.display(),
+            raw.num_attention_heads
+        );
+        let (rope_theta, rope_scaling) = rope_settings(&raw, path)?;
+        let eos_token_ids = match raw.eos_token_id {
+            Some(OneOrMany::One(id)) => vec![id],
+            Some(OneOrMany::Many(ids)) => ids,
+            None => vec![],
+        };
+        Ok(Self {
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads,
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads),
+            vocab_size: raw.vocab_size,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids,
+            pad_token_id: raw.pad_token_id,
+        })
+    }
+}
+
+/// RoPE base and scaling from either the transformers 4 keys (`rope_theta`, `rope_scaling`) or
+/// the transformers 5 `rope_parameters` object.
+fn rope_settings(raw: &RawConfig, path: &Path) -> Result<(f64, Option<RopeScaling>)> {
+    let mut theta = raw.rope_theta;
+    let mut scaling = raw.rope_scaling.clone();
+    if let Some(params) = &raw.rope_parameters {
+        theta = theta.or(params.get("rope_theta").and_then(|v| v.as_f64()));
+        if scaling.is_none() && params.get("rope_type").is_some() {
+            scaling = Some(serde_json::from_value(params.clone()).with_context(|| {
+                format!(
+                    "{}: rope_parameters is not a rope scaling object",
+                    path.display()
+                )
+            })?);
+        }
+    }
+    let scaling = scaling.filter(|s| s.rope_type != "default");
+    if let Some(s) = &scaling {
+        ensure!(
+            s.rope_type == "llama3",
+            "{}: rope scaling type {:?} is not supported (only llama3)",
+            path.display(),
+            s.rope_type
+        );
+    }
+    Ok((theta.unwrap_or(10000.0), scaling))
+}

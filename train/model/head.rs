@@ -1,0 +1,453 @@
+//! The Clover-2 draft head (docs/clover2.md §1): Attention-Decoder cells, the 2-layer Augmenting Block,
+//! `clover_norm`, FC0 / the weight-tied regressive FC with `clover_head_norm`, the frozen teacher
+//! lm_head and the lm_head-tied frozen embedding table.
+//!
+//! Trainable parameters live in a `tch::nn::VarStore` under the reference's state-dict names
+//! (docs/clover2.md §1.4) so that export is a plain rename-free write. They are f32 master weights; forward
+//! passes cast them to `compute_kind` (bf16 on CUDA training = our manual autocast, see
+//! `set_compute_kind`), or the whole store can be cast with `to_kind` for inference.
+
+use crate::model::head_config::HeadConfig;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::model::config::LlamaConfig;
+use crate::model::layers::{rms_norm, DecoderLayer, KvCache, Rope};
+use crate::model::teacher::Teacher;
+
+/// Adds `tensor` to the store under a dotted reference name (tch paths cannot contain '.').
+fn add_named_var(root: &nn::Path, name: &str, tensor: &Tensor) {
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let leaf = parts.pop().unwrap_or(name);
+    let mut path = root.clone();
+    for part in parts {
+        path = path.sub(part);
+    }
+    let _variable = path.var_copy(leaf, tensor);
+}
+
+/// U[0, 0.01) noise as `nn.init.uniform_(t, b=0.01)` (a = 0: all positive), generated on the CPU so
+/// the seeded init is the same on every device.
+fn small_uniform(shape: &[i64]) -> Tensor {
+    Tensor::rand(shape, (Kind::Float, Device::Cpu)) * 0.01
+}
+
+/// Identity plus U[0,0.01), the reference's init of the cell's q,k and of FC0.
+fn eye_plus_uniform(h: i64) -> Tensor {
+    Tensor::eye(h, (Kind::Float, Device::Cpu)) + small_uniform(&[h, h])
+}
+
+/// The reference's `part_eye_with_uniform` for FC1 [H, 2H]: U[0,0.01) with the identity added on
+/// the first H input columns (the state half of concat[state, emb], G7).
+fn part_eye_uniform(h: i64) -> Tensor {
+    let w = small_uniform(&[h, 2 * h]);
+    let eye = Tensor::eye(h, (Kind::Float, Device::Cpu));
+    Tensor::cat(&[&w.narrow(1, 0, h) + eye, w.narrow(1, h, h)], 1)
+}
+
+/// One Attention-Decoder cell (docs/clover2.md §1.2): per-head cosine gate of q = W_q RMSNorm(x) + b_q against
+/// k = W_k y + b_k, scaling v = W_v y + b_v, plus the residual. No softmax, no output projection.
+pub fn attention_decoder(
+    x: &Tensor,
+    y: &Tensor,
+    norm_w: &Tensor,
+    q: (&Tensor, &Tensor),
+    k: (&Tensor, &Tensor),
+    v: (&Tensor, &Tensor),
+    num_heads: i64,
+    eps: f64,
+) -> Tensor {
+    let h = x.size().last().copied().unwrap_or(0);
+    let d = h / num_heads;
+    let lead: Vec<i64> = x.size()[..x.dim() - 1].to_vec();
+    let mut split = lead.clone();
+    split.extend([num_heads, d]);
+    let qh = rms_norm(x, norm_w, eps)
+        .linear(q.0, Some(q.1))
+        .reshape(split.as_slice());
+    let kh = y.linear(k.0, Some(k.1)).reshape(split.as_slice());
+    let vh = y.linear(v.0, Some(v.1)).reshape(split.as_slice());
+    // torch.cosine_similarity with eps = rms_norm_eps, as the reference (G8).
+    let gate = Tensor::cosine_similarity(&qh, &kh, -1, eps).unsqueeze(-1);
+    x + (gate * vh).reshape(x.size().as_slice())
+}
+
+/// The Clover-2 draft head attached to a frozen teacher.
+pub struct DraftHead {
+    cfg: HeadConfig,
+    draft_llama: LlamaConfig,
+    vs: nn::VarStore,
+    /// The teacher's lm_head weight [V,H]: the same tensor (no copy). It is also the draft's token
+    /// embedding table (row v = embedding of token v, G8). Frozen.
+    lm_head: Tensor,
+    rope: Rope,
+    compute_kind: Kind,
+    /// Shallow clones of the store's variables by name (they share storage and autograd with it).
+    vars: BTreeMap<String, Tensor>,
+}
+
+impl DraftHead {
+    /// A head with the reference initialisation (§1.1) from the teacher, seeded.
+    pub fn new(teacher: &Teacher, cfg: HeadConfig, seed: i64) -> Result<Self> {
+        cfg.check_against(&teacher.config)?;
+        let init = crate::rng::seeded(seed, || reference_init(teacher, &cfg))?;
+        Self::from_tensors(teacher, cfg, &init)
+    }
+
+    /// Loads an exported head directory (model.safetensors + config.json, see `export`).
+    pub fn load(dir: &Path, teacher: &Teacher) -> Result<Self> {
+        let cfg = HeadConfig::from_export_json(&dir.join("config.json"))?;
+        cfg.check_against(&teacher.config)?;
+        let file = dir.join("model.safetensors");
+        let tensors = read_head_tensors(&file, &cfg)?;
+        Self::from_tensors(teacher, cfg, &tensors)
+    }
+
+    /// Builds the store from named f32 tensors; every name of `trainable_shapes` must be present
+    /// with its shape.
+    pub fn from_tensors(
+        teacher: &Teacher,
+        cfg: HeadConfig,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<Self> {
+        cfg.check_against(&teacher.config)?;
+        check_head_tensors(&cfg, tensors, "head tensors")?;
+        let device = teacher.device();
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        for (name, _) in cfg.trainable_shapes() {
+            let t = tensors[&name].to_kind(Kind::Float).to_device(device);
+            add_named_var(&root, &name, &t);
+        }
+        let draft_llama = cfg.draft_llama_config(&teacher.config);
+        let rope = Rope::new(&draft_llama, device);
+        Ok(DraftHead {
+            cfg,
+            draft_llama,
+            vs,
+            lm_head: teacher.lm_head_weight().shallow_clone(),
+            rope,
+            compute_kind: Kind::Float,
+            vars: BTreeMap::new(),
+        }
+        .with_var_cache())
+    }
+
+    pub fn config(&self) -> &HeadConfig {
+        &self.cfg
+    }
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+    pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
+        &mut self.vs
+    }
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+    pub fn compute_kind(&self) -> Kind {
+        self.compute_kind
+    }
+
+    /// Casts the trainable weights themselves (inference: e.g. to the teacher's f16/bf16).
+    pub fn to_kind(&mut self, kind: Kind) {
+        self.vs.set_kind(kind);
+        self.compute_kind = kind;
+        self.vars = self.vs.variables().into_iter().collect();
+    }
+
+    fn with_var_cache(mut self) -> Self {
+        self.vars = self.vs.variables().into_iter().collect();
+        self
+    }
+
+    /// Keeps the master weights as they are but runs the forward in `kind` (weights cast on use,
+    /// differentiable): our bf16 autocast on CUDA, since tch's `autocast` only offers f16.
+    pub fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute_kind = kind;
+    }
+
+    /// Trainable parameter count.
+    pub fn num_parameters(&self) -> i64 {
+        self.vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
+    }
+
+    /// A trainable tensor by reference name, cast to the compute kind.
+    fn w(&self, name: &str) -> Result<Tensor> {
+        let var = self
+            .vars
+            .get(name)
+            .with_context(|| format!("draft head has no tensor {name}"))?;
+        Ok(if var.kind() == self.compute_kind {
+            var.shallow_clone()
+        } else {
+            var.to_kind(self.compute_kind)
+        })
+    }
+
+    fn wu(&self, name: &str) -> Tensor {
+        // Names come from `trainable_shapes`, all created in `from_tensors`: absence is a bug.
+        self.w(name).unwrap_or_else(|e| panic!("draft head: {e}"))
+    }
+
+    /// Token embeddings: rows of the frozen lm_head weight (G8).
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        let flat = ids.reshape([-1]);
+        let mut shape = ids.size();
+        shape.push(self.cfg.hidden_size);
+        self.lm_head
+            .index_select(0, &flat)
+            .reshape(shape.as_slice())
+            .to_kind(self.compute_kind)
+    }
+
+    fn cell(&self, prefix: &str, x: &Tensor, y: &Tensor) -> Tensor {
+        let p = |s: &str| self.wu(&format!("{prefix}.{s}"));
+        let (qw, qb, kw, kb, vw, vb) = (
+            p("q.weight"),
+            p("q.bias"),
+            p("k.weight"),
+            p("k.bias"),
+            p("v.weight"),
+            p("v.bias"),
+        );
+        attention_decoder(
+            x,
+            y,
+            &p("input_layernorm.weight"),
+            (&qw, &qb),
+            (&kw, &kb),
+            (&vw, &vb),
+            self.cfg.num_attention_heads,
+            self.cfg.rms_norm_eps,
+        )
+    }
+
+    fn norm(&self, name: &str, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.wu(name), self.cfg.rms_norm_eps)
+    }
+
+    /// The Augmenting-Block layers, rebuilt per call from the (possibly cast) trainable weights so
+    /// autograd reaches the master variables.
+    fn augmenting_layers(&self) -> Vec<DecoderLayer> {
+        (0..self.cfg.num_layers)
+            .map(|l| {
+                let get = |rel: &str| self.w(&format!("layers.{l}.{rel}"));
+                DecoderLayer::from_weights(&self.draft_llama, &get)
+                    .unwrap_or_else(|e| panic!("draft layer {l}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Depth 0 (§1.3): u = teacher pre-norm states [B,S,H], next_ids = x_{t+1} [B,S] (G4 shift done
+    /// by the caller), positions [B,S]; mask as `Teacher::forward` (None = causal); optional draft
+    /// KV cache (num_layers layers). Returns (o0 after clover_head_norm, s0 = clover_norm(block)).
+    pub fn depth0(
+        &self,
+        u: &Tensor,
+        next_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> (Tensor, Tensor) {
+        let u = u.to_kind(self.compute_kind);
+        let a = self.cell("clover_head_mlp_rnn", &u, &self.embed(next_ids));
+        let mut z = a;
+        let angles = self.rope.cos_sin(positions);
+        for (l, layer) in self.augmenting_layers().iter().enumerate() {
+            z = layer.forward(&z, &angles, mask, cache.as_deref_mut(), l);
+        }
+        if let Some(c) = cache {
+            c.advance(next_ids.size()[1]);
+        }
+        let s0 = self.norm("clover_norm.weight", &z);
+        let fc0 = s0.linear(
+            &self.wu("clover_head_mlp.weight"),
+            Some(self.wu("clover_head_mlp.bias")),
+        );
+        (self.norm("clover_head_norm.weight", &fc0), s0)
+    }
+
+    /// Depth k >= 1 RNN step (weight-tied): state [..,H], token ids [..] -> (o, s) where s is the
+    /// new carried state (the cell output, not the FC output: G7).
+    pub fn step(&self, state: &Tensor, token_ids: &Tensor) -> (Tensor, Tensor) {
+        let state = state.to_kind(self.compute_kind);
+        let emb = self.embed(token_ids);
+        let s = self.cell("clover_head_mlp_rnn2", &state, &emb);
+        let fc_in = Tensor::cat(&[&s, &emb], -1);
+        let fc = fc_in.linear(
+            &self.wu("clover_head_mlp2.weight"),
+            Some(self.wu("clover_head_mlp2.bias")),
+        );
+        (self.norm("clover_head_norm.weight", &fc), s)
+    }
+
+    /// Logits through the frozen teacher lm_head, in the lm_head's kind.
+    pub fn logits(&self, o: &Tensor) -> Tensor {
+        o.to_kind(self.lm_head.kind()).matmul(&self.lm_head.tr())
+    }
+
+    /// The frozen lm_head weight [V,H] (shared with the teacher).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// An empty draft KV cache for `batch` rows (num_layers layers, compute kind).
+    pub fn new_cache(&self, batch: i64) -> KvCache {
+        KvCache::new(&self.draft_llama, batch, self.device(), self.compute_kind)
+    }
+
+    /// Training forward, all depths teacher-forced as the reference's `get_all_head` (§1.3, G5):
+    /// depth i gets state[:, :T-i] and emb[:, i:]; returns o_i with T-i rows each.
+    pub fn depth_outputs(
+        &self,
+        u: &Tensor,
+        next_ids: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Vec<Tensor> {
+        let (b, t) = (next_ids.size()[0], next_ids.size()[1]);
+        let positions = Tensor::arange(t, (Kind::Int64, self.device()))
+            .unsqueeze(0)
+            .expand([b, t], true);
+        let (o0, mut state) = self.depth0(u, next_ids, &positions, mask, None);
+        let mut outs = vec![o0];
+        for i in 1..self.cfg.num_depths.min(t) {
+            let tok = next_ids.narrow(1, i, t - i);
+            let (o, s) = self.step(&state.narrow(1, 0, t - i), &tok);
+            outs.push(o);
+            state = s;
+        }
+        outs
+    }
+
+    /// The trainable tensors by reference name (shallow clones of the variables).
+    pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    /// Copies values into the variables (same names and shapes; used by resume and init_from).
+    pub fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        check_head_tensors(&self.cfg, tensors, "loaded head tensors")?;
+        let vars = self.named_tensors();
+        tch::no_grad(|| -> Result<()> {
+            for (name, mut var) in vars {
+                let src = &tensors[&name];
+                var.f_copy_(&src.to_kind(var.kind()).to_device(var.device()))
+                    .with_context(|| format!("copying head tensor {name}"))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The reference initialisation (§1.1) as named CPU f32 tensors. The global torch seed must be
+/// set by the caller.
+fn reference_init(teacher: &Teacher, cfg: &HeadConfig) -> Result<BTreeMap<String, Tensor>> {
+    let h = cfg.hidden_size;
+    let teacher_w = |name: &str| -> Result<Tensor> {
+        Ok(teacher
+            .weight(name)
+            .with_context(|| format!("teacher weight {name} for the draft init"))?
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu))
+    };
+    let mut out = BTreeMap::new();
+    let src = format!("model.layers.{}", cfg.init_from_layer);
+    for (name, _) in cfg.trainable_shapes() {
+        if let Some(rest) = name.strip_prefix("layers.") {
+            // "layers.{l}.<rel>": every Augmenting-Block layer copies the same base layer (G1).
+            let rel = rest.split_once('.').map(|x| x.1).unwrap_or(rest);
+            out.insert(name.clone(), teacher_w(&format!("{src}.{rel}"))?);
+        }
+    }
+    let final_norm = teacher_w("model.norm.weight")?;
+    out.insert("clover_norm.weight".into(), final_norm.copy());
+    out.insert("clover_head_norm.weight".into(), final_norm);
+    // Order of random draws: fixed, so a seed gives one init.
+    for cell in ["clover_head_mlp_rnn", "clover_head_mlp_rnn2"] {
+        out.insert(
+            format!("{cell}.input_layernorm.weight"),
+            Tensor::ones([h], (Kind::Float, Device::Cpu)),
+        );
+        out.insert(format!("{cell}.q.weight"), eye_plus_uniform(h));
+        out.insert(format!("{cell}.k.weight"), eye_plus_uniform(h));
+        out.insert(format!("{cell}.v.weight"), small_uniform(&[h, h]));
+        for p in ["q", "k", "v"] {
+            out.insert(
+                format!("{cell}.{p}.bias"),
+                Tensor::zeros([h], (Kind::Float, Device::Cpu)),
+            );
+        }
+    }
+    out.insert("clover_head_mlp.weight".into(), eye_plus_uniform(h));
+    out.insert(
+        "clover_head_mlp.bias".into(),
+        Tensor::zeros([h], (Kind::Float, Device::Cpu)),
+    );
+    out.insert("clover_head_mlp2.weight".into(), part_eye_uniform(h));
+    out.insert(
+        "clover_head_mlp2.bias".into(),
+        Tensor::zeros([h], (Kind::Float, Device::Cpu)),
+    );
+    Ok(out)
+}
+
+/// Fails loudly when a required head tensor is missing or misshapen.
+pub fn check_head_tensors(
+    cfg: &HeadConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    what: &str,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, shape) in cfg.trainable_shapes() {
+        match tensors.get(&name) {
+            None => problems.push(format!("missing {name}")),
+            Some(t) if t.size() != shape => problems.push(format!(
+                "{name}: shape {:?}, expected {:?}",
+                t.size(),
+                shape
+            )),
+            Some(_) => {}
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{what}: {}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// Reads the head's tensors from a safetensors file (extra keys such as lm_head.weight are ignored,
+/// as the reference's strict=False loader does), checking names and shapes.
+pub fn read_head_tensors(file: &Path, cfg: &HeadConfig) -> Result<BTreeMap<String, Tensor>> {
+    let all =
+        Tensor::read_safetensors(file).with_context(|| format!("reading {}", file.display()))?;
+    let wanted: std::collections::HashSet<String> =
+        cfg.trainable_shapes().into_iter().map(|x| x.0).collect();
+    let tensors: BTreeMap<String, Tensor> = all
+        .into_iter()
+        .filter(|(n, _)| wanted.contains(n))
+        .collect();
+    check_head_tensors(cfg, &tensors, &file.display().to_string())?;
+    Ok(tensors)
+}
+
+/// Load an exported draft head for inference next to `teacher`, in the teacher's dtype (the
+/// reference casts the draft to the base dtype).
+pub fn load_head(dir: &std::path::Path, teacher: &Teacher) -> Result<DraftHead> {
+    let mut head = DraftHead::load(dir, teacher)
+        .with_context(|| format!("loading draft head {}", dir.display()))?;
+    if teacher.kind() != Kind::Float {
+        head.to_kind(teacher.kind());
+    }
+    Ok(head)
+}

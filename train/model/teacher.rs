@@ -1,0 +1,216 @@
+//! The frozen teacher: a LLaMA-family decoder (LLaMA 1/2/3, Vicuna, Mistral-style GQA, SmolLM2)
+//! loaded from a Hugging Face model directory.
+//!
+//! Besides logits, the forward pass returns the last layer's hidden state *before* the final
+//! RMSNorm, because that pre-norm state is the Clover-2 draft input (docs/clover2.md G3). Attention takes
+//! explicit position ids and an optional boolean mask over the KV-cached prefix plus the new
+//! tokens, which is what tree verification needs (docs/clover2.md §4.5, G16).
+//!
+//! The decoder layer, RoPE and RMSNorm here are also the building blocks of the draft head's
+//! Augmenting Block, so there is one LLaMA implementation in the crate.
+
+use crate::model::config::LlamaConfig;
+use crate::model::layers::rms_norm;
+use crate::model::layers::DecoderLayer;
+use crate::model::layers::KvCache;
+use crate::model::layers::Rope;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+/// The frozen teacher model.
+pub struct Teacher {
+    pub config: LlamaConfig,
+    pub dir: PathBuf,
+    weights: HashMap<String, Tensor>,
+    layers: Vec<DecoderLayer>,
+    rope: Rope,
+    device: Device,
+    kind: Kind,
+}
+
+impl Teacher {
+    /// Load an HF LLaMA-family directory: config.json plus model.safetensors, or the shards
+    /// listed in model.safetensors.index.json.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        ensure!(
+            dir.is_dir(),
+            "model directory {} does not exist",
+            dir.display()
+        );
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let mut weights = HashMap::new();
+        for file in weight_files(dir)? {
+            let tensors = Tensor::read_safetensors(&file)
+                .with_context(|| format!("cannot read weights {}", file.display()))?;
+            for (name, t) in tensors {
+                let t = if t.is_floating_point() {
+                    t.to_device(device).to_kind(kind)
+                } else {
+                    t.to_device(device)
+                };
+                weights.insert(name, t);
+            }
+        }
+        if !weights.contains_key("lm_head.weight") {
+            ensure!(
+                config.tie_word_embeddings,
+                "{}: lm_head.weight is missing and tie_word_embeddings is false",
+                dir.display()
+            );
+            let embed = weights
+                .get("model.embed_tokens.weight")
+                .with_context(|| {
+                    format!("{}: model.embed_tokens.weight is missing", dir.display())
+                })?
+                .shallow_clone();
+            weights.insert("lm_head.weight".into(), embed);
+        }
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let get = |name: &str| {
+                    lookup(&weights, dir, &format!("model.layers.{i}.{name}"))
+                        .map(Tensor::shallow_clone)
+                };
+                DecoderLayer::from_weights(&config, &get)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let h = config.hidden_size;
+        for (name, shape) in [
+            ("model.embed_tokens.weight", [config.vocab_size, h]),
+            ("lm_head.weight", [config.vocab_size, h]),
+        ] {
+            let t = lookup(&weights, dir, name)?;
+            ensure!(
+                t.size() == shape,
+                "{}: {name} has shape {:?}, config.json implies {shape:?}",
+                dir.display(),
+                t.size()
+            );
+        }
+        lookup(&weights, dir, "model.norm.weight")?;
+        Ok(Self {
+            rope: Rope::new(&config, device),
+            config,
+            dir: dir.to_path_buf(),
+            weights,
+            layers,
+            device,
+            kind,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self, batch: i64) -> KvCache {
+        KvCache::new(&self.config, batch, self.device, self.kind)
+    }
+
+    /// ids [B,S]; positions [B,S]; mask None (causal) or bool [B|1,1,S,cache_len+S]. Appends the
+    /// new K/V rows to `cache` and returns the last layer's pre-norm hidden state [B,S,H].
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let mut x = Tensor::embedding(
+            &self.weights["model.embed_tokens.weight"],
+            ids,
+            -1,
+            false,
+            false,
+        );
+        let angles = self.rope.cos_sin(positions);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &angles, mask, cache.as_deref_mut(), i);
+        }
+        if let Some(cache) = cache {
+            cache.advance(ids.size()[1]);
+        }
+        x
+    }
+
+    pub fn final_norm(&self, u: &Tensor) -> Tensor {
+        rms_norm(
+            u,
+            &self.weights["model.norm.weight"],
+            self.config.rms_norm_eps,
+        )
+    }
+
+    pub fn lm_head(&self, h: &Tensor) -> Tensor {
+        h.linear::<Tensor>(self.lm_head_weight(), None)
+    }
+
+    pub fn logits(&self, u: &Tensor) -> Tensor {
+        self.lm_head(&self.final_norm(u))
+    }
+
+    pub fn lm_head_weight(&self) -> &Tensor {
+        &self.weights["lm_head.weight"]
+    }
+
+    pub fn weight(&self, hf_name: &str) -> Result<&Tensor> {
+        lookup(&self.weights, &self.dir, hf_name)
+    }
+}
+
+fn lookup<'a>(weights: &'a HashMap<String, Tensor>, dir: &Path, name: &str) -> Result<&'a Tensor> {
+    weights
+        .get(name)
+        .with_context(|| format!("{}: weight {name} is missing", dir.display()))
+}
+
+/// The safetensors files of a model dir: the shards named by model.safetensors.index.json, or
+/// the single model.safetensors. Missing shards are reported all at once.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = json["weight_map"]
+            .as_object()
+            .with_context(|| format!("{} has no weight_map", index.display()))?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        let missing: Vec<&String> = shards.iter().filter(|s| !dir.join(s).exists()).collect();
+        if !missing.is_empty() {
+            bail!(
+                "{}: {} of {} weight shards listed in model.safetensors.index.json are missing: {}",
+                dir.display(),
+                missing.len(),
+                shards.len(),
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        return Ok(shards.iter().map(|s| dir.join(s)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    ensure!(
+        single.exists(),
+        "{}: neither model.safetensors nor model.safetensors.index.json is present",
+        dir.display()
+    );
+    Ok(vec![single])
+}

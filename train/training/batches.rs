@@ -1,0 +1,157 @@
+//! Training batches: a deterministic data order (SplitMix64 from seed and epoch), length-bucketed
+//! batches under a token budget, and padded device tensors with the shifted loss mask.
+
+use anyhow::{ensure, Result};
+use tch::{Kind, Tensor};
+
+use crate::data::shards::Sample;
+use crate::model::teacher::Teacher;
+use crate::training::loss::shift_for_training;
+
+/// SplitMix64: a tiny deterministic RNG for data order, reproducible from (seed, epoch).
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Length-bucketed batches of one epoch: shuffle, sort by length within windows of `window`
+/// samples, cut batches of at most `batch_tokens` padded tokens, shuffle the batch order.
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_tokens: usize,
+    window: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut order);
+    let mut batches = Vec::new();
+    for chunk in order.chunks(window.max(1)) {
+        let mut sorted = chunk.to_vec();
+        sorted.sort_by_key(|&i| lengths[i]);
+        let mut current: Vec<usize> = Vec::new();
+        for i in sorted {
+            let longest = current
+                .iter()
+                .map(|&j| lengths[j])
+                .max()
+                .unwrap_or(0)
+                .max(lengths[i]);
+            if !current.is_empty() && longest * (current.len() + 1) > batch_tokens {
+                batches.push(std::mem::take(&mut current));
+            }
+            current.push(i);
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+    }
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// A padded batch on the device: the head's inputs and the shifted mask.
+pub struct Batch {
+    /// Teacher pre-norm states [B,T,H].
+    pub u: Tensor,
+    /// x_{t+1} at position t [B,T] (G4).
+    pub next_ids: Tensor,
+    /// Shifted 0/1 loss mask [B,T] f32 (last real position and padding are 0).
+    pub mask: Tensor,
+    /// Real (unpadded) tokens.
+    pub tokens: usize,
+    /// Input ids [B,T] (padding 0), for the chained eval.
+    pub ids: Tensor,
+}
+
+fn truncated(s: &Sample, max_len: usize) -> (&[i64], &[u8]) {
+    let n = s.input_ids.len().min(max_len);
+    (&s.input_ids[..n], &s.loss_mask[..s.loss_mask.len().min(n)])
+}
+
+/// Right-pads samples into tensors; `states` (offline) are their cached [T,H] teacher states,
+/// otherwise the teacher runs under no_grad.
+pub fn make_batch(
+    teacher: &Teacher,
+    samples: &[&Sample],
+    states: Option<Vec<Tensor>>,
+    max_len: usize,
+) -> Result<Batch> {
+    let device = teacher.device();
+    ensure!(!samples.is_empty(), "empty batch");
+    let width = samples
+        .iter()
+        .map(|s| truncated(s, max_len).0.len())
+        .max()
+        .unwrap_or(0);
+    ensure!(width >= 2, "samples need at least 2 tokens");
+    let b = samples.len();
+    let (mut ids, mut next, mut mask) = (
+        vec![0i64; b * width],
+        vec![0i64; b * width],
+        vec![0f32; b * width],
+    );
+    let mut tokens = 0;
+    for (r, s) in samples.iter().enumerate() {
+        let (sid, smask) = truncated(s, max_len);
+        let (n_ids, n_mask) = shift_for_training(sid, smask);
+        let o = r * width;
+        ids[o..o + sid.len()].copy_from_slice(sid);
+        next[o..o + sid.len()].copy_from_slice(&n_ids);
+        mask[o..o + sid.len()].copy_from_slice(&n_mask);
+        tokens += sid.len();
+    }
+    let shape = [b as i64, width as i64];
+    let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+    let u = match states {
+        Some(states) => {
+            let h = teacher.config.hidden_size;
+            let rows: Vec<Tensor> = states
+                .iter()
+                .map(|st| {
+                    let n = st.size()[0].min(width as i64);
+                    let st = st.narrow(0, 0, n).to_kind(teacher.kind());
+                    st.constant_pad_nd([0, 0, 0, width as i64 - n])
+                })
+                .collect();
+            let u = Tensor::stack(&rows, 0).to_device(device);
+            ensure!(
+                u.size() == [b as i64, width as i64, h],
+                "cached states have shape {:?}",
+                u.size()
+            );
+            u
+        }
+        None => {
+            let positions = Tensor::arange(width as i64, (Kind::Int64, device))
+                .unsqueeze(0)
+                .expand(shape, true);
+            // Right padding is harmless under causal attention: real rows never see it.
+            tch::no_grad(|| teacher.forward(&ids, &positions, None, None))
+        }
+    };
+    Ok(Batch {
+        u,
+        next_ids: Tensor::from_slice(&next).view(shape).to_device(device),
+        mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+        tokens,
+        ids,
+    })
+}

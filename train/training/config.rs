@@ -1,0 +1,352 @@
+//! The TOML training config (with its `[cuda]` override table) and test-only hooks.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::checks::Problems;
+use crate::model::device::parse_device;
+use crate::model::head_config::HeadConfig;
+use crate::model::teacher::Teacher;
+
+fn d_auto() -> String {
+    "auto".into()
+}
+fn d_lr() -> f64 {
+    1e-3
+}
+fn d_betas() -> (f64, f64) {
+    (0.9, 0.95)
+}
+fn d_wd() -> f64 {
+    0.01
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    0.5
+}
+fn d_max_len() -> usize {
+    2048
+}
+fn d_batch_tokens() -> usize {
+    4096
+}
+fn d_window() -> usize {
+    64
+}
+fn d_keep() -> usize {
+    3
+}
+fn d_every() -> u64 {
+    500
+}
+fn d_true() -> bool {
+    true
+}
+fn d_depths() -> i64 {
+    5
+}
+fn d_layers() -> i64 {
+    2
+}
+fn d_decay() -> f64 {
+    0.7
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_theta() -> f64 {
+    crate::model::head_config::REFERENCE_DRAFT_ROPE_THETA
+}
+fn d_eval_samples() -> usize {
+    64
+}
+
+/// The TOML training config. A `[cuda]` table overrides any top-level key when the run lands on a
+/// CUDA device (so one file fits the 2-core CPU and a GPU).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// HF-style teacher dir (config.json + model.safetensors).
+    pub model_dir: PathBuf,
+    /// Prepared parquet dir (`clover prepare`), read with `data::read_split`.
+    pub data_dir: PathBuf,
+    /// Offline mode: a `clover distill` cache of the train split; absent = online teacher.
+    #[serde(default)]
+    pub distill_cache: Option<PathBuf>,
+    pub out_dir: PathBuf,
+    /// auto | cpu | cuda | cuda:N
+    #[serde(default = "d_auto")]
+    pub device: String,
+    /// Start from an exported head dir instead of the reference init.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    // --- head (the reference's ConfigClover; see head::HeadConfig) ---
+    #[serde(default = "d_depths")]
+    pub num_depths: i64,
+    #[serde(default = "d_layers")]
+    pub num_layers: i64,
+    #[serde(default = "d_decay")]
+    pub decay: f64,
+    #[serde(default = "d_one")]
+    pub heads_coefficient: f64,
+    /// G2: 10000 as the reference, whatever the teacher's rope_theta.
+    #[serde(default = "d_theta")]
+    pub draft_rope_theta: f64,
+    /// G1: base layer 0, as the reference actually does.
+    #[serde(default)]
+    pub init_from_layer: i64,
+    // --- length of training ---
+    /// Passes over the train split (the reference runs 21, G14). Used when max_steps is absent.
+    #[serde(default)]
+    pub epochs: Option<u64>,
+    /// Optimizer steps; overrides epochs.
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Padded tokens per batch (rows × longest row).
+    #[serde(default = "d_batch_tokens")]
+    pub batch_tokens: usize,
+    /// Samples are truncated to this many tokens (reference 2048).
+    #[serde(default = "d_max_len")]
+    pub max_len: usize,
+    /// Use at most this many train samples (None = all).
+    #[serde(default)]
+    pub max_train_samples: Option<usize>,
+    /// Samples per shuffled window that is sorted by length before cutting batches.
+    #[serde(default = "d_window")]
+    pub bucket_window: usize,
+    // --- optimizer (reference: AdamW 1e-3, (0.9,0.95), wd 0.01, clip by value 0.5) ---
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default = "d_betas")]
+    pub betas: (f64, f64),
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_eps")]
+    pub adam_eps: f64,
+    #[serde(default = "d_clip")]
+    pub clip_value: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Length of the linear decay (get_linear_schedule_with_warmup's total); default = the run's
+    /// steps. The reference's 1.6M is far beyond its ~85k steps, so its LR barely decays (§2.3).
+    #[serde(default)]
+    pub schedule_steps: Option<u64>,
+    // --- bookkeeping ---
+    #[serde(default = "d_every")]
+    pub eval_every: u64,
+    #[serde(default = "d_every")]
+    pub save_every: u64,
+    #[serde(default = "d_keep")]
+    pub keep_last: usize,
+    #[serde(default = "d_eval_samples")]
+    pub eval_samples: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// bf16 compute with f32 master weights on CUDA (the reference's accelerate bf16). CPU is f32.
+    #[serde(default = "d_true")]
+    pub bf16_on_cuda: bool,
+    /// Progress bar on stderr.
+    #[serde(default = "d_true")]
+    pub progress: bool,
+}
+
+impl TrainConfig {
+    /// Parses TOML, applying the `[cuda]` table when `device` resolves to CUDA.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        Self::from_toml_with_profile(text, origin, "auto")
+    }
+
+    /// As `from_toml`; `profile` = cuda | cpu | auto says whether the `[cuda]` table applies.
+    pub fn from_toml_with_profile(text: &str, origin: &str, profile: &str) -> Result<Self> {
+        let mut table: toml::Table =
+            toml::from_str(text).with_context(|| format!("parsing {origin}"))?;
+        let cuda = table.remove("cuda");
+        let device = table
+            .get("device")
+            .and_then(|v| v.as_str())
+            .unwrap_or("auto")
+            .to_string();
+        let use_cuda_table = match profile {
+            "cuda" => true,
+            "cpu" => false,
+            "auto" => parse_device(&device)?.is_cuda(),
+            other => bail!("unknown --profile {other:?} (use auto, cpu or cuda)"),
+        };
+        if use_cuda_table {
+            if let Some(toml::Value::Table(over)) = cuda {
+                for (k, v) in over {
+                    table.insert(k, v);
+                }
+            }
+        }
+        let cfg: Self = toml::Value::Table(table)
+            .try_into()
+            .with_context(|| format!("{origin}: invalid training config"))?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// The valid range of every numeric field, checked once at load: a nonsense value (a
+    /// negative learning rate, an empty batch) is refused before any work, all of them at once.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let mut p = Problems::default();
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        p.require(
+            self.num_depths >= 1,
+            "num_depths",
+            format!("{} < 1", self.num_depths),
+        );
+        p.require(
+            self.num_layers >= 1,
+            "num_layers",
+            format!("{} < 1", self.num_layers),
+        );
+        p.require(
+            self.decay.is_finite() && self.decay > 0.0 && self.decay <= 1.0,
+            "decay",
+            format!("{} is outside (0, 1]", self.decay),
+        );
+        p.require(
+            self.heads_coefficient.is_finite() && self.heads_coefficient >= 0.0,
+            "heads_coefficient",
+            format!("{} is not a finite number >= 0", self.heads_coefficient),
+        );
+        p.require(
+            positive(self.draft_rope_theta),
+            "draft_rope_theta",
+            format!("{} <= 0", self.draft_rope_theta),
+        );
+        p.require(
+            self.init_from_layer >= 0,
+            "init_from_layer",
+            format!("{} < 0", self.init_from_layer),
+        );
+        p.require(
+            self.max_steps != Some(0),
+            "max_steps",
+            "0: nothing to train",
+        );
+        p.require(self.epochs != Some(0), "epochs", "0: nothing to train");
+        p.require(
+            self.max_len >= 2,
+            "max_len",
+            format!("{} < 2 (one input and one target token)", self.max_len),
+        );
+        // A row needs 2 tokens; that the longest row of the data fits is checked against the
+        // data before the first step (`trainer::train`).
+        p.require(
+            self.batch_tokens >= 2,
+            "batch_tokens",
+            format!("{} is below one row (2 tokens)", self.batch_tokens),
+        );
+        p.require(
+            self.max_train_samples != Some(0),
+            "max_train_samples",
+            "0: no data to train on",
+        );
+        p.require(self.bucket_window >= 1, "bucket_window", "0 < 1");
+        p.require(
+            positive(self.lr),
+            "lr",
+            format!("{} is not a finite number > 0", self.lr),
+        );
+        let beta = |b: f64| (0.0..1.0).contains(&b);
+        p.require(
+            beta(self.betas.0) && beta(self.betas.1),
+            "betas",
+            format!("{:?}: each must be in [0, 1)", self.betas),
+        );
+        p.require(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "weight_decay",
+            format!("{} is not a finite number >= 0", self.weight_decay),
+        );
+        p.require(
+            positive(self.adam_eps),
+            "adam_eps",
+            format!("{} is not a finite number > 0", self.adam_eps),
+        );
+        p.require(
+            positive(self.clip_value),
+            "clip_value",
+            format!("{} is not a finite number > 0", self.clip_value),
+        );
+        if let Some(steps) = self.max_steps {
+            p.require(
+                self.warmup_steps <= steps,
+                "warmup_steps",
+                format!("{} is more than max_steps = {steps}", self.warmup_steps),
+            );
+        }
+        if let Some(total) = self.schedule_steps {
+            p.require(
+                total >= 1 && self.warmup_steps <= total,
+                "schedule_steps",
+                format!(
+                    "{total} must be >= 1 and >= warmup_steps = {}",
+                    self.warmup_steps
+                ),
+            );
+        }
+        p.require(self.save_every >= 1, "save_every", "0 < 1");
+        p.require(
+            self.keep_last >= 1,
+            "keep_last",
+            "0 < 1 (the newest checkpoint is always kept)",
+        );
+        p.require(
+            self.eval_every == 0 || self.eval_samples >= 1,
+            "eval_samples",
+            "0 with eval_every > 0: nothing to evaluate (set eval_every = 0 to turn evaluation off)",
+        );
+        p.into_result(origin)
+    }
+
+    /// The settings of `self` that differ from `earlier` (a checkpoint's), as `key: old -> new`.
+    pub fn changes_from(&self, earlier: &TrainConfig) -> Vec<String> {
+        let (now, then) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(earlier).unwrap_or_default(),
+        );
+        let (Some(now), Some(then)) = (now.as_object(), then.as_object()) else {
+            return vec![];
+        };
+        now.iter()
+            .filter(|(k, v)| then.get(*k) != Some(v))
+            .map(|(k, v)| {
+                let old = then.get(k).map_or("(unset)".to_string(), |o| o.to_string());
+                format!("{k}: {old} -> {v}")
+            })
+            .collect()
+    }
+
+    pub fn load(path: &Path, profile: &str) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_toml_with_profile(&text, &path.display().to_string(), profile)
+    }
+
+    pub fn head_config(&self, teacher: &Teacher) -> HeadConfig {
+        let mut h = HeadConfig::from_teacher(&teacher.config);
+        h.num_depths = self.num_depths;
+        h.num_layers = self.num_layers;
+        h.decay = self.decay;
+        h.heads_coefficient = self.heads_coefficient;
+        h.draft_rope_theta = self.draft_rope_theta;
+        h.init_from_layer = self.init_from_layer;
+        h
+    }
+}
+
+/// Test hooks (not reachable from the CLI).
+#[derive(Debug, Default, Clone)]
+pub struct TrainOptions {
+    /// Stop (as if killed) after this global step, right after its checkpoint would be written.
+    pub halt_after_step: Option<u64>,
+    /// Fault injection: make the loss of this step NaN.
+    pub inject_nan_at_step: Option<u64>,
+}

@@ -1,0 +1,145 @@
+//! Held-out evaluation during training: the loss, teacher-forced and chained per-depth top-1.
+
+use crate::training::batches::epoch_batches;
+use crate::training::batches::make_batch;
+use crate::training::batches::Batch;
+use crate::training::config::TrainConfig;
+use crate::training::metrics::EvalRecord;
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::shards::Sample;
+use crate::model::head::DraftHead;
+use crate::model::teacher::Teacher;
+use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+
+/// Held-out loss (the training loss, token-weighted over batches) and the chained draft's
+/// per-depth top-1 (as the reference's `getkacc_model`: depth k is fed the draft's own argmax;
+/// accuracy at k = share of starts whose depths 0..=k all match the teacher's greedy tokens).
+/// Starts are positions t whose root token x_{t+1} is the teacher's own greedy choice (getkacc
+/// skips the others: at greedy inference the root always is) and whose next K targets are masked.
+pub fn evaluate(
+    head: &DraftHead,
+    teacher: &Teacher,
+    eval: &[Sample],
+    cfg: &TrainConfig,
+    step: u64,
+) -> Result<EvalRecord> {
+    tch::no_grad(|| {
+        let k_depths = head.config().num_depths as usize;
+        let weights = LossWeights::reference(head.config());
+        let lm_head = |o: &Tensor| head.logits(o);
+        let lengths: Vec<usize> = eval
+            .iter()
+            .map(|s| s.input_ids.len().min(cfg.max_len))
+            .collect();
+        let mut order: Vec<usize> = (0..eval.len()).collect();
+        order.sort_by_key(|&i| lengths[i]);
+        let (mut loss_sum, mut loss_weight) = (0.0, 0.0);
+        let mut forced = vec![(0.0, 0i64); k_depths];
+        let mut chained = vec![0i64; k_depths];
+        let mut starts = 0usize;
+        let mut unigram: BTreeMap<i64, i64> = BTreeMap::new();
+        let batches = epoch_batches(&lengths, cfg.batch_tokens, eval.len().max(1), 0, 0);
+        for idx in batches {
+            let samples: Vec<&Sample> = idx.iter().map(|&i| &eval[i]).collect();
+            let batch = make_batch(teacher, &samples, None, cfg.max_len)?;
+            let targets = teacher_targets(teacher, &batch.u, &batch.mask);
+            let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
+            let parts = clover_loss(&outs, &targets, &lm_head, &weights);
+            let n = parts.depths.first().map_or(0, |d| d.count) as f64;
+            loss_sum += parts.depths.iter().map(|d| d.loss).sum::<f64>() * n;
+            loss_weight += n;
+            for (i, d) in parts.depths.iter().enumerate() {
+                forced[i].0 += d.top1 * d.count as f64;
+                forced[i].1 += d.count;
+            }
+            for t in Vec::<i64>::try_from(&targets.top1)? {
+                *unigram.entry(t).or_default() += 1;
+            }
+            let (hits, n_starts) = chained_hits(head, teacher, &batch, k_depths)?;
+            for (c, h) in chained.iter_mut().zip(hits) {
+                *c += h;
+            }
+            starts += n_starts;
+        }
+        let total_targets: i64 = unigram.values().sum();
+        let best = unigram.values().max().copied().unwrap_or(0);
+        Ok(EvalRecord {
+            step,
+            loss: loss_sum / loss_weight.max(1.0),
+            forced_top1: forced.iter().map(|(s, c)| s / (*c).max(1) as f64).collect(),
+            chained_top1: chained
+                .iter()
+                .map(|&c| c as f64 / starts.max(1) as f64)
+                .collect(),
+            starts,
+            unigram_top1: best as f64 / total_targets.max(1) as f64,
+        })
+    })
+}
+
+/// Chained-draft hits per depth for one batch, and the number of start positions.
+fn chained_hits(
+    head: &DraftHead,
+    teacher: &Teacher,
+    batch: &Batch,
+    k_depths: usize,
+) -> Result<(Vec<i64>, usize)> {
+    let (b, t) = (batch.u.size()[0], batch.u.size()[1]);
+    let k = k_depths as i64;
+    // Teacher greedy token after every position: greedy[b,p] = argmax lm_head(h_p).
+    let h_all = batch.u.reshape([b * t, -1]);
+    let greedy: Vec<Tensor> = (0..b * t)
+        .step_by(256)
+        .map(|s| {
+            teacher
+                .logits(&h_all.narrow(0, s, (b * t - s).min(256)))
+                .argmax(-1, false)
+        })
+        .collect();
+    let greedy = Tensor::cat(&greedy, 0).view([b, t]);
+    let mask: Vec<f32> = Vec::try_from(batch.mask.reshape([-1]).to_device(Device::Cpu))?;
+    let ids: Vec<i64> = Vec::try_from(batch.ids.reshape([-1]).to_device(Device::Cpu))?;
+    let greedy_v: Vec<i64> = Vec::try_from(greedy.reshape([-1]).to_device(Device::Cpu))?;
+    let (bu, tu) = (b as usize, t as usize);
+    let mut rows = Vec::new();
+    for r in 0..bu {
+        for p in 0..tu.saturating_sub(k_depths) {
+            let o = r * tu + p;
+            let targets_masked = (0..k_depths).all(|d| mask[o + d] > 0.5);
+            if targets_masked && ids[o + 1] == greedy_v[o] {
+                rows.push((r * tu + p) as i64);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok((vec![0; k_depths], 0));
+    }
+    let rows_t = Tensor::from_slice(&rows).to_device(batch.u.device());
+    let positions = Tensor::arange(t, (Kind::Int64, batch.u.device()))
+        .unsqueeze(0)
+        .expand([b, t], true);
+    let (o0, s0) = head.depth0(&batch.u, &batch.next_ids, &positions, None, None);
+    let hdim = o0.size()[2];
+    let mut o = o0.reshape([-1, hdim]).index_select(0, &rows_t);
+    let mut s = s0.reshape([-1, hdim]).index_select(0, &rows_t);
+    let greedy_flat = greedy.reshape([-1]);
+    let mut alive = Tensor::ones([rows.len() as i64], (Kind::Bool, batch.u.device()));
+    let mut hits = Vec::with_capacity(k_depths);
+    for d in 0..k {
+        let y = head.logits(&o).argmax(-1, false);
+        // Depth d at row p predicts x_{p+2+d}: the teacher's greedy token after position p+1+d.
+        let want = greedy_flat.index_select(0, &(&rows_t + 1 + d));
+        alive = alive.logical_and(&y.eq_tensor(&want));
+        hits.push(alive.sum(Kind::Int64).int64_value(&[]));
+        if d + 1 < k {
+            let (on, sn) = head.step(&s, &y);
+            o = on;
+            s = sn;
+        }
+    }
+    Ok((hits, rows.len()))
+}

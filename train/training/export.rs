@@ -1,0 +1,127 @@
+//! `clover export`: a training checkpoint to the reference's format, a directory with
+//! `model.safetensors` (the reference state-dict names, docs/clover2.md §1.4) and `config.json` (the teacher's
+//! LlamaConfig fields, `num_hidden_layers: 1` as the reference's draft configs, plus the `"clover"`
+//! section of `ConfigClover`, and our `"clover_rs"` extras such as the draft RoPE base).
+//! `DraftHead::load` reads it back, and training can start from it (`init_from`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use tch::{Kind, Tensor};
+
+use crate::data::jobfiles::publish_dir;
+use crate::formats::safetensors::write_tensors;
+use crate::model::head::check_head_tensors;
+use crate::model::head_config::HeadConfig;
+use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// A checkpoint dir (<out>/checkpoints/step-XXXXXXXX), or a training out dir / `<out>/latest`
+    /// for its newest checkpoint.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Output dir (created).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the frozen `lm_head.weight` and `clover_embed_tokens.weight` (the reference's
+    /// full state dict has them; its loader uses strict=False and takes them from the base model,
+    /// so they are optional, and large: 2·V·H values).
+    #[arg(long)]
+    pub with_frozen: bool,
+    /// Teacher dir, needed only with --with-frozen (its lm_head weight).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+pub fn run(args: &ExportArgs) -> Result<()> {
+    let checkpoint = resolve_checkpoint(&args.checkpoint)?;
+    let (cfg, tensors) = read_checkpoint_head(&checkpoint)?;
+    let teacher_config = checkpoint.join(CK_TEACHER_CONFIG);
+    let frozen = if args.with_frozen {
+        let model = args
+            .model
+            .as_ref()
+            .context("--with-frozen needs --model <teacher dir>")?;
+        let teacher = crate::model::teacher::Teacher::load(model, tch::Device::Cpu, Kind::Float)?;
+        Some(teacher.lm_head_weight().shallow_clone())
+    } else {
+        None
+    };
+    export_head(&cfg, &tensors, &teacher_config, frozen.as_ref(), &args.out)?;
+    eprintln!(
+        "exported {} to {}",
+        checkpoint.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// The reference draft config: the teacher's config.json with num_hidden_layers = 1 and the
+/// `"clover"` section; our extras go under `"clover_rs"`.
+pub fn export_config(cfg: &HeadConfig, teacher_config: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(teacher_config)
+        .with_context(|| format!("reading {}", teacher_config.display()))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", teacher_config.display()))?;
+    let obj = v
+        .as_object_mut()
+        .with_context(|| format!("{} is not a JSON object", teacher_config.display()))?;
+    obj.insert("num_hidden_layers".into(), 1.into());
+    // The draft runs RoPE unscaled with its own base (docs/clover2.md G2): say so, instead of
+    // handing a loader the teacher's scaling, which would rescale the draft's positions or, for
+    // a llama3-style scaling, be refused by the reference's loader.
+    obj.insert("rope_scaling".into(), serde_json::Value::Null);
+    obj.remove("rope_parameters");
+    obj.insert("rope_theta".into(), cfg.draft_rope_theta.into());
+    obj.insert("clover".into(), cfg.clover_section());
+    obj.insert("clover_rs".into(), cfg.clover_rs_section());
+    Ok(v)
+}
+
+/// Writes `out/model.safetensors` + `out/config.json` after checking every required key and shape;
+/// `frozen` = the teacher lm_head weight to include as lm_head.weight and clover_embed_tokens.weight.
+pub fn export_head(
+    cfg: &HeadConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    teacher_config: &Path,
+    frozen: Option<&Tensor>,
+    out: &Path,
+) -> Result<()> {
+    check_head_tensors(cfg, tensors, "export")?;
+    let config = export_config(cfg, teacher_config)?;
+    let mut all: BTreeMap<String, Tensor> = cfg
+        .trainable_shapes()
+        .into_iter()
+        .map(|(n, _)| (n.clone(), tensors[&n].to_kind(Kind::Float)))
+        .collect();
+    if let Some(w) = frozen {
+        ensure!(
+            w.size() == [cfg.vocab_size, cfg.hidden_size],
+            "lm_head weight has shape {:?}",
+            w.size()
+        );
+        all.insert("lm_head.weight".into(), w.to_kind(Kind::Float));
+        all.insert("clover_embed_tokens.weight".into(), w.to_kind(Kind::Float));
+    }
+    // All or nothing: the head is written into a temporary directory, read back as a head, and
+    // only then renamed to `out`, so a full disk never leaves half an export.
+    publish_dir(out, |dir| {
+        write_tensors(&dir.join("model.safetensors"), &all)?;
+        let cfg_path = dir.join("config.json");
+        std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("writing {}", cfg_path.display()))?;
+        let back = crate::model::head::read_head_tensors(
+            &dir.join("model.safetensors"),
+            &HeadConfig::from_export_json(&cfg_path)?,
+        )?;
+        ensure!(
+            back.len() == tensors.len(),
+            "export check: {} tensors read back, {} written",
+            back.len(),
+            tensors.len()
+        );
+        Ok(())
+    })
+}

@@ -1,0 +1,96 @@
+//! What a training run records: step and eval records in JSONL and TensorBoard, and the
+//! non-finite loss stop.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::training::loss::DepthLoss;
+
+/// What a run did, step by step (also appended to `<out>/metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f64,
+    pub depth_loss: Vec<f64>,
+    pub depth_top1: Vec<f64>,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalRecord {
+    pub step: u64,
+    pub loss: f64,
+    /// Teacher-forced per-depth top-1 (as in training).
+    pub forced_top1: Vec<f64>,
+    /// Chained draft: depth k fed its own argmax; fraction of starts with depths 0..=k all right.
+    pub chained_top1: Vec<f64>,
+    pub starts: usize,
+    /// Accuracy of always predicting the most frequent teacher token on these targets.
+    pub unigram_top1: f64,
+}
+
+pub(crate) fn append_jsonl<T: Serialize>(file: &Path, rec: &T) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    writeln!(f, "{}", serde_json::to_string(rec)?)
+        .with_context(|| format!("writing {}", file.display()))
+}
+
+/// Stops training on a NaN/inf loss, naming the step and depth and the checkpoint that is kept.
+pub(crate) fn check_finite(
+    step: u64,
+    depths: &[DepthLoss],
+    last_good: Option<&Path>,
+) -> Result<()> {
+    for (i, d) in depths.iter().enumerate() {
+        if !(d.loss.is_finite() && d.vloss.is_finite() && d.ploss.is_finite()) {
+            let kept = last_good
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none yet".into());
+            bail!(
+                "non-finite loss at step {step}, depth {i} (loss {}, regression {}, distillation {}); \
+                 training stopped without saving; last good checkpoint: {kept}",
+                d.loss,
+                d.vloss,
+                d.ploss
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn log_step(
+    tb: &mut tensorboard_rs::summary_writer::SummaryWriter,
+    rec: &StepRecord,
+    tok_s: f64,
+) {
+    let s = rec.step as usize;
+    tb.add_scalar("train/loss", rec.loss as f32, s);
+    for (i, (l, a)) in rec.depth_loss.iter().zip(&rec.depth_top1).enumerate() {
+        tb.add_scalar(&format!("train/loss_depth{i}"), *l as f32, s);
+        tb.add_scalar(&format!("train/top1_depth{i}"), *a as f32, s);
+    }
+    tb.add_scalar("train/lr", rec.lr as f32, s);
+    tb.add_scalar("train/grad_norm", rec.grad_norm as f32, s);
+    tb.add_scalar("train/tokens_per_s", tok_s as f32, s);
+}
+
+pub(crate) fn log_eval(tb: &mut tensorboard_rs::summary_writer::SummaryWriter, ev: &EvalRecord) {
+    let s = ev.step as usize;
+    tb.add_scalar("eval/loss", ev.loss as f32, s);
+    for (i, a) in ev.chained_top1.iter().enumerate() {
+        tb.add_scalar(&format!("eval/chained_top1_depth{i}"), *a as f32, s);
+    }
+    for (i, a) in ev.forced_top1.iter().enumerate() {
+        tb.add_scalar(&format!("eval/forced_top1_depth{i}"), *a as f32, s);
+    }
+    tb.add_scalar("eval/unigram_top1", ev.unigram_top1 as f32, s);
+}

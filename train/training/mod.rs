@@ -1,0 +1,14 @@
+//! Training the draft head: distillation targets (cache), config, batches, loss, optimizer,
+//! checkpoints, metrics, held-out evaluation, the trainer loop, export and the training benchmark.
+
+pub mod batches;
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod evaluate;
+pub mod export;
+pub mod loss;
+pub mod metrics;
+pub mod optimizer;
+pub mod targets;
+pub mod trainer;

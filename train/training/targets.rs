@@ -1,0 +1,398 @@
+//! Distillation targets: the frozen teacher's states over prepared data, cached on disk.
+//!
+//! The reference stores two 16-bit copies of the hidden state per token (pre-norm u and post-norm
+//! h, 16 KiB per token at H = 4096). We store only u in 16-bit: h = final_norm(u) and the teacher
+//! distribution softmax(lm_head(h)) are recomputed from it in the trainer, exactly as the
+//! reference computes the distribution from h. That is 2·H bytes per token; token ids and loss
+//! masks stay in the prepared parquet and are not duplicated.
+//!
+//! Layout: `<out>/shard-XXXXX.safetensors`, one per block of `SAMPLES_PER_SHARD` samples of the
+//! prepared train split (in order), each holding `prenorm` [tokens, H] and `offsets` [n+1], with
+//! the sample ids in the safetensors metadata. Shards are written to a temporary name and renamed,
+//! so an interrupted run leaves only whole shards and a rerun continues with the missing ones.
+//! `--shard i/N` makes this worker do shards k with k % N == i, so many GPUs or machines can
+//! split one dataset under any scheduler.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::progress::Progress;
+use anyhow::{bail, ensure, Context, Result};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
+use crate::data::shards::{read_split, Sample, Split};
+use crate::model::device::{parse_device, parse_kind};
+use crate::model::teacher::Teacher;
+
+pub const SAMPLES_PER_SHARD: usize = 256;
+const MANIFEST: &str = "distill.json";
+
+#[derive(clap::Args, Debug)]
+pub struct DistillArgs {
+    /// Prepared data directory (output of `clover data prepare`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Teacher model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output cache directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Storage and compute dtype of the teacher: bf16 or f16 (stored states are always 16-bit).
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Which part of the shards this worker computes, as i/N.
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+    /// Tokens per teacher forward pass (samples are batched by length up to this budget).
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 8192)]
+    pub batch_tokens: usize,
+    /// Stop after writing this many shards in this run (the rest is left for a rerun).
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub max_shards: Option<usize>,
+}
+
+/// What a cache holds, written once by the first worker and checked by every later one.
+#[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+struct Manifest {
+    data: PathBuf,
+    model: PathBuf,
+    dtype: String,
+    hidden_size: i64,
+    samples: usize,
+    shards: usize,
+    samples_per_shard: usize,
+}
+
+pub fn run(args: &DistillArgs) -> Result<()> {
+    let (worker, workers) = parse_shard(&args.shard)?;
+    let kind = parse_kind(&args.dtype)?;
+    ensure!(
+        matches!(kind, Kind::BFloat16 | Kind::Half),
+        "--dtype must be bf16 or f16: the cache stores 16-bit states"
+    );
+    let device = parse_device(&args.device)?;
+    // On CPU, 16-bit matmuls are slow or unsupported: compute in f32 and store 16-bit.
+    let compute = if device == Device::Cpu {
+        Kind::Float
+    } else {
+        kind
+    };
+    let teacher = Teacher::load(&args.model, device, compute)?;
+    let samples = read_split(&args.data, Split::Train)?;
+    ensure!(
+        !samples.is_empty(),
+        "{}: the train split is empty",
+        args.data.display()
+    );
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let manifest = Manifest {
+        data: args.data.clone(),
+        model: args.model.clone(),
+        dtype: args.dtype.clone(),
+        hidden_size: teacher.config.hidden_size,
+        samples: samples.len(),
+        shards: samples.len().div_ceil(SAMPLES_PER_SHARD),
+        samples_per_shard: SAMPLES_PER_SHARD,
+    };
+    let _lock = DirLock::acquire(&args.out, &format!("{worker}-of-{workers}"))?;
+    pin_inputs(&args.out.join(MANIFEST), &manifest)?;
+    let todo: Vec<usize> = (0..manifest.shards)
+        .filter(|k| k % workers == worker && !shard_path(&args.out, *k).exists())
+        .take(args.max_shards.unwrap_or(usize::MAX))
+        .collect();
+    let mut bar = Progress::new("distill (shards)", todo.len() as u64);
+    let started = std::time::Instant::now();
+    let mut tokens = 0usize;
+    for k in todo {
+        let block =
+            &samples[k * SAMPLES_PER_SHARD..((k + 1) * SAMPLES_PER_SHARD).min(samples.len())];
+        let states = teacher_states(&teacher, block, args.batch_tokens)?;
+        write_shard(&args.out, k, block, &states, kind)?;
+        tokens += block.iter().map(|s| s.input_ids.len()).sum::<usize>();
+        bar.set_message(format!(
+            "{:.0} tok/s",
+            tokens as f64 / started.elapsed().as_secs_f64()
+        ));
+        bar.inc(1);
+    }
+    bar.finish();
+    println!(
+        "distilled {tokens} tokens in {:.1}s into {} ({} bytes per token)",
+        started.elapsed().as_secs_f64(),
+        args.out.display(),
+        2 * teacher.config.hidden_size
+    );
+    Ok(())
+}
+
+fn parse_shard(spec: &str) -> Result<(usize, usize)> {
+    let parsed = spec
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)));
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => bail!("--shard must be i/N with 0 <= i < N, got {spec:?}"),
+    }
+}
+
+fn shard_path(out: &Path, k: usize) -> PathBuf {
+    out.join(format!("shard-{k:05}.safetensors"))
+}
+
+/// Pre-norm states of each sample ([T,H] on the CPU), computed in length-sorted batches of at
+/// most `batch_tokens` padded tokens. Right padding is harmless under causal attention: real
+/// positions never attend to the padding after them.
+pub fn teacher_states(
+    teacher: &Teacher,
+    samples: &[Sample],
+    batch_tokens: usize,
+) -> Result<Vec<Tensor>> {
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| samples[i].input_ids.len());
+    let mut states: Vec<Option<Tensor>> = (0..samples.len()).map(|_| None).collect();
+    let device = teacher.device();
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len()
+            && samples[order[end]].input_ids.len() * (end + 1 - start) <= batch_tokens
+        {
+            end += 1;
+        }
+        let batch = &order[start..end];
+        let width = samples[*batch.last().unwrap()].input_ids.len() as i64;
+        let mut ids = vec![0i64; batch.len() * width as usize];
+        for (row, &i) in batch.iter().enumerate() {
+            let src = &samples[i].input_ids;
+            ids[row * width as usize..row * width as usize + src.len()].copy_from_slice(src);
+        }
+        let ids = Tensor::from_slice(&ids)
+            .view([batch.len() as i64, width])
+            .to_device(device);
+        let positions = Tensor::arange(width, (Kind::Int64, device))
+            .unsqueeze(0)
+            .expand([batch.len() as i64, width], false);
+        let u =
+            tch::no_grad(|| teacher.forward(&ids, &positions, None, None)).to_device(Device::Cpu);
+        for (row, &i) in batch.iter().enumerate() {
+            let len = samples[i].input_ids.len() as i64;
+            states[i] = Some(u.get(row as i64).narrow(0, 0, len));
+        }
+        start = end;
+    }
+    Ok(states
+        .into_iter()
+        .map(|s| s.expect("every sample is in a batch"))
+        .collect())
+}
+
+fn write_shard(
+    out: &Path,
+    k: usize,
+    block: &[Sample],
+    states: &[Tensor],
+    kind: Kind,
+) -> Result<()> {
+    let prenorm = Tensor::cat(states, 0).to_kind(kind).contiguous();
+    let mut offsets = vec![0i64];
+    for s in block {
+        offsets.push(offsets.last().unwrap() + s.input_ids.len() as i64);
+    }
+    let dtype = if kind == Kind::BFloat16 {
+        Dtype::BF16
+    } else {
+        Dtype::F16
+    };
+    let numel = prenorm.numel();
+    let mut bytes = vec![0u8; numel * 2];
+    prenorm.copy_data_u8(&mut bytes, numel);
+    let offset_bytes: Vec<u8> = offsets.iter().flat_map(|o| o.to_le_bytes()).collect();
+    let shape: Vec<usize> = prenorm.size().iter().map(|&d| d as usize).collect();
+    let views = [
+        ("prenorm", TensorView::new(dtype, shape, &bytes)?),
+        (
+            "offsets",
+            TensorView::new(Dtype::I64, vec![offsets.len()], &offset_bytes)?,
+        ),
+    ];
+    let ids: Vec<&str> = block.iter().map(|s| s.id.as_str()).collect();
+    let metadata = HashMap::from([("ids".to_string(), serde_json::to_string(&ids)?)]);
+    let serialized = safetensors::serialize(views, Some(metadata))?;
+    atomic_write(&shard_path(out, k), &serialized)
+}
+
+/// A memory-mapped distillation cache, read by the trainer in offline mode.
+pub struct DistillCache {
+    samples: Vec<Sample>,
+    shards: Vec<Mmap>,
+    /// Per shard: token offsets of its samples.
+    offsets: Vec<Vec<i64>>,
+    hidden_size: i64,
+    kind: Kind,
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl DistillCache {
+    /// Open a finished cache; every shard must be present (a partial cache names what is missing).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let manifest: Manifest = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )
+        .with_context(|| format!("{} is not a clover distill manifest", path.display()))?;
+        let missing: Vec<usize> = (0..manifest.shards)
+            .filter(|&k| !shard_path(dir, k).exists())
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "{}: {} of {} shards are missing (first: {}); rerun `clover distill` to finish",
+            dir.display(),
+            missing.len(),
+            manifest.shards,
+            shard_path(dir, missing[0]).display()
+        );
+        let samples = read_split(&manifest.data, Split::Train)?;
+        ensure!(
+            samples.len() == manifest.samples,
+            "{} changed since distillation: {} train samples now, {} then",
+            manifest.data.display(),
+            samples.len(),
+            manifest.samples
+        );
+        let mut shards = vec![];
+        let mut offsets = vec![];
+        let mut kind = Kind::BFloat16;
+        for k in 0..manifest.shards {
+            let file = shard_path(dir, k);
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            // SAFETY: shards are written once (temp + rename) and never modified in place.
+            let mmap = unsafe { Mmap::map(&f) }
+                .with_context(|| format!("cannot map {}", file.display()))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .with_context(|| format!("{} is corrupt", file.display()))?;
+            let offs: Vec<i64> = st
+                .tensor("offsets")?
+                .data()
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let block =
+                &samples[k * SAMPLES_PER_SHARD..((k + 1) * SAMPLES_PER_SHARD).min(samples.len())];
+            ensure!(
+                offs.len() == block.len() + 1
+                    && block
+                        .iter()
+                        .zip(offs.windows(2))
+                        .all(|(s, w)| (w[1] - w[0]) as usize == s.input_ids.len()),
+                "{}: token counts do not match the prepared data in {}",
+                file.display(),
+                manifest.data.display()
+            );
+            let prenorm = st.tensor("prenorm")?;
+            ensure!(
+                prenorm.shape().get(1) == Some(&(manifest.hidden_size as usize)),
+                "{}: prenorm has shape {:?}, but {} says hidden size {}",
+                file.display(),
+                prenorm.shape(),
+                path.display(),
+                manifest.hidden_size
+            );
+            kind = match prenorm.dtype() {
+                Dtype::BF16 => Kind::BFloat16,
+                Dtype::F16 => Kind::Half,
+                other => bail!(
+                    "{}: prenorm has dtype {other:?}, expected 16-bit",
+                    file.display()
+                ),
+            };
+            offsets.push(offs);
+            shards.push(mmap);
+        }
+        Ok(Self {
+            samples,
+            shards,
+            offsets,
+            hidden_size: manifest.hidden_size,
+            kind,
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// Refuses a cache made from another teacher or other prepared data than a training run
+    /// names, before its first step: the error names the cache and both values.
+    pub fn check_against(&self, model_dir: &Path, data_dir: &Path, hidden_size: i64) -> Result<()> {
+        let manifest = self.dir.join(MANIFEST);
+        ensure!(
+            same_path(&self.manifest.model, model_dir),
+            "{}: the cache was distilled from the teacher {}, but training uses {}",
+            manifest.display(),
+            self.manifest.model.display(),
+            model_dir.display()
+        );
+        ensure!(
+            self.manifest.hidden_size == hidden_size,
+            "{}: the cache holds states of hidden size {}, but the teacher {} has {}",
+            manifest.display(),
+            self.manifest.hidden_size,
+            model_dir.display(),
+            hidden_size
+        );
+        ensure!(
+            same_path(&self.manifest.data, data_dir),
+            "{}: the cache was made from the prepared data {}, but training uses {}",
+            manifest.display(),
+            self.manifest.data.display(),
+            data_dir.display()
+        );
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    pub fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
+    /// Sample `i` and its teacher pre-norm states [T,H] (16-bit, CPU).
+    pub fn get(&self, i: usize) -> Result<(Sample, Tensor)> {
+        ensure!(
+            i < self.samples.len(),
+            "sample {i} is out of range ({} samples)",
+            self.samples.len()
+        );
+        let (k, j) = (i / SAMPLES_PER_SHARD, i % SAMPLES_PER_SHARD);
+        let st = SafeTensors::deserialize(&self.shards[k])?;
+        let view = st.tensor("prenorm")?;
+        let row_bytes = self.hidden_size as usize * 2;
+        let (a, b) = (self.offsets[k][j] as usize, self.offsets[k][j + 1] as usize);
+        let bytes = &view.data()[a * row_bytes..b * row_bytes];
+        let states = Tensor::from_data_size(bytes, &[(b - a) as i64, self.hidden_size], self.kind);
+        Ok((self.samples[i].clone(), states))
+    }
+}
+
+/// Two names of one directory (relative or absolute, through links) count as the same.
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
