@@ -1,8 +1,8 @@
 //! Chat templates against goldens from HF `apply_chat_template` (scripts/golden_templates.py).
 
+use crate::common::{fixture, fixture_model_dir, scratch_dir, Scratch};
 use clover::formats::chat::{mask_from_spans, ChatTokenizer, Message, Role, LLAMA3_SYSTEM_PROMPT};
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
 
 #[derive(Deserialize)]
 struct Golden {
@@ -15,12 +15,8 @@ struct Golden {
     prompt_ids: Vec<i64>,
 }
 
-pub fn fixture_model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/tokenizer")
-}
-
 fn goldens() -> Vec<Golden> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat/golden.json");
+    let path = fixture("chat").join("golden.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -184,9 +180,8 @@ fn mask_marks_first_to_last_overlapping_token() {
 }
 
 /// A model dir with the fixture tokenizer and the given tokenizer_config.json.
-fn model_dir_with_config(name: &str, config: serde_json::Value) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-chat-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn model_dir_with_config(name: &str, config: serde_json::Value) -> Scratch {
+    let dir = scratch_dir("chat", name);
     std::fs::copy(
         fixture_model_dir().join("tokenizer.json"),
         dir.join("tokenizer.json"),
@@ -206,8 +201,8 @@ fn model_templates_get_python_string_methods_and_named_templates() {
         "eos_token": "<|im_end|>",
         "chat_template": [{"name": "tool_use", "template": "unused"}, {"name": "default", "template": template}],
     });
-    let chat =
-        ChatTokenizer::from_model_dir(&model_dir_with_config("named", config), None).unwrap();
+    let dir = model_dir_with_config("named", config);
+    let chat = ChatTokenizer::from_model_dir(&dir, None).unwrap();
     let messages = vec![
         Message::new(Role::User, "  hi \n"),
         Message::new(Role::Assistant, "\tyes "),

@@ -1,8 +1,11 @@
 //! Paths and small helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use tch::Tensor;
+use clover::model::head::DraftHead;
+use clover::model::head_config::HeadConfig;
+use clover::model::teacher::Teacher;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -10,6 +13,28 @@ pub fn repo_root() -> PathBuf {
 
 pub fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests").join("fixtures").join(name)
+}
+
+/// The chat fixture's model dir: SmolLM2's tokenizer.json and tokenizer_config.json, no weights.
+pub fn fixture_model_dir() -> PathBuf {
+    fixture("chat").join("tokenizer")
+}
+
+/// A tiny LLaMA fixture (`tiny-llama-tied` or `tiny-llama-untied`) as a CPU teacher in `kind`.
+pub fn fixture_teacher(name: &str, kind: Kind) -> Teacher {
+    Teacher::load(&fixture(name), Device::Cpu, kind).expect("tiny fixture loads")
+}
+
+/// The tiny untied fixture (GQA, llama3 RoPE scaling) as a CPU teacher in `kind`.
+pub fn tiny_teacher(kind: Kind) -> Teacher {
+    fixture_teacher("tiny-llama-untied", kind)
+}
+
+/// A reference-init draft head with `depths` depths on `teacher`, seeded.
+pub fn tiny_head(teacher: &Teacher, depths: i64, seed: i64) -> DraftHead {
+    let mut cfg = HeadConfig::from_teacher(&teacher.config);
+    cfg.options.num_depths = depths;
+    DraftHead::new(teacher, cfg, seed).expect("tiny head builds")
 }
 
 /// The imported SmolLM2 teacher. `make setup` creates it; a test that needs it fails loudly
@@ -30,12 +55,42 @@ pub fn smollm2_dir() -> PathBuf {
     dir
 }
 
-/// A fresh, empty scratch directory for one test, unique per test area, name and process.
-pub fn scratch_dir(area: &str, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-{area}-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory that lives as long as the guard: removed on drop when the test passed,
+/// kept (and its path printed) when the test is panicking, for a look at what it left.
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept the failed test's scratch dir {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A fresh, empty scratch directory for one test, unique per test area, name and process. Keep
+/// the guard alive for the whole test body: the directory goes when it is dropped.
+pub fn scratch_dir(area: &str, name: &str) -> Scratch {
+    let path = std::env::temp_dir().join(format!("clover-{area}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    Scratch { path }
 }
 
 /// Named tensors of a safetensors file.
@@ -48,4 +103,25 @@ pub fn read_golden(path: &std::path::Path) -> std::collections::HashMap<String, 
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
+}
+
+pub fn max_abs(a: &Tensor) -> f64 {
+    a.abs().max().double_value(&[])
+}
+
+/// Unit round-off of f32, 2^-24.
+pub const F32_U: f64 = 1.0 / 16_777_216.0;
+
+/// Unit round-off of f64, 2^-53.
+pub const F64_U: f64 = f64::EPSILON / 2.0;
+
+/// How far apart two f32 evaluations of the same network may land when they get there through
+/// different kernels (batch or chunk shapes, a KV cache, a tree mask, another library or CPU),
+/// each free to order every reduction its own way. A k-term sum in any order is within
+/// γ_k ≈ k·u of the exact one relative to Σ|terms|, so two orders differ by at most 2k·u of it.
+/// Blocks that normalize their input (decoder layers, head steps, RMSNorm) keep activations, and
+/// so Σ|terms|, of the order of the largest compared value `scale`, and the errors of successive
+/// blocks add: `widths` holds the widest reduction of each block on the path.
+pub fn f32_paths_bound(widths: &[i64], scale: f64) -> f64 {
+    2.0 * F32_U * widths.iter().sum::<i64>() as f64 * scale
 }

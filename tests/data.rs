@@ -1,6 +1,6 @@
 //! `data prepare`, the shard reader/writer, the ShareGPT reader and the chitchat import.
 
-use crate::chat::fixture_model_dir;
+use crate::common::fixture_model_dir;
 use clover::data::chitchat::import_chitchat;
 use clover::data::prepare::{prepare, split_of, Manifest, PrepareArgs};
 use clover::data::shards::{read_split, write_samples, Sample, Split};

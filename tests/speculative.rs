@@ -1,4 +1,5 @@
 //! Speculative decoding: lossless greedy output, lossless sampling (chi-square), KV compaction.
+use crate::common::{scratch_dir, Scratch};
 use clover::decode::generate::{generate, GenerationConfig};
 use clover::decode::sampling::Sampling;
 use clover::decode::speculative::{
@@ -9,15 +10,15 @@ use clover::decode::tree::Tree;
 use clover::model::head::DraftHead;
 use clover::model::head_config::HeadConfig;
 use clover::model::teacher::Teacher;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// A random LLaMA written into a temp dir (config.json + model.safetensors, untied lm_head).
+/// A random LLaMA written into a scratch dir (config.json + model.safetensors, untied lm_head),
+/// removed when the returned guard drops.
 /// `logit_scale` sets the std of the logits: large = peaked (no near-ties for greedy tests),
 /// about 1 = high-entropy (sampling tests).
-pub fn tiny_llama(tag: &str, vocab: i64, logit_scale: f64, seed: i64) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("clover-spec-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+pub fn tiny_llama(tag: &str, vocab: i64, logit_scale: f64, seed: i64) -> Scratch {
+    let dir = scratch_dir("spec", tag);
     let (h, inter, layers, heads, kv, hd) = (32i64, 64i64, 2, 4i64, 2i64, 8i64);
     let config = serde_json::json!({
         "model_type": "llama", "hidden_size": h, "intermediate_size": inter,
@@ -175,7 +176,8 @@ fn oracle<'a>(teacher: &'a Teacher, prompt: &[i64], noise: f64) -> NoisyOracle<'
 
 #[test]
 fn greedy_speculative_equals_plain_with_noisy_oracle() {
-    let teacher = load(&tiny_llama("greedy", 96, 4.0, 11));
+    let dir = tiny_llama("greedy", 96, 4.0, 11);
+    let teacher = load(&dir);
     let tree = Tree::load(None).unwrap();
     for (i, prompt) in [
         vec![3i64, 17, 42, 5, 60],
@@ -222,7 +224,8 @@ fn greedy_speculative_equals_plain_with_noisy_oracle() {
 
 #[test]
 fn greedy_speculative_stops_where_plain_stops() {
-    let teacher = load(&tiny_llama("stops", 96, 4.0, 12));
+    let dir = tiny_llama("stops", 96, 4.0, 12);
+    let teacher = load(&dir);
     let tree = Tree::load(None).unwrap();
     let prompt = [4i64, 8, 15, 16, 23, 42];
     let plain = plain_greedy(&teacher, &prompt, 40, &[]);
@@ -487,7 +490,8 @@ fn speculative_sampling_end_to_end_first_tokens() {
     // Thousands of tiny ops: intra-op threads only add contention here (30x slower on 2 cores).
     tch::set_num_threads(1);
     let v = 12i64;
-    let teacher = load(&tiny_llama("e2e", v, 1.5, 21));
+    let dir = tiny_llama("e2e", v, 1.5, 21);
+    let teacher = load(&dir);
     let tree = Tree::load(None).unwrap();
     let prompt = [3i64, 9, 4];
     let temperature = 0.8;
@@ -542,7 +546,8 @@ fn speculative_sampling_end_to_end_first_tokens() {
 /// Sampling with an exact oracle (q = p) accepts everything, and output still has the right length.
 #[test]
 fn speculative_sampling_with_exact_draft_accepts_full_depth() {
-    let teacher = load(&tiny_llama("exact", 32, 1.5, 22));
+    let dir = tiny_llama("exact", 32, 1.5, 22);
+    let teacher = load(&dir);
     let tree = Tree::load(None).unwrap();
     let prompt = [5i64, 6, 7];
     let mut drafter = oracle(&teacher, &prompt, 0.0);
@@ -566,7 +571,8 @@ fn speculative_sampling_with_exact_draft_accepts_full_depth() {
 /// forward over the accepted sequence: the next token's hidden state matches a fresh full forward.
 #[test]
 fn kv_compaction_matches_fresh_forward() {
-    let teacher = load(&tiny_llama("compact", 64, 2.0, 23));
+    let dir = tiny_llama("compact", 64, 2.0, 23);
+    let teacher = load(&dir);
     let tree = Tree::load(None).unwrap();
     let plan = VerifyPlan::new(&tree, Device::Cpu);
     let prefix = [2i64, 40, 41, 7, 9];
@@ -610,6 +616,7 @@ fn kv_compaction_matches_fresh_forward() {
         .abs()
         .max()
         .double_value(&[]);
+    // Covers the f32 paths bound 2·(64 + 64)·2^-24·|u| ≈ 8e-5 at |u| ≈ 5 (MLP 64, 2 layers).
     assert!(
         d < 1e-4,
         "compacted cache differs from a fresh forward by {d}"
@@ -622,7 +629,8 @@ fn random_head(teacher: &Teacher, seed: i64) -> DraftHead {
 
 #[test]
 fn greedy_speculative_equals_plain_with_random_head_tiny() {
-    let teacher = load(&tiny_llama("head", 96, 4.0, 31));
+    let dir = tiny_llama("head", 96, 4.0, 31);
+    let teacher = load(&dir);
     let head = random_head(&teacher, 5);
     let tree = Tree::load(None).unwrap();
     for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
@@ -709,8 +717,7 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
             }
         })
         .collect();
-    let out = std::env::temp_dir().join(format!("clover-spec-trained-out-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = scratch_dir("spec", "trained-out");
     let toml = format!(
         "model_dir = \"{}\"\ndata_dir = \"unused\"\nout_dir = \"{}\"\ndevice = \"cpu\"\n\
          max_steps = 60\nbatch_tokens = 256\nbucket_window = 8\nwarmup_steps = 5\n\
@@ -756,5 +763,4 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         tau_trained > tau_untrained + 0.2,
         "training did not raise tau: {tau_trained:.2} vs {tau_untrained:.2}"
     );
-    std::fs::remove_dir_all(&out).ok();
 }

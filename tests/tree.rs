@@ -172,15 +172,13 @@ fn bad_trees_are_rejected() {
 
 #[test]
 fn json_tree_file_round_trips_and_verify_mask_shape() {
-    let dir = std::env::temp_dir().join(format!("clover-tree-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch_dir("tree", "json-file");
     let file = dir.join("tree.json");
     std::fs::write(&file, serde_json::to_string(&mc_sim_7b_63()).unwrap()).unwrap();
     let t = Tree::load(Some(file.to_str().unwrap())).unwrap();
     assert_eq!(t.tree_indices, default_tree().tree_indices);
     std::fs::write(&file, "{\"not\": \"a list\"}").unwrap();
     assert!(Tree::load(Some(file.to_str().unwrap())).is_err());
-    std::fs::remove_dir_all(&dir).ok();
 
     let tt = t.to_device(Device::Cpu);
     let m = tt.verify_mask(7);
