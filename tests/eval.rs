@@ -1,5 +1,5 @@
 //! `clover eval`: pooled figures by hand, and a small end-to-end run on SmolLM2.
-use clover::decode::eval::{run, summarize, EvalArgs, TurnRecord};
+use clover::decode::eval::{run, summarize, EvalArgs, EvalSettings, TurnRecord};
 use clover::model::head::DraftHead;
 use clover::model::head_config::HeadConfig;
 use clover::model::teacher::Teacher;
@@ -31,7 +31,13 @@ fn summarize_pools_tau_acceptance_and_speed() {
         record("a", vec![1], 3, 1.0, 2.0),
         b,
     ];
-    let r = summarize(&records, 5);
+    let r = summarize(
+        &records,
+        &EvalSettings {
+            max_depth: 5,
+            ..Default::default()
+        },
+    );
     // committed: a = (3+1+6) + 2 = 12 over 4 steps; b = 2 over 2 steps; all 14 / 6.
     assert!((r.tau - 14.0 / 6.0).abs() < 1e-12);
     assert!((r.tau_per_category["a"] - 3.0).abs() < 1e-12);

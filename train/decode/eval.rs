@@ -217,7 +217,22 @@ pub struct EvalReport {
 }
 
 /// Pool the turn records into the report's figures.
-pub fn summarize(records: &[TurnRecord], max_depth: usize) -> EvalReport {
+/// How an evaluation ran: the settings a report states beside its figures.
+#[derive(Debug, Clone, Default)]
+pub struct EvalSettings {
+    /// Depth of the tree (acceptance is reported per depth up to it).
+    pub max_depth: usize,
+    pub tree_tokens: usize,
+    pub temperature: f64,
+    pub device: String,
+    pub dtype: String,
+    pub n_prompts: usize,
+    pub max_new_tokens: usize,
+}
+
+/// The whole report, built here from the per-turn records and the settings.
+pub fn summarize(records: &[TurnRecord], settings: &EvalSettings) -> EvalReport {
+    let max_depth = settings.max_depth;
     let all = pool(records.iter());
     let mut per_category = BTreeMap::new();
     for cat in records.iter().map(|r| r.category.clone()) {
@@ -250,17 +265,17 @@ pub fn summarize(records: &[TurnRecord], max_depth: usize) -> EvalReport {
         tokens_per_s: all.tokens_per_s,
         baseline_tokens_per_s: all.baseline_tokens_per_s,
         speedup: all.speedup,
-        tree_tokens: 0,
-        temperature: 0.0,
-        device: String::new(),
-        dtype: String::new(),
-        n_prompts: 0,
+        tree_tokens: settings.tree_tokens,
+        temperature: settings.temperature,
+        device: settings.device.clone(),
+        dtype: settings.dtype.clone(),
+        n_prompts: settings.n_prompts,
         n_turns: records.len(),
         new_tokens: all.new_tokens,
         baseline_new_tokens: records.iter().map(|r| r.baseline_new_tokens).sum(),
         verification_steps: all.steps,
         lossless_mismatches: records.iter().filter(|r| r.mismatch).count(),
-        max_new_tokens: 0,
+        max_new_tokens: settings.max_new_tokens,
         draft_seconds: records.iter().map(|r| r.draft_seconds).sum(),
         verify_seconds: records.iter().map(|r| r.verify_seconds).sum(),
         per_category,
@@ -303,13 +318,18 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     };
     warm_up(&setup, &questions[0], args)?;
     let records = evaluate(&setup, &questions, args)?;
-    let mut report = summarize(&records, setup.tree.max_depth());
-    report.tree_tokens = setup.tree.len();
-    report.temperature = args.temperature;
-    report.device = device_name(device);
-    report.dtype = format!("{kind:?}");
-    report.n_prompts = questions.len();
-    report.max_new_tokens = args.max_new_tokens;
+    let report = summarize(
+        &records,
+        &EvalSettings {
+            max_depth: setup.tree.max_depth(),
+            tree_tokens: setup.tree.len(),
+            temperature: args.temperature,
+            device: device_name(device),
+            dtype: format!("{kind:?}"),
+            n_prompts: questions.len(),
+            max_new_tokens: args.max_new_tokens,
+        },
+    );
     print_table(&report);
     if let Some(path) = &args.report {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

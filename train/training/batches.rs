@@ -155,3 +155,34 @@ pub fn make_batch(
         ids,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucketed_batches_cover_each_sample_once_within_the_token_budget() {
+        let lengths: Vec<usize> = (0..50).map(|i| 5 + (i * 37) % 40).collect();
+        let batches = epoch_batches(&lengths, 120, 16, 9, 2);
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        for b in &batches {
+            let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
+            assert!(
+                b.len() == 1 || longest * b.len() <= 120,
+                "batch {b:?} over budget"
+            );
+        }
+        assert_eq!(
+            batches,
+            epoch_batches(&lengths, 120, 16, 9, 2),
+            "deterministic from (seed, epoch)"
+        );
+        assert_ne!(
+            batches,
+            epoch_batches(&lengths, 120, 16, 9, 3),
+            "reshuffled each epoch"
+        );
+    }
+}
