@@ -2,14 +2,14 @@
 
 use crate::common::fixture_model_dir;
 use clover::data::chitchat::import_chitchat;
-use clover::data::prepare::{prepare, split_of, Manifest, PrepareArgs};
+use clover::data::prepare::{prepare, split_of, Manifest, PrepareOptions};
 use clover::data::shards::{read_split, write_samples, Sample, Split};
 use clover::data::sharegpt::{read_conversations, Conversation, SkipReason};
 use clover::formats::chat::{ChatTokenizer, Message, Role};
 use std::path::Path;
 
-fn args(input: &Path, out: &Path) -> PrepareArgs {
-    PrepareArgs {
+fn args(input: &Path, out: &Path) -> PrepareOptions {
+    PrepareOptions {
         input: input.to_path_buf(),
         model: fixture_model_dir(),
         template: clover::formats::chat::TemplateName::Chatml,
@@ -393,11 +393,11 @@ fn prepare_args_parse_with_documented_flags_and_defaults() {
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
-        prepare: PrepareArgs,
+        prepare: clover::cli::data::PrepareArgs,
     }
     let cli =
         Cli::try_parse_from(["clover", "--input", "a.json", "--model", "m", "--out", "o"]).unwrap();
-    let p = cli.prepare;
+    let p = cli.prepare.options();
     assert_eq!(
         (p.template.as_str(), p.max_len, p.eval_fraction, p.seed),
         ("auto", 2048, 0.05, 0)
@@ -420,7 +420,7 @@ fn prepare_args_parse_with_documented_flags_and_defaults() {
         "3",
     ])
     .unwrap();
-    let p = cli.prepare;
+    let p = cli.prepare.options();
     assert_eq!(
         (p.template.as_str(), p.max_len, p.eval_fraction, p.seed),
         ("vicuna", 512, 0.1, 3)

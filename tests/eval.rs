@@ -1,5 +1,5 @@
 //! `clover eval`: pooled figures by hand, and a small end-to-end run on SmolLM2.
-use clover::decode::eval::{run, summarize, EvalArgs, EvalSettings, TurnRecord};
+use clover::decode::eval::{run, summarize, EvalOptions, EvalSettings, TurnRecord};
 use clover::model::head::DraftHead;
 use clover::model::head_config::HeadConfig;
 use clover::model::teacher::Teacher;
@@ -91,7 +91,7 @@ fn eval_end_to_end_smollm2_random_head() {
     )
     .unwrap();
     let report = dir.join("out").join("report.json");
-    let args = EvalArgs {
+    let args = EvalOptions {
         model: model.clone(),
         draft,
         prompts,

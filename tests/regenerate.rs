@@ -1,5 +1,5 @@
 use crate::common::smollm2_dir;
-use clover::data::regenerate::{run, RegenerateArgs, OUTPUT_FILE};
+use clover::data::regenerate::{run, RegenerateOptions, OUTPUT_FILE};
 use std::path::Path;
 
 fn conversations(path: &Path) {
@@ -11,8 +11,8 @@ fn conversations(path: &Path) {
     std::fs::write(path, text).unwrap();
 }
 
-fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateArgs {
-    RegenerateArgs {
+fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateOptions {
+    RegenerateOptions {
         data: data.to_path_buf(),
         model: smollm2_dir(),
         out: out.to_path_buf(),
@@ -46,7 +46,7 @@ fn regenerated_answers_replace_the_assistant_turns_and_resume_exactly() {
     let a = std::fs::read_to_string(whole.join(OUTPUT_FILE)).unwrap();
     let b = std::fs::read_to_string(resumed.join(OUTPUT_FILE)).unwrap();
     assert_eq!(a, b, "resumed output differs from the uninterrupted one");
-    let changed = RegenerateArgs {
+    let changed = RegenerateOptions {
         max_new_tokens: 7,
         ..args(&input, &resumed, None)
     };

@@ -1,6 +1,6 @@
 use crate::common::{f32_paths_bound, fixture, fixture_teacher, max_abs};
 use clover::data::shards::{write_samples, Sample, Split};
-use clover::training::targets::{run, DistillArgs, DistillCache, SAMPLES_PER_SHARD};
+use clover::training::targets::{run, DistillCache, DistillOptions, SAMPLES_PER_SHARD};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -21,8 +21,8 @@ fn prepared_data(dir: &Path) {
     write_samples(dir, Split::Train, &samples).unwrap();
 }
 
-fn args(data: &Path, out: &Path, max_shards: Option<usize>) -> DistillArgs {
-    DistillArgs {
+fn args(data: &Path, out: &Path, max_shards: Option<usize>) -> DistillOptions {
+    DistillOptions {
         data: data.to_path_buf(),
         model: fixture("tiny-llama-tied"),
         out: out.to_path_buf(),
@@ -106,7 +106,7 @@ fn workers_split_shards_and_together_make_the_whole_cache() {
     prepared_data(&data);
     let out = root.join("cache");
     for worker in ["1/2", "0/2"] {
-        run(&DistillArgs {
+        run(&DistillOptions {
             shard: worker.into(),
             ..args(&data, &out, None)
         })
@@ -116,7 +116,7 @@ fn workers_split_shards_and_together_make_the_whole_cache() {
         DistillCache::open(&out).unwrap().len(),
         SAMPLES_PER_SHARD + 20
     );
-    let err = run(&DistillArgs {
+    let err = run(&DistillOptions {
         shard: "2/2".into(),
         ..args(&data, &out, None)
     })

@@ -370,7 +370,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
     clover::data::shards::write_samples(&data, clover::data::shards::Split::Eval, &samples(3, 22))
         .unwrap();
     let cache = root.join("cache");
-    clover::training::targets::run(&clover::training::targets::DistillArgs {
+    clover::training::targets::run(&clover::training::targets::DistillOptions {
         data: data.clone(),
         model: repo_root().join("tests/fixtures/tiny-llama-untied"),
         out: cache.clone(),

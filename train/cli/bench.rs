@@ -106,11 +106,11 @@ fn bench_teacher(teacher: &Teacher, args: &BenchArgs) -> Result<Value> {
 /// Prepare all `conversations`, then distill the first `distill_samples` train samples on the
 /// best device, in a scratch directory that is removed afterwards.
 fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value> {
-    use crate::data::prepare::{prepare, PrepareArgs};
+    use crate::data::prepare::{prepare, PrepareOptions};
     let scratch = std::env::temp_dir().join(format!("clover-bench-{}", std::process::id()));
     let prepared = scratch.join("prepared");
     let start = Instant::now();
-    let summary = prepare(&PrepareArgs {
+    let summary = prepare(&PrepareOptions {
         input: conversations.to_path_buf(),
         model: args.model.clone(),
         template: TemplateName::Auto,
@@ -132,7 +132,7 @@ fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value
         DeviceChoice::Cpu
     };
     let start = Instant::now();
-    crate::training::targets::run(&crate::training::targets::DistillArgs {
+    crate::training::targets::run(&crate::training::targets::DistillOptions {
         data: subset,
         model: args.model.clone(),
         out: cache.clone(),

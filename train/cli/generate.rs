@@ -1,10 +1,8 @@
 //! `clover generate`: answer one prompt with the teacher, plainly or speculatively with a draft head.
 
-use crate::decode::generate::generate;
-use crate::decode::generate::GenerationConfig;
-
 use anyhow::Result;
 
+use crate::decode::generate::{generate, GenerationConfig};
 use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]

@@ -1,18 +1,16 @@
 //! `clover train` and `clover bench-train`: load a training config and run the trainer.
 
-use crate::training::config::TrainOptions;
-use crate::training::config::{Profile, TrainConfig};
-use crate::training::trainer::train;
-use crate::training::trainer::Source;
 use std::path::PathBuf;
 
 use anyhow::Result;
 use tch::Kind;
 
 use crate::data::shards::{read_split, Split};
-use crate::model::device::parse_device;
+use crate::model::device::{parse_device, RunOn};
 use crate::model::teacher::Teacher;
+use crate::training::config::{Profile, TrainConfig, TrainOptions};
 use crate::training::targets::DistillCache;
+use crate::training::trainer::{train, Source};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -60,4 +58,42 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!("last checkpoint: {}", ck.display());
     }
     Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Teacher model dir.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub run_on: RunOn,
+    /// Timed optimizer steps (after one warm-up step).
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
+    pub steps: usize,
+    /// Rows per batch.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 2)]
+    pub batch: usize,
+    /// Tokens per row (all trained: loss mask 1).
+    #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 5)]
+    pub num_depths: i64,
+}
+
+impl BenchTrainArgs {
+    /// The library's plain options for this command line.
+    pub fn options(&self) -> crate::training::bench::BenchTrainOptions {
+        crate::training::bench::BenchTrainOptions {
+            model: self.model.clone(),
+            run_on: self.run_on.clone(),
+            steps: self.steps,
+            batch: self.batch,
+            seq_len: self.seq_len,
+            num_depths: self.num_depths,
+        }
+    }
+}
+
+pub fn run_bench(args: &BenchTrainArgs) -> Result<()> {
+    crate::training::bench::run_bench(&args.options())
 }

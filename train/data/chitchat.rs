@@ -1,20 +1,10 @@
 //! `clover data import-chitchat`: the PyPI chitchat-dataset's dataset.json as ShareGPT records.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct ImportChitchatArgs {
-    /// dataset.json of the PyPI package chitchat-dataset 0.9.0.
-    #[arg(long)]
-    pub input: PathBuf,
-    /// ShareGPT JSON list to write.
-    #[arg(long)]
-    pub out: PathBuf,
-}
 
 #[derive(Deserialize)]
 struct ChitchatConversation {
@@ -37,12 +27,6 @@ struct ShareGptRecord<'a> {
 struct ShareGptMessage {
     from: &'static str,
     value: String,
-}
-
-pub fn run_import_chitchat(args: &ImportChitchatArgs) -> Result<()> {
-    let count = import_chitchat(&args.input, &args.out)?;
-    println!("wrote {count} conversations to {}", args.out.display());
-    Ok(())
 }
 
 /// Converts chitchat-dataset's `{id: {"messages": [[{text, sender, ..}, ..], ..], ..}}` into a

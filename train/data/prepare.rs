@@ -1,47 +1,34 @@
 //! `clover data prepare`: conversations -> chat-template rendering with an assistant loss mask ->
 //! tokenized parquet shards with a deterministic train/eval split and a manifest.
 
-use crate::data::shards::write_samples;
-use crate::data::shards::Sample;
-use crate::data::shards::Split;
-use crate::data::sharegpt::read_conversations;
-use crate::data::sharegpt::Conversation;
-use crate::data::sharegpt::SkipReason;
-use crate::data::sharegpt::Skipped;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::data::shards::{write_samples, Sample, Split};
+use crate::data::sharegpt::{read_conversations, Conversation, SkipReason, Skipped};
 use crate::formats::chat::{ChatTokenizer, TemplateName};
+use crate::progress::Progress;
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct PrepareArgs {
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
     /// ShareGPT file: a JSON list, JSONL, or parquet with a `conversations` column.
-    #[arg(long)]
     pub input: PathBuf,
     /// HF-style model dir (tokenizer.json, tokenizer_config.json).
-    #[arg(long)]
     pub model: PathBuf,
     /// The chat template: auto (the model's own chat_template), vicuna, llama3 or chatml.
-    #[arg(long, value_enum, default_value_t = TemplateName::Auto)]
     pub template: TemplateName,
-    #[arg(long)]
     pub out: PathBuf,
     /// Conversations longer than this many tokens are truncated to it (as the reference does).
-    #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 2048)]
     pub max_len: usize,
-    #[arg(long, value_parser = crate::checks::fraction_below_one, default_value_t = 0.05)]
     pub eval_fraction: f64,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
     /// their own system message either way).
-    #[arg(long)]
     pub no_system_prompt: bool,
 }
 
@@ -118,15 +105,8 @@ pub struct Manifest {
 // ----------------------------------------------------------------------------------------------
 // prepare
 
-pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
-    let summary = prepare(args)?;
-    println!("{summary}");
-    println!("wrote {}", args.out.join("manifest.json").display());
-    Ok(())
-}
-
 /// The whole `prepare` step; returns the summary also saved in the manifest.
-pub fn prepare(args: &PrepareArgs) -> Result<Summary> {
+pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
     // The library checks what the command line's parsers check, for callers that skip them.
     ensure!(
         (0.0..1.0).contains(&args.eval_fraction),

@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::progress::Progress;
 use anyhow::{ensure, Context, Result};
 
 use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
@@ -20,48 +19,35 @@ use crate::data::sharegpt::{read_conversations, Conversation, SkipReason};
 use crate::decode::generate::{generate_batch, GenerationConfig};
 use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
 use crate::model::teacher::Teacher;
+use crate::progress::Progress;
 
-#[derive(clap::Args, Debug)]
-pub struct RegenerateArgs {
+#[derive(Debug)]
+pub struct RegenerateOptions {
     /// Conversations to answer (ShareGPT JSON/JSONL or parquet, as `data prepare` reads).
-    #[arg(long)]
     pub data: PathBuf,
     /// Teacher model directory.
-    #[arg(long)]
     pub model: PathBuf,
     /// Output directory: part files and, when complete, conversations.jsonl.
-    #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
-    #[arg(long, value_parser = crate::checks::positive, default_value_t = 16)]
     pub batch_size: usize,
     /// Answer at most this many user turns per conversation (later turns are dropped).
-    #[arg(long, value_parser = crate::checks::positive)]
     pub max_turns: Option<usize>,
     /// Use only the first N conversations of the input.
-    #[arg(long, value_parser = crate::checks::positive)]
     pub limit: Option<usize>,
     /// Chat template (vicuna, llama3, chatml or auto = the model's own).
-    #[arg(long, value_enum, default_value_t = TemplateName::Auto)]
     pub template: TemplateName,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[command(flatten)]
     pub run_on: crate::model::device::RunOn,
     /// Stop after this many batches in this run (the rest is left for a rerun).
-    #[arg(long, value_parser = crate::checks::positive)]
     pub max_batches: Option<usize>,
     /// Conversations whose first prompt is longer are left out; a later turn whose prompt would
     /// be longer ends its conversation there.
-    #[arg(long, value_parser = crate::checks::positive, default_value_t = 1536)]
     pub max_prompt_tokens: usize,
     /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
     /// their own system message either way).
-    #[arg(long)]
     pub no_system_prompt: bool,
 }
 
@@ -70,7 +56,7 @@ const MANIFEST: &str = "regenerate.json";
 
 /// Everything that decides the output; `max_batches` and the device only decide how far and
 /// where a run goes.
-fn inputs_of(args: &RegenerateArgs) -> serde_json::Value {
+fn inputs_of(args: &RegenerateOptions) -> serde_json::Value {
     serde_json::json!({
         "data": args.data, "model": args.model, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "batch_size": args.batch_size, "max_turns": args.max_turns,
@@ -79,7 +65,7 @@ fn inputs_of(args: &RegenerateArgs) -> serde_json::Value {
     })
 }
 
-pub fn run(args: &RegenerateArgs) -> Result<()> {
+pub fn run(args: &RegenerateOptions) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?

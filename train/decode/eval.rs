@@ -20,7 +20,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::progress::Progress;
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 
@@ -31,51 +30,38 @@ use crate::decode::tree::Tree;
 use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
 use crate::model::head::{load_head, DraftHead};
 use crate::model::teacher::Teacher;
+use crate::progress::Progress;
 
-#[derive(clap::Args, Debug)]
-pub struct EvalArgs {
+#[derive(Debug)]
+pub struct EvalOptions {
     /// Teacher model directory (HF layout).
-    #[arg(long)]
     pub model: PathBuf,
     /// Exported draft head directory (model.safetensors + config.json).
-    #[arg(long)]
     pub draft: PathBuf,
     /// JSONL questions: {"question_id", "category", "turns": [..]} (MT-bench / Spec-Bench).
-    #[arg(long)]
     pub prompts: PathBuf,
     /// Tree: "mc_sim_7b_63" (default) or a JSON file with a list of paths.
-    #[arg(long)]
     pub tree: Option<String>,
     /// 0 = greedy; > 0 = lossless tree speculative sampling.
-    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
-    #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Device and dtype; the head runs in the teacher's dtype.
-    #[command(flatten)]
     pub run_on: crate::model::device::RunOn,
     /// Evaluate only the first N questions.
-    #[arg(long, value_parser = crate::checks::positive)]
     pub limit: Option<usize>,
     /// Evaluate only the first N questions of each category (applied before --limit), so a
     /// small run still covers every category.
-    #[arg(long, value_parser = crate::checks::positive)]
     pub per_category: Option<usize>,
     /// Write the JSON report here.
-    #[arg(long)]
     pub report: Option<PathBuf>,
     /// Chat template: the model's own by default ("auto"), or vicuna / llama3 / chatml.
-    #[arg(long, value_enum)]
     pub template: Option<TemplateName>,
     /// Base seed; question i uses seed + i (the reference seeds per question).
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Untimed warm-up generations (of each decoder) before measuring.
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
     /// their own system message either way).
-    #[arg(long)]
     pub no_system_prompt: bool,
 }
 
@@ -291,7 +277,7 @@ struct Setup {
     tree: Tree,
 }
 
-pub fn run(args: &EvalArgs) -> Result<()> {
+pub fn run(args: &EvalOptions) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let head = load_head(&args.draft, &teacher)?;
@@ -350,7 +336,7 @@ fn device_name(device: tch::Device) -> String {
 }
 
 /// Untimed runs so one-off costs (kernel selection, allocator growth) stay out of the figures.
-fn warm_up(setup: &Setup, question: &Question, args: &EvalArgs) -> Result<()> {
+fn warm_up(setup: &Setup, question: &Question, args: &EvalOptions) -> Result<()> {
     let prompt = setup
         .chat
         .encode_prompt(&[Message::new(Role::User, question.turns[0].clone())])?;
@@ -376,7 +362,7 @@ fn warm_up(setup: &Setup, question: &Question, args: &EvalArgs) -> Result<()> {
 }
 
 fn plain_config(
-    args: &EvalArgs,
+    args: &EvalOptions,
     max_new: usize,
     seed: u64,
     stop_ids: Vec<i64>,
@@ -390,7 +376,7 @@ fn plain_config(
 }
 
 /// Ask every turn of every question with both decoders.
-fn evaluate(setup: &Setup, questions: &[Question], args: &EvalArgs) -> Result<Vec<TurnRecord>> {
+fn evaluate(setup: &Setup, questions: &[Question], args: &EvalOptions) -> Result<Vec<TurnRecord>> {
     let total: usize = questions.iter().map(|q| q.turns.len()).sum();
     let mut bar = Progress::new("eval (turns)", total as u64);
     let stop_ids = setup.chat.stop_ids();

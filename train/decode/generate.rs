@@ -2,14 +2,12 @@
 //! from softmax(logits / T). Batched with left padding, so self-distillation can answer many
 //! prompts at once; batch 1 is the `clover generate` path and the speed baseline of `clover eval`.
 
-use crate::decode::sampling::Answer;
-use crate::decode::sampling::Timed;
-use crate::decode::sampling::{check_context, pick_next};
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::decode::sampling::{check_context, pick_next, Answer, Timed};
 use crate::model::teacher::Teacher;
 
 #[derive(Debug, Clone)]

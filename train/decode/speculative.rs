@@ -8,15 +8,14 @@
 //! draft's own (append-only, G9) cache. All per-step work stays on the device; the only
 //! device-to-host copy per step is one small packed i64 tensor for the acceptance bookkeeping.
 
-use crate::decode::sampling::apply_stop_rules;
-use crate::decode::sampling::sample_rows;
-use crate::decode::sampling::Sampling;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::decode::sampling::{check_context, pick_next, Answer, Timed};
+use crate::decode::sampling::{
+    apply_stop_rules, check_context, pick_next, sample_rows, Answer, Sampling, Timed,
+};
 use crate::decode::tree::{Tree, TreeTensors};
 use crate::model::head::DraftHead;
 use crate::model::layers::KvCache;

@@ -1,11 +1,12 @@
 //! GGUF v2/v3 reader: llama.cpp's model file format (metadata, tensor table, data offsets).
 
-use crate::formats::dequant::{dequantize, GgmlType};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use memmap2::Mmap;
+
+use crate::formats::dequant::{dequantize, GgmlType};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Used when `general.alignment` is absent (GGUF spec default).

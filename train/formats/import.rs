@@ -2,10 +2,6 @@
 //! (model.safetensors in f32, config.json, tokenizer.json, tokenizer_config.json,
 //! generation_config.json) that `teacher::Teacher::load` and HF transformers both read.
 
-use crate::formats::gguf_tokenizer::tokenizer_config_json;
-use crate::formats::gguf_tokenizer::tokenizer_json;
-use crate::formats::gguf_tokenizer::validate_tokenizer;
-use crate::formats::gguf_tokenizer::TokenizerMeta;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,6 +12,9 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value as Json};
 
 use crate::formats::gguf::{GgufFile, TensorInfo};
+use crate::formats::gguf_tokenizer::{
+    tokenizer_config_json, tokenizer_json, validate_tokenizer, TokenizerMeta,
+};
 use crate::progress::Progress;
 
 /// Architectures whose GGUF tensors map 1:1 onto HF's LlamaForCausalLM.
@@ -29,15 +28,6 @@ const OUTPUT_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
-#[derive(clap::Args, Debug)]
-pub struct ImportGgufArgs {
-    /// The GGUF file (llama-family architecture)
-    pub gguf: PathBuf,
-    /// Output HF-style model directory (created; replaced only if it holds a previous import)
-    #[arg(long)]
-    pub out: PathBuf,
-}
-
 #[derive(Debug, Clone)]
 pub struct ImportSummary {
     pub out_dir: PathBuf,
@@ -49,28 +39,6 @@ pub struct ImportSummary {
     pub num_hidden_layers: i64,
     pub vocab_size: i64,
     pub tie_word_embeddings: bool,
-}
-
-pub fn run(args: &ImportGgufArgs) -> Result<()> {
-    let s = import_gguf(&args.gguf, &args.out)?;
-    let types: Vec<String> = s
-        .types_seen
-        .iter()
-        .map(|(t, n)| format!("{t} x{n}"))
-        .collect();
-    println!(
-        "imported {} -> {}\n  {} tensors, {:.1}M parameters, types: {}\n  {} arch, {} layers, vocab {}, {} embeddings",
-        args.gguf.display(),
-        s.out_dir.display(),
-        s.tensors,
-        s.parameters as f64 / 1e6,
-        types.join(", "),
-        s.architecture,
-        s.num_hidden_layers,
-        s.vocab_size,
-        if s.tie_word_embeddings { "tied" } else { "untied" },
-    );
-    Ok(())
 }
 
 /// Imports `gguf` into the HF-style directory `out`. Everything is written into a sibling temp

@@ -7,7 +7,6 @@
 //! passes cast them to `compute_kind` (bf16 on CUDA training = our manual autocast, see
 //! `set_compute_kind`), or the whole store can be cast with `to_kind` for inference.
 
-use crate::model::head_config::HeadConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -15,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::config::LlamaConfig;
+use crate::model::head_config::HeadConfig;
 use crate::model::layers::{rms_norm, DecoderLayer, KvCache, Rope};
 use crate::model::teacher::Teacher;
 

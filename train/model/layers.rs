@@ -1,11 +1,10 @@
 //! LLaMA building blocks shared by the teacher and the draft head's Augmenting Block: RMSNorm,
 //! RoPE, the KV cache and the decoder layer (attention with explicit positions and masks).
 
-use crate::model::config::LlamaConfig;
-use crate::model::config::RopeScaling;
-
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
+
+use crate::model::config::{LlamaConfig, RopeScaling};
 
 /// RMSNorm computed in f32 and cast back, as HF's LlamaRMSNorm does (f64 stays f64, so
 /// finite-difference gradient checks of the draft head are not drowned in f32 rounding).

@@ -9,16 +9,14 @@
 //! The decoder layer, RoPE and RMSNorm here are also the building blocks of the draft head's
 //! Augmenting Block, so there is one LLaMA implementation in the crate.
 
-use crate::model::config::LlamaConfig;
-use crate::model::layers::rms_norm;
-use crate::model::layers::DecoderLayer;
-use crate::model::layers::KvCache;
-use crate::model::layers::Rope;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
+
+use crate::model::config::LlamaConfig;
+use crate::model::layers::{rms_norm, DecoderLayer, KvCache, Rope};
 
 /// The frozen teacher model.
 pub struct Teacher {

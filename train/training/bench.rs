@@ -1,10 +1,5 @@
 //! `clover bench-train`: tokens/s and peak memory of the training step, as one JSON line.
 
-use crate::training::batches::make_batch;
-use crate::training::batches::SplitMix64;
-use crate::training::optimizer::clip_grads_by_value;
-use crate::training::optimizer::zero_grads;
-use crate::training::optimizer::AdamW;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -16,31 +11,27 @@ use crate::model::device::RunOn;
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
+use crate::training::batches::{make_batch, SplitMix64};
 use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::optimizer::{clip_grads_by_value, zero_grads, AdamW};
 
-#[derive(clap::Args, Debug)]
-pub struct BenchTrainArgs {
+#[derive(Debug)]
+pub struct BenchTrainOptions {
     /// Teacher model dir.
-    #[arg(long)]
     pub model: PathBuf,
-    #[command(flatten)]
     pub run_on: RunOn,
     /// Timed optimizer steps (after one warm-up step).
-    #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
     pub steps: usize,
     /// Rows per batch.
-    #[arg(long, value_parser = crate::checks::positive, default_value_t = 2)]
     pub batch: usize,
     /// Tokens per row (all trained: loss mask 1).
-    #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 256)]
     pub seq_len: usize,
-    #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 5)]
     pub num_depths: i64,
 }
 
 /// Throughput of the full online training step (teacher forward, 5-depth head forward/backward,
 /// AdamW) on random tokens, and the process's peak resident memory, as one JSON line.
-pub fn run_bench(args: &BenchTrainArgs) -> Result<()> {
+pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let mut head_cfg = HeadConfig::from_teacher(&teacher.config);

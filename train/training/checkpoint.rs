@@ -1,9 +1,6 @@
 //! Training checkpoints: head weights, AdamW moments and the run state in one directory, written
 //! atomically, pruned to the newest few, and resolved from what a user names.
 
-use crate::data::jobfiles::publish_dir;
-use crate::training::config::TrainConfig;
-use crate::training::optimizer::AdamW;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -11,10 +8,13 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
+use crate::training::config::TrainConfig;
+use crate::training::optimizer::AdamW;
 
 /// Per-run state saved in a checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,10 +1,5 @@
 //! Held-out evaluation during training: the loss, teacher-forced and chained per-depth top-1.
 
-use crate::training::batches::epoch_batches;
-use crate::training::batches::make_batch;
-use crate::training::batches::Batch;
-use crate::training::config::TrainConfig;
-use crate::training::metrics::EvalRecord;
 use std::collections::BTreeMap;
 
 use anyhow::Result;
@@ -13,7 +8,10 @@ use tch::{Device, Kind, Tensor};
 use crate::data::shards::Sample;
 use crate::model::head::DraftHead;
 use crate::model::teacher::Teacher;
+use crate::training::batches::{epoch_batches, make_batch, Batch};
+use crate::training::config::TrainConfig;
 use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::metrics::EvalRecord;
 
 /// Held-out loss (the training loss, token-weighted over batches) and the chained draft's
 /// per-depth top-1 (as the reference's `getkacc_model`: depth k is fed the draft's own argmax;

@@ -16,7 +16,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, TensorView};
@@ -27,33 +26,27 @@ use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
 use crate::data::shards::{read_split, Sample, Split};
 use crate::model::device::{DtypeChoice, RunOn};
 use crate::model::teacher::Teacher;
+use crate::progress::Progress;
 
 pub const SAMPLES_PER_SHARD: usize = 256;
 const MANIFEST: &str = "distill.json";
 
-#[derive(clap::Args, Debug)]
-pub struct DistillArgs {
+#[derive(Debug)]
+pub struct DistillOptions {
     /// Prepared data directory (output of `clover data prepare`).
-    #[arg(long)]
     pub data: PathBuf,
     /// Teacher model directory.
-    #[arg(long)]
     pub model: PathBuf,
     /// Output cache directory.
-    #[arg(long)]
     pub out: PathBuf,
     /// Device, and the stored states' dtype: bf16 (auto) or f16; the teacher computes in that
     /// dtype on CUDA and in f32 on the CPU (where 16-bit matmuls are slow).
-    #[command(flatten)]
     pub run_on: RunOn,
     /// Which part of the shards this worker computes, as i/N.
-    #[arg(long, default_value = "0/1")]
     pub shard: String,
     /// Tokens per teacher forward pass (samples are batched by length up to this budget).
-    #[arg(long, value_parser = crate::checks::positive, default_value_t = 8192)]
     pub batch_tokens: usize,
     /// Stop after writing this many shards in this run (the rest is left for a rerun).
-    #[arg(long, value_parser = crate::checks::positive)]
     pub max_shards: Option<usize>,
 }
 
@@ -69,7 +62,7 @@ struct Manifest {
     samples_per_shard: usize,
 }
 
-pub fn run(args: &DistillArgs) -> Result<()> {
+pub fn run(args: &DistillOptions) -> Result<()> {
     let (worker, workers) = parse_shard(&args.shard)?;
     let kind = match args.run_on.dtype {
         DtypeChoice::Auto | DtypeChoice::Bf16 => Kind::BFloat16,

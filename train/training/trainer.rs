@@ -5,40 +5,28 @@
 //! head, the AdamW moments, the step, the RNG seed and the data position, so `--resume` replays
 //! the uninterrupted run exactly.
 
-use crate::training::batches::epoch_batches;
-use crate::training::batches::make_batch;
-use crate::training::checkpoint::checkpoints_dir;
-use crate::training::checkpoint::list_checkpoints;
-use crate::training::checkpoint::load_state;
-use crate::training::checkpoint::save_checkpoint;
-use crate::training::checkpoint::CheckpointState;
-use crate::training::checkpoint::CK_HEAD;
-use crate::training::checkpoint::CK_OPTIM;
-use crate::training::config::TrainConfig;
-use crate::training::config::TrainOptions;
-use crate::training::evaluate::evaluate;
-use crate::training::metrics::append_jsonl;
-use crate::training::metrics::check_finite;
-use crate::training::metrics::log_eval;
-use crate::training::metrics::log_step;
-use crate::training::metrics::EvalRecord;
-use crate::training::metrics::StepRecord;
-use crate::training::optimizer::clip_grads_by_value;
-use crate::training::optimizer::grad_norm;
-use crate::training::optimizer::lr_factor;
-use crate::training::optimizer::zero_grads;
-use crate::training::optimizer::AdamW;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::progress::Progress;
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Kind, Tensor};
 
 use crate::data::shards::Sample;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::teacher::Teacher;
+use crate::progress::Progress;
+use crate::training::batches::{epoch_batches, make_batch};
+use crate::training::checkpoint::{
+    checkpoints_dir, list_checkpoints, load_state, save_checkpoint, CheckpointState, CK_HEAD,
+    CK_OPTIM,
+};
+use crate::training::config::{TrainConfig, TrainOptions};
+use crate::training::evaluate::evaluate;
 use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::metrics::{
+    append_jsonl, check_finite, log_eval, log_step, EvalRecord, StepRecord,
+};
+use crate::training::optimizer::{clip_grads_by_value, grad_norm, lr_factor, zero_grads, AdamW};
 use crate::training::targets::DistillCache;
 
 #[derive(Debug, Default)]

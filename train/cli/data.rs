@@ -1,0 +1,142 @@
+//! `clover data`: import-chitchat, prepare and regenerate.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::formats::chat::TemplateName;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImportChitchatArgs {
+    /// dataset.json of the PyPI package chitchat-dataset 0.9.0.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// ShareGPT JSON list to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run_import_chitchat(args: &ImportChitchatArgs) -> Result<()> {
+    let count = crate::data::chitchat::import_chitchat(&args.input, &args.out)?;
+    println!("wrote {count} conversations to {}", args.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrepareArgs {
+    /// ShareGPT file: a JSON list, JSONL, or parquet with a `conversations` column.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// HF-style model dir (tokenizer.json, tokenizer_config.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The chat template: auto (the model's own chat_template), vicuna, llama3 or chatml.
+    #[arg(long, value_enum, default_value_t = TemplateName::Auto)]
+    pub template: TemplateName,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Conversations longer than this many tokens are truncated to it (as the reference does).
+    #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 2048)]
+    pub max_len: usize,
+    #[arg(long, value_parser = crate::checks::fraction_below_one, default_value_t = 0.05)]
+    pub eval_fraction: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
+    /// their own system message either way).
+    #[arg(long)]
+    pub no_system_prompt: bool,
+}
+
+impl PrepareArgs {
+    /// The library's plain options for this command line.
+    pub fn options(&self) -> crate::data::prepare::PrepareOptions {
+        crate::data::prepare::PrepareOptions {
+            input: self.input.clone(),
+            model: self.model.clone(),
+            template: self.template,
+            out: self.out.clone(),
+            max_len: self.max_len,
+            eval_fraction: self.eval_fraction,
+            seed: self.seed,
+            no_system_prompt: self.no_system_prompt,
+        }
+    }
+}
+
+pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
+    let summary = crate::data::prepare::prepare(&args.options())?;
+    println!("{summary}");
+    println!("wrote {}", args.out.join("manifest.json").display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RegenerateArgs {
+    /// Conversations to answer (ShareGPT JSON/JSONL or parquet, as `data prepare` reads).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Teacher model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory: part files and, when complete, conversations.jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Answer at most this many user turns per conversation (later turns are dropped).
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub max_turns: Option<usize>,
+    /// Use only the first N conversations of the input.
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub limit: Option<usize>,
+    /// Chat template (vicuna, llama3, chatml or auto = the model's own).
+    #[arg(long, value_enum, default_value_t = TemplateName::Auto)]
+    pub template: TemplateName,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub run_on: crate::model::device::RunOn,
+    /// Stop after this many batches in this run (the rest is left for a rerun).
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub max_batches: Option<usize>,
+    /// Conversations whose first prompt is longer are left out; a later turn whose prompt would
+    /// be longer ends its conversation there.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 1536)]
+    pub max_prompt_tokens: usize,
+    /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
+    /// their own system message either way).
+    #[arg(long)]
+    pub no_system_prompt: bool,
+}
+
+impl RegenerateArgs {
+    /// The library's plain options for this command line.
+    pub fn options(&self) -> crate::data::regenerate::RegenerateOptions {
+        crate::data::regenerate::RegenerateOptions {
+            data: self.data.clone(),
+            model: self.model.clone(),
+            out: self.out.clone(),
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            batch_size: self.batch_size,
+            max_turns: self.max_turns,
+            limit: self.limit,
+            template: self.template,
+            seed: self.seed,
+            run_on: self.run_on.clone(),
+            max_batches: self.max_batches,
+            max_prompt_tokens: self.max_prompt_tokens,
+            no_system_prompt: self.no_system_prompt,
+        }
+    }
+}
+
+pub fn run_regenerate(args: &RegenerateArgs) -> Result<()> {
+    crate::data::regenerate::run(&args.options())
+}
