@@ -38,7 +38,7 @@ pub struct PrepareArgs {
     /// Conversations longer than this many tokens are truncated to it (as the reference does).
     #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 2048)]
     pub max_len: usize,
-    #[arg(long, value_parser = crate::checks::fraction_below_one, default_value_t = 0.05)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::checks::fraction_below_one, default_value_t = 0.05)]
     pub eval_fraction: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -85,7 +85,7 @@ pub struct RegenerateArgs {
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 16)]
     pub batch_size: usize,

@@ -21,7 +21,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub tree: Option<String>,
     /// 0 = greedy; > 0 = lossless tree speculative sampling.
-    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,

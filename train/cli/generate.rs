@@ -18,7 +18,7 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, value_parser = crate::checks::temperature, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
