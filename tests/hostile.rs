@@ -149,6 +149,19 @@ fn commands() -> Vec<(
             ],
         ),
         (
+            vec![
+                "init-random",
+                "--like",
+                "smollm2-135m",
+                "--out",
+                "/nonexistent/m",
+            ],
+            vec![
+                ("--layers", COUNT_VALUES),
+                ("--like", &["", "gpt2", "vicuna"][..]),
+            ],
+        ),
+        (
             [&["bench", "--out", "/nonexistent/b.json"][..], &model].concat(),
             vec![
                 ("--prefill-tokens", COUNT_VALUES),

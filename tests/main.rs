@@ -9,6 +9,7 @@ mod generate;
 mod gguf;
 mod head;
 mod hostile;
+mod random;
 mod regenerate;
 mod speculative;
 mod targets;

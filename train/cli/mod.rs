@@ -10,6 +10,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod import;
+pub mod init_random;
 pub mod train;
 use clap::{Parser, Subcommand};
 
@@ -30,6 +31,9 @@ enum Command {
     Doctor,
     /// Convert a llama.cpp GGUF file into an HF-style model directory.
     ImportGguf(crate::cli::import::ImportGgufArgs),
+    /// Write a model dir with a real architecture (vicuna-7b, llama3-8b-instruct, smollm2-135m)
+    /// and random weights, for tests and benchmarks without downloads.
+    InitRandom(crate::cli::init_random::InitRandomArgs),
     /// Conversation data: import the packaged chats, tokenize, regenerate answers.
     #[command(subcommand)]
     Data(DataCommand),
@@ -72,6 +76,7 @@ pub fn main() -> Result<()> {
         Command::Export(args) => crate::cli::export::run(&args),
         Command::Eval(args) => crate::cli::eval::run(&args),
         Command::ImportGguf(args) => crate::cli::import::run(&args),
+        Command::InitRandom(args) => crate::cli::init_random::run(&args),
         Command::Generate(args) => crate::cli::generate::run(&args),
         Command::Bench(args) => crate::cli::bench::run(&args),
         Command::BenchTrain(args) => crate::cli::train::run_bench(&args),

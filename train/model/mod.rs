@@ -5,4 +5,5 @@ pub mod device;
 pub mod head;
 pub mod head_config;
 pub mod layers;
+pub mod random;
 pub mod teacher;

@@ -1,0 +1,113 @@
+//! `clover init-random`: real architectures with random weights load and run like real models.
+
+use crate::common::scratch_dir;
+use clover::formats::chat::{ChatTokenizer, Message, Role};
+use clover::model::random::{write_random_model, Like};
+use clover::model::teacher::Teacher;
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn a_random_smollm2_shape_loads_tokenizes_and_generates() {
+    let root = scratch_dir("random", "smollm2");
+    let dir = root.join("model");
+    let out = Command::new(env!("CARGO_BIN_EXE_clover"))
+        .args([
+            "init-random",
+            "--like",
+            "smollm2-135m",
+            "--layers",
+            "2",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let teacher = Teacher::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let arch = Like::Smollm2_135m.architecture();
+    let c = &teacher.config;
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (arch.hidden_size, arch.intermediate_size, 2)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.vocab_size),
+        (9, 3, 49152)
+    );
+    assert_eq!(c.rope_theta, arch.rope_theta);
+    // HF's init: weights ~ N(0, 0.02), so their standard deviation is 0.02 within sampling error
+    // (n = 49152·576 draws: the relative error of a sample std is about 1/sqrt(2n) < 1e-3).
+    let std = teacher
+        .lm_head_weight()
+        .to_kind(Kind::Float)
+        .std(true)
+        .double_value(&[]);
+    assert!((std - 0.02).abs() < 0.02 * 0.01, "weight std {std}");
+    let chat = ChatTokenizer::from_model_dir(&dir, None).unwrap();
+    let ids = chat
+        .encode_prompt(&[Message::new(Role::User, "w5 w6 w7")])
+        .unwrap();
+    assert!(ids.contains(&5) && ids.contains(&7), "{ids:?}");
+    let u = teacher.forward(
+        &Tensor::from_slice(&ids).unsqueeze(0),
+        &Tensor::arange(ids.len() as i64, (Kind::Int64, Device::Cpu)).unsqueeze(0),
+        None,
+        None,
+    );
+    assert_eq!(u.size(), vec![1, ids.len() as i64, 576]);
+    // The whole command line runs on it.
+    let out = Command::new(env!("CARGO_BIN_EXE_clover"))
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "3",
+            "--prompt",
+            "w9 w10",
+            "--model",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn init_random_refuses_a_directory_that_holds_files_and_zero_layers() {
+    let root = scratch_dir("random", "refuse");
+    std::fs::write(root.join("keep.txt"), "mine").unwrap();
+    let err = write_random_model(Like::Vicuna7b, Some(1), &root, 0).unwrap_err();
+    assert!(format!("{err}").contains("already holds files"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("keep.txt")).unwrap(),
+        "mine"
+    );
+    let err = write_random_model(Like::Vicuna7b, Some(0), &root.join("new"), 0).unwrap_err();
+    assert!(format!("{err}").contains("--layers"), "{err}");
+}
+
+/// The 7B/8B shapes, checked without writing gigabytes: the weight list matches the published
+/// parameter counts (Vicuna-7B 6.74B, LLaMA-3-8B 8.03B).
+#[test]
+fn seven_and_eight_billion_shapes_have_their_published_parameter_counts() {
+    let count = |like: Like| -> i64 {
+        like.architecture()
+            .weight_shapes()
+            .iter()
+            .map(|(_, s)| s.iter().product::<i64>())
+            .sum()
+    };
+    assert_eq!(count(Like::Vicuna7b), 6_738_415_616);
+    assert_eq!(count(Like::Llama3_8bInstruct), 8_030_261_248);
+    assert_eq!(count(Like::Smollm2_135m), 134_515_008);
+}
