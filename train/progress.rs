@@ -107,17 +107,24 @@ impl Progress {
         }
     }
 
-    /// Sets the position; the first call before any work marks a resumed job's starting point.
+    /// Sets the position.
     pub fn set_position(&self, pos: u64) {
         if let Some(bar) = &self.bar {
             bar.set_position(pos);
         }
+        self.update(|s| s.done = pos);
+    }
+
+    /// A resumed job starts at `pos`: the rate and ETA count only this run's work.
+    pub fn resume_from(&self, pos: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(pos);
+            bar.reset_eta();
+        }
         self.update(|s| {
-            if s.done == 0 && s.start_pos == 0 {
-                s.start_pos = pos;
-                s.started = Instant::now();
-            }
             s.done = pos;
+            s.start_pos = pos;
+            s.started = Instant::now();
         });
     }
 

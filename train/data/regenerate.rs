@@ -115,7 +115,7 @@ pub fn run(args: &RegenerateOptions) -> Result<()> {
         .take(args.max_batches.unwrap_or(usize::MAX))
         .collect();
     let mut bar = Progress::new("regenerate (batches)", batches as u64);
-    bar.set_position((batches - todo.len().min(batches)) as u64);
+    bar.resume_from((batches - todo.len().min(batches)) as u64);
     let started = std::time::Instant::now();
     let mut new_tokens = 0;
     for k in todo {

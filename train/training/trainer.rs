@@ -5,11 +5,13 @@
 //! head, the AdamW moments, the step, the RNG seed and the data position, so `--resume` replays
 //! the uninterrupted run exactly.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Kind, Tensor};
+use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::data::shards::Sample;
 use crate::model::head::{read_head_tensors, DraftHead};
@@ -73,53 +75,122 @@ pub fn train(
     resume: bool,
     opts: &TrainOptions,
 ) -> Result<TrainOutcome> {
-    std::fs::create_dir_all(&cfg.out_dir)
-        .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
-    let device = teacher.device();
-    let n_train = source
-        .samples()
-        .len()
-        .min(cfg.max_train_samples.unwrap_or(usize::MAX));
-    ensure!(n_train > 0, "no training samples");
-    if let Source::Offline(cache) = &source {
-        cache.check_against(&cfg.model_dir, &cfg.data_dir, teacher.config.hidden_size)?;
-    }
-    let lengths: Vec<usize> = source.samples()[..n_train]
-        .iter()
-        .map(|s| s.input_ids.len().min(cfg.max_len))
-        .collect();
-    let longest = lengths.iter().copied().max().unwrap_or(0);
-    ensure!(
-        longest <= cfg.batch_tokens,
-        "batch_tokens = {} is below the longest training row ({longest} tokens after truncation to \
-         max_len = {}): raise batch_tokens or lower max_len",
-        cfg.batch_tokens,
-        cfg.max_len
-    );
-    let batches_per_epoch =
-        epoch_batches(&lengths, cfg.batch_tokens, cfg.bucket_window, cfg.seed, 0).len();
-    let total_steps = match (cfg.max_steps, cfg.epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => e * batches_per_epoch as u64,
-        (None, None) => bail!("set max_steps or epochs in the training config"),
-    };
-    let schedule_steps = cfg.schedule_steps.unwrap_or(total_steps);
-
-    let head_cfg = cfg.head_config(teacher);
-    let mut head = match &cfg.init_from {
-        Some(dir) => {
-            DraftHead::load(dir, teacher).with_context(|| format!("init_from {}", dir.display()))?
-        }
-        None => DraftHead::new(teacher, head_cfg.clone(), cfg.seed as i64)?,
-    };
-    if device.is_cuda() && cfg.bf16_on_cuda {
-        head.set_compute_kind(Kind::BFloat16);
-    }
-    let params = head.named_tensors();
-    let mut opt = AdamW::new(&params, cfg.betas, cfg.adam_eps, cfg.weight_decay);
-    let (mut step, mut epoch, mut batch_in_epoch) = (0u64, 0u64, 0usize);
-    let mut outcome = TrainOutcome::default();
+    let eval = &eval[..eval.len().min(cfg.eval_samples)];
+    let mut run = Run::set_up(cfg, teacher, &source)?;
     if resume {
+        run.resume()?;
+    }
+    if run.step == 0 {
+        // The untrained head's figures, the baseline the eval curve starts from.
+        run.evaluate(eval)?;
+    }
+    while run.step < run.total_steps {
+        run.train_step(&source, opts)?;
+        if run.eval_due() {
+            run.evaluate(eval)?;
+        }
+        if run.checkpoint_due() {
+            run.checkpoint()?;
+        }
+        if opts.halt_after_step == Some(run.step) {
+            break;
+        }
+    }
+    run.bar.finish();
+    Ok(run.outcome)
+}
+
+/// One training run's state: the head and optimizer, the data position, the logs.
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    teacher: &'a Teacher,
+    head: DraftHead,
+    params: BTreeMap<String, Tensor>,
+    opt: AdamW,
+    weights: LossWeights,
+    /// Lengths of the training samples (truncated to max_len), which decide the batches.
+    lengths: Vec<usize>,
+    batches: Vec<Vec<usize>>,
+    step: u64,
+    epoch: u64,
+    batch_in_epoch: usize,
+    total_steps: u64,
+    schedule_steps: u64,
+    tb: SummaryWriter,
+    bar: Progress,
+    outcome: TrainOutcome,
+}
+
+impl<'a> Run<'a> {
+    /// Checks the data against the config, builds the head (reference init or `init_from`) and
+    /// its optimizer, and opens the logs.
+    fn set_up(cfg: &'a TrainConfig, teacher: &'a Teacher, source: &Source) -> Result<Self> {
+        std::fs::create_dir_all(&cfg.out_dir)
+            .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
+        let n_train = source
+            .samples()
+            .len()
+            .min(cfg.max_train_samples.unwrap_or(usize::MAX));
+        ensure!(n_train > 0, "no training samples");
+        if let Source::Offline(cache) = source {
+            cache.check_against(&cfg.model_dir, &cfg.data_dir, teacher.config.hidden_size)?;
+        }
+        let lengths: Vec<usize> = source.samples()[..n_train]
+            .iter()
+            .map(|s| s.input_ids.len().min(cfg.max_len))
+            .collect();
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        ensure!(
+            longest <= cfg.batch_tokens,
+            "batch_tokens = {} is below the longest training row ({longest} tokens after \
+             truncation to max_len = {}): raise batch_tokens or lower max_len",
+            cfg.batch_tokens,
+            cfg.max_len
+        );
+        let batches = epoch_batches(&lengths, cfg.batch_tokens, cfg.bucket_window, cfg.seed, 0);
+        let total_steps = match (cfg.max_steps, cfg.epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => e * batches.len() as u64,
+            (None, None) => bail!("set max_steps or epochs in the training config"),
+        };
+        let mut head = match &cfg.init_from {
+            Some(dir) => DraftHead::load(dir, teacher)
+                .with_context(|| format!("init_from {}", dir.display()))?,
+            None => DraftHead::new(teacher, cfg.head_config(teacher), cfg.seed as i64)?,
+        };
+        if teacher.device().is_cuda() && cfg.bf16_on_cuda {
+            head.set_compute_kind(Kind::BFloat16);
+        }
+        let params = head.named_tensors();
+        let opt = AdamW::new(&params, cfg.betas, cfg.adam_eps, cfg.weight_decay);
+        let bar = if cfg.progress {
+            Progress::new("train", total_steps)
+        } else {
+            Progress::hidden("train")
+        };
+        Ok(Run {
+            weights: LossWeights::reference(head.config()),
+            cfg,
+            teacher,
+            head,
+            params,
+            opt,
+            lengths,
+            batches,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            total_steps,
+            schedule_steps: cfg.schedule_steps.unwrap_or(total_steps),
+            tb: SummaryWriter::new(cfg.out_dir.join("tensorboard")),
+            bar,
+            outcome: TrainOutcome::default(),
+        })
+    }
+
+    /// Continues from the newest checkpoint: weights, AdamW moments, step and data position.
+    fn resume(&mut self) -> Result<()> {
+        let cfg = self.cfg;
         let last = list_checkpoints(&cfg.out_dir)?.pop().with_context(|| {
             format!(
                 "--resume: no checkpoint under {}",
@@ -129,7 +200,7 @@ pub fn train(
         let state = load_state(&last)?;
         let changes = cfg.changes_from(&state.config);
         ensure!(
-            state.head == *head.config(),
+            state.head == *self.head.config(),
             "{}: the head this checkpoint holds differs from the training config's (changed: {})",
             last.display(),
             changes.join("; ")
@@ -142,77 +213,67 @@ pub fn train(
             );
         }
         let tensors = read_head_tensors(&last.join(CK_HEAD), &state.head)?;
-        head.load_tensors(&tensors)?;
-        opt.load(&last.join(CK_OPTIM), state.adam_step)?;
-        (step, epoch, batch_in_epoch) = (state.step, state.epoch, state.batch_in_epoch);
-        outcome.last_checkpoint = Some(last.clone());
-        eprintln!("resuming from {} (step {step})", last.display());
+        self.head.load_tensors(&tensors)?;
+        self.opt.load(&last.join(CK_OPTIM), state.adam_step)?;
+        (self.step, self.epoch, self.batch_in_epoch) =
+            (state.step, state.epoch, state.batch_in_epoch);
+        self.batches = epoch_batches(
+            &self.lengths,
+            cfg.batch_tokens,
+            cfg.bucket_window,
+            cfg.seed,
+            self.epoch,
+        );
+        self.bar.resume_from(self.step);
+        self.outcome.last_checkpoint = Some(last.clone());
+        eprintln!("resuming from {} (step {})", last.display(), self.step);
+        Ok(())
     }
-    let weights = LossWeights::reference(head.config());
-    let mut tb =
-        tensorboard_rs::summary_writer::SummaryWriter::new(cfg.out_dir.join("tensorboard"));
-    let metrics = cfg.out_dir.join("metrics.jsonl");
-    let mut bar = if cfg.progress {
-        Progress::new("train", total_steps)
-    } else {
-        Progress::hidden("train")
-    };
-    bar.set_position(step);
-    let lm_head = |o: &Tensor| head.logits(o);
-    if step == 0 && cfg.eval_every > 0 && !eval.is_empty() {
-        // The untrained head's figures, the baseline the eval curve starts from.
-        let ev = evaluate(
-            &head,
-            teacher,
-            &eval[..eval.len().min(cfg.eval_samples)],
-            cfg,
-            0,
-        )?;
-        log_eval(&mut tb, &ev);
-        append_jsonl(&cfg.out_dir.join("eval.jsonl"), &ev)?;
-        outcome.evals.push(ev);
-    }
-    let mut batches = epoch_batches(
-        &lengths,
-        cfg.batch_tokens,
-        cfg.bucket_window,
-        cfg.seed,
-        epoch,
-    );
 
-    while step < total_steps {
-        if batch_in_epoch >= batches.len() {
-            epoch += 1;
-            batch_in_epoch = 0;
-            batches = epoch_batches(
-                &lengths,
+    /// The next batch's indices, starting a new epoch (reshuffled) when this one is used up.
+    fn next_batch(&mut self) -> Vec<usize> {
+        if self.batch_in_epoch >= self.batches.len() {
+            self.epoch += 1;
+            self.batch_in_epoch = 0;
+            let cfg = self.cfg;
+            self.batches = epoch_batches(
+                &self.lengths,
                 cfg.batch_tokens,
                 cfg.bucket_window,
                 cfg.seed,
-                epoch,
+                self.epoch,
             );
         }
+        self.batch_in_epoch += 1;
+        self.batches[self.batch_in_epoch - 1].clone()
+    }
+
+    /// One optimizer step: batch, loss, NaN check, backward, clip, AdamW, logs.
+    fn train_step(&mut self, source: &Source, opts: &TrainOptions) -> Result<()> {
+        let (cfg, teacher) = (self.cfg, self.teacher);
         let started = Instant::now();
-        let idx = &batches[batch_in_epoch];
+        let idx = self.next_batch();
         let samples: Vec<&Sample> = idx.iter().map(|&i| &source.samples()[i]).collect();
-        let batch = make_batch(teacher, &samples, states_for(&source, idx)?, cfg.max_len)?;
+        let batch = make_batch(teacher, &samples, states_for(source, &idx)?, cfg.max_len)?;
         let targets = teacher_targets(teacher, &batch.u, &batch.mask);
-        let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-        let mut parts = clover_loss(&outs, &targets, &lm_head, &weights);
-        if opts.inject_nan_at_step == Some(step + 1) {
+        let outs = self.head.depth_outputs(&batch.u, &batch.next_ids, None);
+        let head = &self.head;
+        let lm_head = |o: &Tensor| head.logits(o);
+        let mut parts = clover_loss(&outs, &targets, &lm_head, &self.weights);
+        let step = self.step + 1;
+        if opts.inject_nan_at_step == Some(step) {
             parts.depths[0].loss = f64::NAN;
             parts.total = parts.total * f64::NAN;
         }
-        check_finite(step + 1, &parts.depths, outcome.last_checkpoint.as_deref())?;
-        let lr = cfg.lr * lr_factor(step, cfg.warmup_steps, schedule_steps);
-        zero_grads(&params);
+        check_finite(step, &parts.depths, self.outcome.last_checkpoint.as_deref())?;
+        let lr = cfg.lr * lr_factor(self.step, cfg.warmup_steps, self.schedule_steps);
+        zero_grads(&self.params);
         parts.total.backward();
-        let gnorm = grad_norm(&params);
-        clip_grads_by_value(&params, cfg.clip_value);
-        opt.update(&params, lr);
-        step += 1;
-        batch_in_epoch += 1;
-        let secs = started.elapsed().as_secs_f64();
+        let gnorm = grad_norm(&self.params);
+        clip_grads_by_value(&self.params, cfg.clip_value);
+        self.opt.update(&self.params, lr);
+        self.step = step;
+        let tokens_per_s = batch.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let rec = StepRecord {
             step,
             loss: parts.depths.iter().map(|d| d.loss).sum(),
@@ -222,31 +283,38 @@ pub fn train(
             grad_norm: gnorm,
             tokens: batch.tokens,
         };
-        log_step(&mut tb, &rec, batch.tokens as f64 / secs.max(1e-9));
-        append_jsonl(&metrics, &rec)?;
-        bar.set_message(format!(
-            "loss {:.4} | {:.0} tok/s",
-            rec.loss,
-            batch.tokens as f64 / secs.max(1e-9)
-        ));
-        bar.set_position(step);
-        outcome.steps.push(rec);
+        log_step(&mut self.tb, &rec, tokens_per_s);
+        append_jsonl(&cfg.out_dir.join("metrics.jsonl"), &rec)?;
+        self.bar
+            .set_message(format!("loss {:.4} | {tokens_per_s:.0} tok/s", rec.loss));
+        self.bar.set_position(step);
+        self.outcome.steps.push(rec);
+        self.tb.flush();
+        Ok(())
+    }
 
-        if cfg.eval_every > 0
-            && (step % cfg.eval_every == 0 || step == total_steps)
-            && !eval.is_empty()
-        {
-            let ev = evaluate(
-                &head,
-                teacher,
-                &eval[..eval.len().min(cfg.eval_samples)],
-                cfg,
-                step,
-            )?;
-            log_eval(&mut tb, &ev);
-            append_jsonl(&cfg.out_dir.join("eval.jsonl"), &ev)?;
-            bar.println(format!(
-                "step {step}: eval loss {:.4}, chained top-1 {:?} (unigram {:.3})",
+    fn eval_due(&self) -> bool {
+        let every = self.cfg.eval_every;
+        every > 0 && (self.step % every == 0 || self.step == self.total_steps)
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.step % self.cfg.save_every.max(1) == 0 || self.step == self.total_steps
+    }
+
+    /// Held-out figures at this step (nothing when evaluation is off or there is no eval split).
+    fn evaluate(&mut self, eval: &[Sample]) -> Result<()> {
+        if self.cfg.eval_every == 0 || eval.is_empty() {
+            return Ok(());
+        }
+        let ev = evaluate(&self.head, self.teacher, eval, self.cfg, self.step)?;
+        log_eval(&mut self.tb, &ev);
+        self.tb.flush();
+        append_jsonl(&self.cfg.out_dir.join("eval.jsonl"), &ev)?;
+        if self.step > 0 {
+            self.bar.println(format!(
+                "step {}: eval loss {:.4}, chained top-1 {:?} (unigram {:.3})",
+                self.step,
                 ev.loss,
                 ev.chained_top1
                     .iter()
@@ -254,32 +322,29 @@ pub fn train(
                     .collect::<Vec<_>>(),
                 ev.unigram_top1
             ));
-            outcome.evals.push(ev);
         }
-        if step % cfg.save_every.max(1) == 0 || step == total_steps {
-            let state = CheckpointState {
-                step,
-                epoch,
-                batch_in_epoch,
-                seed: cfg.seed,
-                adam_step: opt.step,
-                head: head.config().clone(),
-                config: cfg.clone(),
-            };
-            outcome.last_checkpoint = Some(save_checkpoint(
-                &cfg.out_dir,
-                &head,
-                &opt,
-                &state,
-                teacher,
-                cfg.keep_last,
-            )?);
-        }
-        tb.flush();
-        if opts.halt_after_step == Some(step) {
-            break;
-        }
+        self.outcome.evals.push(ev);
+        Ok(())
     }
-    bar.finish();
-    Ok(outcome)
+
+    fn checkpoint(&mut self) -> Result<()> {
+        let state = CheckpointState {
+            step: self.step,
+            epoch: self.epoch,
+            batch_in_epoch: self.batch_in_epoch,
+            seed: self.cfg.seed,
+            adam_step: self.opt.step,
+            head: self.head.config().clone(),
+            config: self.cfg.clone(),
+        };
+        self.outcome.last_checkpoint = Some(save_checkpoint(
+            &self.cfg.out_dir,
+            &self.head,
+            &self.opt,
+            &state,
+            self.teacher,
+            self.cfg.keep_last,
+        )?);
+        Ok(())
+    }
 }
