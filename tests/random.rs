@@ -111,3 +111,26 @@ fn seven_and_eight_billion_shapes_have_their_published_parameter_counts() {
     assert_eq!(count(Like::Llama3_8bInstruct), 8_030_261_248);
     assert_eq!(count(Like::Smollm2_135m), 134_515_008);
 }
+
+/// The in-memory random teacher (for `--like` benchmarks) is the one `init-random` writes.
+#[test]
+fn the_in_memory_random_teacher_equals_the_written_one() {
+    let root = scratch_dir("random", "in-memory");
+    let dir = root.join("model");
+    write_random_model(Like::Smollm2_135m, Some(1), &dir, 7).unwrap();
+    let loaded = Teacher::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let built = clover::model::random::random_teacher(
+        Like::Smollm2_135m,
+        Some(1),
+        Device::Cpu,
+        Kind::Float,
+        7,
+    )
+    .unwrap();
+    let ids = Tensor::from_slice(&[5i64, 9, 300, 7]).unsqueeze(0);
+    let pos = Tensor::arange(4, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    let a = loaded.logits(&loaded.forward(&ids, &pos, None, None));
+    let b = built.logits(&built.forward(&ids, &pos, None, None));
+    // The same bf16 weights and the same f32 arithmetic: identical.
+    assert!(a.equal(&b));
+}

@@ -84,7 +84,12 @@ impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read model config {}", path.display()))?;
-        let raw: RawConfig = serde_json::from_str(&text)
+        Self::from_json(&text, path)
+    }
+
+    /// Parses the text of a config.json; `path` names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text)
             .with_context(|| format!("{} is not a LLaMA-style config.json", path.display()))?;
         if let Some(t) = raw.model_type.as_deref() {
             ensure!(

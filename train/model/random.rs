@@ -3,11 +3,15 @@
 //! `config.json`, `model.safetensors` (bf16, HF's N(0, 0.02) init, unit norms) and a word-level
 //! `tokenizer.json` with the model's vocabulary size, so every command runs on it.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
+
+use crate::model::config::LlamaConfig;
+use crate::model::teacher::Teacher;
 
 /// The architectures a random model can copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -226,4 +230,27 @@ pub fn write_random_model(like: Like, layers: Option<i64>, out: &Path, seed: i64
     let file = out.join("model.safetensors");
     Tensor::write_safetensors(&weights, &file)
         .with_context(|| format!("writing {}", file.display()))
+}
+
+/// A teacher with `like`'s architecture and random weights, built in memory on `device` (for
+/// benchmarks at 7B/8B shapes without writing gigabytes).
+pub fn random_teacher(
+    like: Like,
+    layers: Option<i64>,
+    device: Device,
+    kind: Kind,
+    seed: i64,
+) -> Result<Teacher> {
+    let mut arch = like.architecture();
+    if let Some(n) = layers {
+        ensure!(n >= 1, "--layers must be at least 1, got {n}");
+        arch.num_hidden_layers = n;
+    }
+    let name = PathBuf::from(format!("<random {like:?}>"));
+    let config = LlamaConfig::from_json(&arch.config_json().to_string(), &name)?;
+    let weights: HashMap<String, Tensor> = random_weights(&arch, seed)
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(device).to_kind(kind)))
+        .collect();
+    Teacher::from_weights(config, &name, weights, device, kind)
 }

@@ -52,6 +52,18 @@ impl Teacher {
                 weights.insert(name, t);
             }
         }
+        Self::from_weights(config, dir, weights, device, kind)
+    }
+
+    /// A teacher from its config and named weights (already on `device` in `kind`); `dir` names
+    /// it in errors and is where checkpoints copy its config.json from.
+    pub fn from_weights(
+        config: LlamaConfig,
+        dir: &Path,
+        mut weights: HashMap<String, Tensor>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
         if !weights.contains_key("lm_head.weight") {
             ensure!(
                 config.tie_word_embeddings,
