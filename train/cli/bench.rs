@@ -4,10 +4,10 @@
 //! `--conversations`, also the data stages: prepare tokens/s, distill tokens/s and the cache's
 //! bytes per token.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
@@ -15,13 +15,20 @@ use crate::data::shards::{read_split, write_samples, Split};
 use crate::decode::generate::{generate, GenerationConfig};
 use crate::formats::chat::TemplateName;
 use crate::model::device::{DeviceChoice, DtypeChoice, RunOn};
+use crate::model::random::{random_teacher, Like};
 use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Teacher model directory.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "like")]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: a teacher of this architecture with random weights, built in memory.
+    #[arg(long, value_enum, conflicts_with = "model")]
+    pub like: Option<Like>,
+    /// With --like: decoder layers (default: the architecture's own).
+    #[arg(long, requires = "like", value_parser = crate::checks::positive_i64)]
+    pub layers: Option<i64>,
     /// Where to write the JSON report.
     #[arg(long)]
     pub out: PathBuf,
@@ -31,9 +38,10 @@ pub struct BenchArgs {
     /// Tokens decoded for the decode measurement.
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
     pub decode_tokens: usize,
-    /// Dtype of the CUDA rows, when CUDA is present (auto = bf16; the CPU rows always run f32).
-    #[arg(long, value_enum, default_value_t = DtypeChoice::Auto)]
-    pub dtype: DtypeChoice,
+    /// --device auto measures the CPU and, when present, CUDA device 0; cpu or cuda[:N] just that
+    /// one. --dtype auto is f32 on the CPU and bf16 on CUDA.
+    #[command(flatten)]
+    pub run_on: RunOn,
     /// ShareGPT conversations for the data-stage figures (prepare and distill).
     #[arg(long)]
     pub conversations: Option<PathBuf>,
@@ -43,22 +51,33 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let mut devices = vec![(Device::Cpu, Kind::Float)];
-    if tch::Cuda::is_available() {
-        devices.push((Device::Cuda(0), args.dtype.kind_on(Device::Cuda(0))));
-    }
+    let devices = match args.run_on.device {
+        DeviceChoice::Auto if tch::Cuda::is_available() => vec![Device::Cpu, Device::Cuda(0)],
+        DeviceChoice::Auto => vec![Device::Cpu],
+        choice => vec![choice.resolve()?],
+    };
     let mut reports = vec![];
-    for (device, kind) in devices {
-        let teacher = Teacher::load(&args.model, device, kind)?;
+    for device in devices {
+        let kind = args.run_on.dtype.kind_on(device);
+        let teacher = match (&args.model, args.like) {
+            (Some(dir), _) => Teacher::load(dir, device, kind)?,
+            (None, Some(like)) => random_teacher(like, args.layers, device, kind, 0)?,
+            (None, None) => bail!("give --model DIR or --like NAME"),
+        };
         let report = bench_teacher(&teacher, args)?;
         println!("{}", serde_json::to_string(&report)?);
         reports.push(report);
     }
-    let data = match &args.conversations {
-        Some(conversations) => bench_data(args, conversations)?,
-        None => Value::Null,
+    let data = match (&args.conversations, &args.model) {
+        (Some(conversations), Some(model)) => bench_data(args, model, conversations)?,
+        (Some(_), None) => bail!("--conversations needs --model (a tokenizer for prepare)"),
+        (None, _) => Value::Null,
     };
-    let out = json!({ "model": args.model, "teacher": reports, "data": data });
+    let model = match (&args.model, args.like) {
+        (Some(dir), _) => dir.display().to_string(),
+        (None, like) => format!("random {like:?}, {:?} layers", args.layers),
+    };
+    let out = json!({ "model": model, "teacher": reports, "data": data });
     std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());
@@ -105,14 +124,14 @@ fn bench_teacher(teacher: &Teacher, args: &BenchArgs) -> Result<Value> {
 
 /// Prepare all `conversations`, then distill the first `distill_samples` train samples on the
 /// best device, in a scratch directory that is removed afterwards.
-fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value> {
+fn bench_data(args: &BenchArgs, model: &Path, conversations: &Path) -> Result<Value> {
     use crate::data::prepare::{prepare, PrepareOptions};
     let scratch = std::env::temp_dir().join(format!("clover-bench-{}", std::process::id()));
     let prepared = scratch.join("prepared");
     let start = Instant::now();
     let summary = prepare(&PrepareOptions {
         input: conversations.to_path_buf(),
-        model: args.model.clone(),
+        model: model.to_path_buf(),
         template: TemplateName::Auto,
         no_system_prompt: false,
         out: prepared.clone(),
@@ -134,7 +153,7 @@ fn bench_data(args: &BenchArgs, conversations: &std::path::Path) -> Result<Value
     let start = Instant::now();
     crate::training::targets::run(&crate::training::targets::DistillOptions {
         data: subset,
-        model: args.model.clone(),
+        model: model.to_path_buf(),
         out: cache.clone(),
         run_on: RunOn {
             device,
