@@ -16,7 +16,8 @@ use crate::model::device::RunOn;
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
-use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::config::DEFAULT_LOSS_CHUNK;
+use crate::training::loss::{batch_loss, LossWeights};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchTrainArgs {
@@ -36,6 +37,10 @@ pub struct BenchTrainArgs {
     pub seq_len: usize,
     #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 5)]
     pub num_depths: i64,
+    /// Masked positions per lm_head pass of the loss, as the training config's `loss_chunk`
+    /// (0 = unchunked: the whole [M,V] teacher distribution and every depth's logits at once).
+    #[arg(long, value_parser = crate::checks::count, default_value_t = DEFAULT_LOSS_CHUNK)]
+    pub loss_chunk: usize,
 }
 
 /// Throughput of the full online training step (teacher forward, 5-depth head forward/backward,
@@ -67,9 +72,16 @@ pub fn run_bench(args: &BenchTrainArgs) -> Result<()> {
     let lm_head = |o: &Tensor| head.logits(o);
     let mut step = || -> Result<f64> {
         let batch = make_batch(&teacher, &refs, None, args.seq_len)?;
-        let targets = teacher_targets(&teacher, &batch.u, &batch.mask);
         let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-        let parts = clover_loss(&outs, &targets, &lm_head, &weights);
+        let parts = batch_loss(
+            &teacher,
+            &batch.u,
+            &batch.mask,
+            &outs,
+            &lm_head,
+            &weights,
+            args.loss_chunk,
+        )?;
         zero_grads(&params);
         parts.total.backward();
         clip_grads_by_value(&params, 0.5);
@@ -98,6 +110,7 @@ pub fn run_bench(args: &BenchTrainArgs) -> Result<()> {
         "num_depths": args.num_depths,
         "batch": args.batch,
         "seq_len": args.seq_len,
+        "loss_chunk": args.loss_chunk,
         "steps": args.steps,
         "seconds": secs,
         "tokens_per_s": tokens / secs,

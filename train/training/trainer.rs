@@ -38,7 +38,7 @@ use tch::{Kind, Tensor};
 use crate::data::shards::Sample;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::teacher::Teacher;
-use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::loss::{batch_loss, LossWeights};
 use crate::training::targets::DistillCache;
 
 #[derive(Debug, Default)]
@@ -208,9 +208,16 @@ pub fn train(
         let idx = &batches[batch_in_epoch];
         let samples: Vec<&Sample> = idx.iter().map(|&i| &source.samples()[i]).collect();
         let batch = make_batch(teacher, &samples, states_for(&source, idx)?, cfg.max_len)?;
-        let targets = teacher_targets(teacher, &batch.u, &batch.mask);
         let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-        let mut parts = clover_loss(&outs, &targets, &lm_head, &weights);
+        let mut parts = batch_loss(
+            teacher,
+            &batch.u,
+            &batch.mask,
+            &outs,
+            &lm_head,
+            &weights,
+            cfg.loss_chunk,
+        )?;
         if opts.inject_nan_at_step == Some(step + 1) {
             parts.depths[0].loss = f64::NAN;
             parts.total = parts.total * f64::NAN;
