@@ -109,6 +109,8 @@ struct Units {
 struct Scales {
     h: i64,
     v: i64,
+    /// Padded rows B·T of the batch.
+    rows: i64,
     /// Largest |logit|, teacher and student, and |log_softmax| of the student.
     lambda: f64,
     log_q: f64,
@@ -190,6 +192,7 @@ fn scales(
         Scales {
             h: hdim,
             v,
+            rows: u.size()[0] * u.size()[1],
             lambda,
             log_q,
             cs,
@@ -236,16 +239,7 @@ fn path_of(name: &str, depths: i64, h: i64, inter: i64, rows: i64) -> Vec<(i64, 
 
 /// Compares `b` (chunked) with `a` (unchunked) under the error model, panicking with the first
 /// violation. `label` names the chunk.
-fn compare(
-    label: &str,
-    a: &Run,
-    b: &Run,
-    s: &Scales,
-    un: &Units,
-    head: &DraftHead,
-    chunks: i64,
-    rows: i64,
-) {
+fn compare(label: &str, a: &Run, b: &Run, s: &Scales, un: &Units, head: &DraftHead, chunks: i64) {
     let w = LossWeights::reference(head.config());
     let u = un.u;
     let delta_l = un.delta_logit(s.h, s.cs, s.lambda);
@@ -341,7 +335,7 @@ fn compare(
             a.depths.len() as i64,
             s.h,
             cfg.intermediate_size,
-            rows,
+            s.rows,
         );
         let own: f64 = path
             .iter()
@@ -372,7 +366,6 @@ fn chunked_matches_unchunked(teacher: &Teacher, head: &DraftHead, un: &Units, ta
         full.depths.iter().map(|d| d.count).collect::<Vec<_>>(),
         vec![9, 8, 6]
     );
-    let rows = u.size()[0] * u.size()[1];
     for chunk in CHUNKS {
         let label = format!("{tag}, chunk {chunk}");
         let chunked = run(head, teacher, &outs, &u, &mask, chunk);
@@ -384,7 +377,6 @@ fn chunked_matches_unchunked(teacher: &Teacher, head: &DraftHead, un: &Units, ta
             un,
             head,
             m.div_ceil(chunk) as i64 + 1,
-            rows,
         );
     }
 }
@@ -548,6 +540,7 @@ fn training_with_loss_chunk_matches_unchunked() {
     let sc = Scales {
         h,
         v,
+        rows: 0,
         lambda: s_max,
         log_q: 2.0 * s_max + (v as f64).ln(),
         cs: s_max,
