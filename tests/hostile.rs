@@ -145,6 +145,10 @@ fn commands() -> Vec<(
                 ("--batch", COUNT_VALUES),
                 ("--seq-len", &["NaN", "0", "1", "-1", "", "1e400"][..]),
                 ("--num-depths", COUNT_VALUES),
+                (
+                    "--loss-chunk",
+                    &["NaN", "-1", "", "1.5", "99999999999999999999999"][..],
+                ),
                 ("--device", &["", "gpu", "cuda:x"][..]),
             ],
         ),

@@ -9,6 +9,7 @@ mod generate;
 mod gguf;
 mod head;
 mod hostile;
+mod loss;
 mod random;
 mod regenerate;
 mod speculative;

@@ -34,6 +34,11 @@ pub fn sequence_length(text: &str) -> Result<usize, String> {
     at_least(text, 2)
 }
 
+/// A count of at least 0 (0 meaning off, where an option says so).
+pub fn count(text: &str) -> Result<usize, String> {
+    at_least(text, 0)
+}
+
 /// A signed count of at least 1 (libtorch sizes are i64).
 pub fn positive_i64(text: &str) -> Result<i64, String> {
     at_least(text, 1).and_then(|n| i64::try_from(n).map_err(|e| e.to_string()))
@@ -103,6 +108,10 @@ mod tests {
             assert!(positive(bad).is_err(), "count {bad:?}");
         }
         assert_eq!(positive("3"), Ok(3));
+        assert_eq!(count("0"), Ok(0));
+        for bad in ["-1", "1.5", "", "99999999999999999999999"] {
+            assert!(count(bad).is_err(), "count {bad:?}");
+        }
         assert!(sequence_length("1").is_err());
         assert_eq!(sequence_length("2"), Ok(2));
     }

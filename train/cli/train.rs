@@ -8,7 +8,7 @@ use tch::Kind;
 use crate::data::shards::{read_split, Split};
 use crate::model::device::{parse_device, RunOn};
 use crate::model::teacher::Teacher;
-use crate::training::config::{Profile, TrainConfig, TrainOptions};
+use crate::training::config::{Profile, TrainConfig, TrainOptions, DEFAULT_LOSS_CHUNK};
 use crate::training::targets::DistillCache;
 use crate::training::trainer::{train, Source};
 
@@ -78,6 +78,10 @@ pub struct BenchTrainArgs {
     pub seq_len: usize,
     #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 5)]
     pub num_depths: i64,
+    /// Masked positions per lm_head pass of the loss, as the training config's `loss_chunk`
+    /// (0 = unchunked: the whole [M,V] teacher distribution and every depth's logits at once).
+    #[arg(long, value_parser = crate::checks::count, default_value_t = DEFAULT_LOSS_CHUNK)]
+    pub loss_chunk: usize,
 }
 
 impl BenchTrainArgs {
@@ -90,6 +94,7 @@ impl BenchTrainArgs {
             batch: self.batch,
             seq_len: self.seq_len,
             num_depths: self.num_depths,
+            loss_chunk: self.loss_chunk,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::model::head::DraftHead;
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
 use crate::training::batches::{make_batch, SplitMix64};
-use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::loss::{batch_loss, LossWeights};
 use crate::training::optimizer::{clip_grads_by_value, zero_grads, AdamW};
 
 #[derive(Debug)]
@@ -27,6 +27,8 @@ pub struct BenchTrainOptions {
     /// Tokens per row (all trained: loss mask 1).
     pub seq_len: usize,
     pub num_depths: i64,
+    /// Masked positions per lm_head pass of the loss (0 = unchunked).
+    pub loss_chunk: usize,
 }
 
 /// Throughput of the full online training step (teacher forward, 5-depth head forward/backward,
@@ -58,9 +60,16 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
     let lm_head = |o: &Tensor| head.logits(o);
     let mut step = || -> Result<f64> {
         let batch = make_batch(&teacher, &refs, None, args.seq_len)?;
-        let targets = teacher_targets(&teacher, &batch.u, &batch.mask);
         let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-        let parts = clover_loss(&outs, &targets, &lm_head, &weights);
+        let parts = batch_loss(
+            &teacher,
+            &batch.u,
+            &batch.mask,
+            &outs,
+            &lm_head,
+            &weights,
+            args.loss_chunk,
+        )?;
         zero_grads(&params);
         parts.total.backward();
         clip_grads_by_value(&params, 0.5);
@@ -89,6 +98,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         "num_depths": args.num_depths,
         "batch": args.batch,
         "seq_len": args.seq_len,
+        "loss_chunk": args.loss_chunk,
         "steps": args.steps,
         "seconds": secs,
         "tokens_per_s": tokens / secs,

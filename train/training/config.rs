@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::checks::Problems;
+use crate::checks::{Problems, MAX_COUNT};
 use crate::model::device::parse_device;
 use crate::model::head_config::{HeadConfig, HeadOptions};
 use crate::model::teacher::Teacher;
@@ -33,6 +33,11 @@ fn d_max_len() -> usize {
 }
 fn d_batch_tokens() -> usize {
     4096
+}
+/// The default `loss_chunk`: 2048 positions × 128,256 f32 logits ≈ 1 GiB per tensor for LLaMA-3.
+pub const DEFAULT_LOSS_CHUNK: usize = 2048;
+fn d_loss_chunk() -> usize {
+    DEFAULT_LOSS_CHUNK
 }
 fn d_window() -> usize {
     64
@@ -104,6 +109,12 @@ pub struct TrainConfig {
     /// Samples per shuffled window that is sorted by length before cutting batches.
     #[serde(default = "d_window")]
     pub bucket_window: usize,
+    /// Masked positions per lm_head pass of the loss (`training::loss::clover_loss_chunked`): at
+    /// most about loss_chunk × vocab logits are alive per depth; 0 = all at once (the teacher
+    /// distribution [M,V] and every depth's [n,V] logits materialised, far more memory for a
+    /// large vocabulary, e.g. LLaMA-3's 128,256). Same loss and gradients up to round-off.
+    #[serde(default = "d_loss_chunk")]
+    pub loss_chunk: usize,
     // --- optimizer (reference: AdamW 1e-3, (0.9,0.95), wd 0.01, clip by value 0.5) ---
     #[serde(default = "d_lr")]
     pub lr: f64,
@@ -205,6 +216,14 @@ impl TrainConfig {
             "0: no data to train on",
         );
         p.require(self.bucket_window >= 1, "bucket_window", "0 < 1");
+        p.require(
+            self.loss_chunk <= MAX_COUNT,
+            "loss_chunk",
+            format!(
+                "{} is too large: use at most {MAX_COUNT} (0 = unchunked)",
+                self.loss_chunk
+            ),
+        );
         p.require(
             positive(self.lr),
             "lr",

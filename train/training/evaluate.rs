@@ -10,10 +10,11 @@ use crate::model::head::DraftHead;
 use crate::model::teacher::Teacher;
 use crate::training::batches::{epoch_batches, make_batch, Batch};
 use crate::training::config::TrainConfig;
-use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::loss::{batch_loss, LossWeights};
 use crate::training::metrics::EvalRecord;
 
-/// Held-out loss (the training loss, token-weighted over batches) and the chained draft's
+/// Held-out loss (the training loss, token-weighted over batches, chunked by `loss_chunk` as in
+/// training) and the chained draft's
 /// per-depth top-1 (as the reference's `getkacc_model`: depth k is fed the draft's own argmax;
 /// accuracy at k = share of starts whose depths 0..=k all match the teacher's greedy tokens).
 /// Starts are positions t whose root token x_{t+1} is the teacher's own greedy choice (getkacc
@@ -44,9 +45,16 @@ pub fn evaluate(
         for idx in batches {
             let samples: Vec<&Sample> = idx.iter().map(|&i| &eval[i]).collect();
             let batch = make_batch(teacher, &samples, None, cfg.max_len)?;
-            let targets = teacher_targets(teacher, &batch.u, &batch.mask);
             let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-            let parts = clover_loss(&outs, &targets, &lm_head, &weights);
+            let parts = batch_loss(
+                teacher,
+                &batch.u,
+                &batch.mask,
+                &outs,
+                &lm_head,
+                &weights,
+                cfg.loss_chunk,
+            )?;
             let n = parts.depths.first().map_or(0, |d| d.count) as f64;
             loss_sum += parts.depths.iter().map(|d| d.loss).sum::<f64>() * n;
             loss_weight += n;
@@ -54,7 +62,7 @@ pub fn evaluate(
                 forced[i].0 += d.top1 * d.count as f64;
                 forced[i].1 += d.count;
             }
-            for t in Vec::<i64>::try_from(&targets.top1)? {
+            for t in Vec::<i64>::try_from(&parts.teacher_top1.to_device(Device::Cpu))? {
                 *unigram.entry(t).or_default() += 1;
             }
             let (hits, n_starts) = chained_hits(head, teacher, &batch, k_depths)?;

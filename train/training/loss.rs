@@ -9,8 +9,17 @@
 //! the masked positions, and (2) each depth gathers only its masked rows (index_select) before its
 //! lm_head pass, instead of running lm_head over all B·T rows and masking afterwards. With 0/1
 //! masks (the reference's label mask is off) this equals the reference's masked sums exactly.
+//!
+//! Memory: `teacher_targets` + `clover_loss` hold the teacher distribution [M,V] and, per depth,
+//! logits and log-probs [n_i,V] that autograd keeps for the backward: about 100 GB for LLaMA-3's
+//! V = 128,256 at 32k tokens. `clover_loss_chunked` (`batch_loss` with a chunk > 0, the trainer's
+//! `loss_chunk`) walks the M masked positions in chunks instead: per chunk it computes the teacher
+//! distribution once for all depths, and per depth the student's soft cross-entropy and its
+//! gradient with respect to the chunk's rows in a local graph that is freed at once; the gradients
+//! go back through the head as a surrogate term. At most a few chunk × V tensors are alive.
 
-use tch::{Kind, Reduction, Tensor};
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
@@ -70,8 +79,40 @@ pub fn shift_for_training(input_ids: &[i64], loss_mask: &[u8]) -> (Vec<i64>, Vec
     (next, mask)
 }
 
+/// The masked positions of one batch (M of them) and their regression targets: everything of the
+/// teacher side but its distribution (every depth's rows are a subset: depth i uses t' >= i).
+pub struct TargetRows {
+    /// Batch row of each masked position [M] i64.
+    pub batch: Tensor,
+    /// Position t' of each masked position [M] i64, ascending within a batch row.
+    pub pos: Tensor,
+    /// Post-norm h_{t'+1} [M,H], at least f32: the regression target.
+    pub h: Tensor,
+    /// Padded sequence length T of the batch.
+    pub seq_len: i64,
+}
+
+/// The masked positions t' (loss_mask[t'] = 1) of the pre-norm states u [B,T,H] under the shifted
+/// 0/1 loss mask [B,T] (`shift_for_training`), in row-major order, with h_{t'+1} =
+/// final_norm(u_{t'+1}). Runs under no_grad.
+pub fn target_rows(teacher: &Teacher, u: &Tensor, mask: &Tensor) -> TargetRows {
+    tch::no_grad(|| {
+        let (b, t) = (u.size()[0], u.size()[1]);
+        let flat = mask.reshape([b * t]).nonzero().squeeze_dim(1);
+        let (batch, pos) = (flat.divide_scalar_mode(t, "floor"), flat.remainder(t));
+        let u_next = u.reshape([b * t, -1]).index_select(0, &(&flat + 1));
+        let h = at_least_f32(&teacher.final_norm(&u_next));
+        TargetRows {
+            batch,
+            pos,
+            h,
+            seq_len: t,
+        }
+    })
+}
+
 /// The teacher side of one batch, at the positions t' where loss_mask[t'] = 1 (every depth's
-/// rows are a subset: depth i uses the positions t' >= i).
+/// rows are a subset: depth i uses the positions t' >= i), with the whole distribution [M,V].
 pub struct DistillTargets {
     /// Batch row of each masked position [M] i64.
     pub batch: Tensor,
@@ -91,24 +132,34 @@ pub struct DistillTargets {
 /// [B,T] (`shift_for_training`): h_{t'+1} = final_norm(u_{t'+1}) and its lm_head distribution, only
 /// at masked positions. Runs under no_grad.
 pub fn teacher_targets(teacher: &Teacher, u: &Tensor, mask: &Tensor) -> DistillTargets {
+    let TargetRows {
+        batch,
+        pos,
+        h,
+        seq_len,
+    } = target_rows(teacher, u, mask);
     tch::no_grad(|| {
-        let (b, t) = (u.size()[0], u.size()[1]);
-        let flat = mask.reshape([b * t]).nonzero().squeeze_dim(1);
-        let (batch, pos) = (flat.divide_scalar_mode(t, "floor"), flat.remainder(t));
-        let u_next = u.reshape([b * t, -1]).index_select(0, &(&flat + 1));
-        let h = teacher.final_norm(&u_next);
-        let h = at_least_f32(&h);
-        let logits = at_least_f32(&teacher.lm_head(&h.to_kind(teacher.kind())));
-        let logp = logits.log_softmax(-1, logits.kind());
+        let logp = teacher_log_probs(&|h: &Tensor| teacher_lm_head(teacher, h), &h);
         DistillTargets {
             batch,
             pos,
             top1: logp.argmax(-1, false),
             probs: logp.exp(),
             h,
-            seq_len: t,
+            seq_len,
         }
     })
+}
+
+/// The teacher's logits of post-norm rows h (f32 or wider), in the teacher's kind.
+fn teacher_lm_head(teacher: &Teacher, h: &Tensor) -> Tensor {
+    teacher.lm_head(&h.to_kind(teacher.kind()))
+}
+
+/// log_softmax of the teacher's logits of rows h, in at least f32.
+fn teacher_log_probs(teacher_logits: &dyn Fn(&Tensor) -> Tensor, h: &Tensor) -> Tensor {
+    let logits = at_least_f32(&teacher_logits(h));
+    logits.log_softmax(-1, logits.kind())
 }
 
 /// One depth's loss terms and its top-1 agreement with the teacher.
@@ -128,6 +179,32 @@ pub struct LossParts {
     /// Σ_i loss_i, differentiable.
     pub total: Tensor,
     pub depths: Vec<DepthLoss>,
+    /// The teacher's argmax token at each of the M masked positions [M] i64 (the unigram
+    /// baseline of `evaluate`).
+    pub teacher_top1: Tensor,
+}
+
+/// The loss of one batch: the teacher side from the pre-norm states u [B,T,H] and the shifted
+/// 0/1 mask [B,T], then the per-depth loss of `outs` (`DraftHead::depth_outputs`). `chunk` = 0
+/// materialises the teacher distribution and every depth's logits at once (`teacher_targets` +
+/// `clover_loss`); `chunk` > 0 walks the masked positions `chunk` at a time
+/// (`clover_loss_chunked`). Same values and gradients up to round-off.
+pub fn batch_loss(
+    teacher: &Teacher,
+    u: &Tensor,
+    mask: &Tensor,
+    outs: &[Tensor],
+    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    weights: &LossWeights,
+    chunk: usize,
+) -> Result<LossParts> {
+    if chunk == 0 {
+        let targets = teacher_targets(teacher, u, mask);
+        return Ok(clover_loss(outs, &targets, lm_head, weights));
+    }
+    let rows = target_rows(teacher, u, mask);
+    let teacher_logits = |h: &Tensor| teacher_lm_head(teacher, h);
+    clover_loss_chunked(outs, &rows, &teacher_logits, lm_head, weights, chunk)
 }
 
 /// The per-depth loss of `outs` (o_i with T-i rows, from `DraftHead::depth_outputs`). `lm_head`
@@ -138,18 +215,92 @@ pub fn clover_loss(
     lm_head: &dyn Fn(&Tensor) -> Tensor,
     weights: &LossWeights,
 ) -> LossParts {
-    let mut total: Option<Tensor> = None;
+    let mut terms = Vec::with_capacity(outs.len());
     let mut depths = Vec::with_capacity(outs.len());
     for (i, o) in outs.iter().enumerate() {
         let (term, parts) = depth_loss(i, o, targets, lm_head, weights);
-        total = Some(match total {
-            None => term,
-            Some(acc) => acc + term,
-        });
+        terms.push(term);
         depths.push(parts);
     }
-    let total = total.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, targets.h.device())));
-    LossParts { total, depths }
+    LossParts {
+        total: sum_terms(terms, &targets.h),
+        depths,
+        teacher_top1: targets.top1.shallow_clone(),
+    }
+}
+
+fn sum_terms(terms: Vec<Tensor>, like: &Tensor) -> Tensor {
+    terms
+        .into_iter()
+        .reduce(|acc, term| acc + term)
+        .unwrap_or_else(|| Tensor::zeros([], (Kind::Float, like.device())))
+}
+
+/// Depth i's rows of o_i paired with the masked positions t' >= i, in at least f32 (G5: row t
+/// pairs with target position t+i, so these are the rows t = t'-i with mask_i = 1), and their
+/// regression targets. `sel` indexes the M masked positions; it is ascending.
+struct DepthRows {
+    sel: Tensor,
+    o: Tensor,
+    h: Tensor,
+    n: i64,
+}
+
+fn depth_rows(i: usize, o: &Tensor, batch: &Tensor, pos: &Tensor, h: &Tensor, t: i64) -> DepthRows {
+    let d = i as i64;
+    let sel = pos.ge(d).nonzero().squeeze_dim(1);
+    let n = sel.size()[0];
+    let rows = batch.index_select(0, &sel) * (t - d) + pos.index_select(0, &sel) - d;
+    let hdim = o.size()[2];
+    let o_sel = at_least_f32(&o.reshape([-1, hdim]).index_select(0, &rows));
+    let h = h.index_select(0, &sel).to_kind(o_sel.kind());
+    DepthRows {
+        sel,
+        o: o_sel,
+        h,
+        n,
+    }
+}
+
+impl DepthRows {
+    fn denom(&self) -> f64 {
+        self.n as f64 + 1.0
+    }
+
+    /// The regression term Σ mean_H SmoothL1(o, h) / (n + 1), on plain autograd ([n,H] only).
+    fn vloss(&self) -> Tensor {
+        let k = self.o.kind();
+        self.o
+            .smooth_l1_loss(&self.h, Reduction::None, 1.0)
+            .mean_dim(-1, false, k)
+            .sum(k)
+            / self.denom()
+    }
+
+    /// The weighted depth term and its values; `hits` teacher-forced top-1 agreements.
+    fn finish(
+        &self,
+        i: usize,
+        vloss: &Tensor,
+        ploss: &Tensor,
+        hits: i64,
+        weights: &LossWeights,
+    ) -> (Tensor, DepthLoss) {
+        let term = (vloss * weights.v_w + ploss * weights.p_w) * weights.depth_weight(i);
+        let top1 = if self.n > 0 {
+            hits as f64 / self.n as f64
+        } else {
+            0.0
+        };
+        let parts = DepthLoss {
+            vloss: vloss.double_value(&[]),
+            ploss: ploss.double_value(&[]),
+            loss: term.double_value(&[]),
+            top1,
+            count: self.n,
+        };
+        (term, parts)
+    }
 }
 
 fn depth_loss(
@@ -159,43 +310,150 @@ fn depth_loss(
     lm_head: &dyn Fn(&Tensor) -> Tensor,
     weights: &LossWeights,
 ) -> (Tensor, DepthLoss) {
-    let d = i as i64;
-    let rows_i = targets.seq_len - d;
-    // G5: depth i row t (t < T-i) pairs with target position t+i. The masked positions t' >= i
-    // are exactly the rows t = t'-i with mask_i = loss_mask[:, i:] = 1.
-    let sel = targets.pos.ge(d).nonzero().squeeze_dim(1);
-    let n = sel.size()[0];
-    let rows = targets.batch.index_select(0, &sel) * rows_i + targets.pos.index_select(0, &sel) - d;
-    let hdim = o.size()[2];
-    let o_sel = at_least_f32(&o.reshape([-1, hdim]).index_select(0, &rows));
-    let k = o_sel.kind();
-    let h = targets.h.index_select(0, &sel).to_kind(k);
-    let denom = n as f64 + 1.0;
-    let vloss = o_sel
-        .smooth_l1_loss(&h, Reduction::None, 1.0)
-        .mean_dim(-1, false, k)
-        .sum(k)
-        / denom;
-    let logits = at_least_f32(&lm_head(&o_sel)).to_kind(k);
+    let r = depth_rows(
+        i,
+        o,
+        &targets.batch,
+        &targets.pos,
+        &targets.h,
+        targets.seq_len,
+    );
+    let k = r.o.kind();
+    let logits = at_least_f32(&lm_head(&r.o)).to_kind(k);
     let logq = logits.log_softmax(-1, k);
-    let probs = targets.probs.index_select(0, &sel).to_kind(k);
-    let ploss = -(probs * &logq).sum(k) / denom;
-    let scale = weights.depth_weight(i);
-    let term = (&vloss * weights.v_w + &ploss * weights.p_w) * scale;
-    let top1 = if n > 0 {
-        let hit = logits
-            .argmax(-1, false)
-            .eq_tensor(&targets.top1.index_select(0, &sel));
-        hit.to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
+    let probs = targets.probs.index_select(0, &r.sel).to_kind(k);
+    let ploss = -(probs * &logq).sum(k) / r.denom();
+    let hits = logits
+        .argmax(-1, false)
+        .eq_tensor(&targets.top1.index_select(0, &r.sel))
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    r.finish(i, &r.vloss(), &ploss, hits, weights)
+}
+
+/// `clover_loss` over chunks of `chunk` masked positions: no more than about chunk × V logits are
+/// alive at once, forward or backward. Per chunk, the teacher's distribution of its positions
+/// (`teacher_logits` maps post-norm rows h to logits) is computed once and shared by every depth;
+/// depth i's rows in the chunk (its positions t' >= i: a contiguous run of its rows, since both
+/// are in row-major order) get their soft cross-entropy and its gradient g with respect to those
+/// rows in a local graph on a detached copy, freed before the next chunk. The collected g goes
+/// back through the head as the surrogate (o·g).sum()/(n+1), adjusted so that `total` still has
+/// the loss's value. The regression term stays on plain autograd. Under no_grad (or when `outs`
+/// need no gradient) no local graph is built.
+pub fn clover_loss_chunked(
+    outs: &[Tensor],
+    rows: &TargetRows,
+    teacher_logits: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    weights: &LossWeights,
+    chunk: usize,
+) -> Result<LossParts> {
+    ensure!(chunk > 0, "clover_loss_chunked: chunk must be >= 1");
+    let chunk = i64::try_from(chunk)?;
+    let pos: Vec<i64> = Vec::try_from(&rows.pos.to_device(Device::Cpu))?;
+    let m = pos.len() as i64;
+    let depths: Vec<DepthRows> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| depth_rows(i, o, &rows.batch, &rows.pos, &rows.h, rows.seq_len))
+        .collect();
+    let device = rows.h.device();
+    let mut ce: Vec<Tensor> = depths
+        .iter()
+        .map(|r| Tensor::zeros([], (r.o.kind(), device)))
+        .collect();
+    let mut hits: Vec<Tensor> = depths
+        .iter()
+        .map(|_| Tensor::zeros([], (Kind::Int64, device)))
+        .collect();
+    let mut grads: Vec<Vec<Tensor>> = depths.iter().map(|_| Vec::new()).collect();
+    let mut done = vec![0i64; depths.len()];
+    let mut teacher_top1 = Vec::new();
+    for start in (0..m).step_by(chunk as usize) {
+        let len = chunk.min(m - start);
+        let (probs, top1) = tch::no_grad(|| {
+            let logp = teacher_log_probs(teacher_logits, &rows.h.narrow(0, start, len));
+            (logp.exp(), logp.argmax(-1, false))
+        });
+        for (i, r) in depths.iter().enumerate() {
+            let here = &pos[start as usize..(start + len) as usize];
+            let local: Vec<i64> = (0..len).filter(|&j| here[j as usize] >= i as i64).collect();
+            let cnt = local.len() as i64;
+            if cnt == 0 {
+                continue;
+            }
+            let (p, t1) = if cnt == len {
+                (probs.shallow_clone(), top1.shallow_clone())
+            } else {
+                let idx = Tensor::from_slice(&local).to_device(device);
+                (probs.index_select(0, &idx), top1.index_select(0, &idx))
+            };
+            let oc = r.o.narrow(0, done[i], cnt).detach();
+            done[i] += cnt;
+            let (c, h, g) = soft_ce(&oc, &p, &t1, lm_head, r.o.requires_grad());
+            ce[i] = &ce[i] + c;
+            hits[i] = &hits[i] + h;
+            grads[i].extend(g);
+        }
+        teacher_top1.push(top1);
+    }
+    let mut terms = Vec::with_capacity(depths.len());
+    let mut parts = Vec::with_capacity(depths.len());
+    for (i, r) in depths.iter().enumerate() {
+        let ploss_value = &ce[i] / r.denom();
+        let ploss = if grads[i].is_empty() {
+            ploss_value
+        } else {
+            let g = Tensor::cat(&grads[i], 0);
+            let surrogate = (&r.o * g).sum(r.o.kind()) / r.denom();
+            // Value: exactly ploss_value (x - x = 0); gradient: g / (n + 1).
+            &surrogate - surrogate.detach() + ploss_value
+        };
+        let (term, dl) = r.finish(i, &r.vloss(), &ploss, hits[i].int64_value(&[]), weights);
+        terms.push(term);
+        parts.push(dl);
+    }
+    let teacher_top1 = if teacher_top1.is_empty() {
+        Tensor::zeros([0], (Kind::Int64, device))
     } else {
-        0.0
+        Tensor::cat(&teacher_top1, 0)
     };
-    let parts = DepthLoss {
-        vloss: vloss.double_value(&[]),
-        ploss: ploss.double_value(&[]),
-        loss: term.double_value(&[]),
-        top1,
-        count: n,
+    Ok(LossParts {
+        total: sum_terms(terms, &rows.h),
+        depths: parts,
+        teacher_top1,
+    })
+}
+
+/// Σ over the rows of −Σ_v p·log_softmax(lm_head(o)) for the rows o [c,H] (detached), their
+/// top-1 agreements with `teacher_top1`, and, when `want_grad`, the sum's gradient with respect
+/// to o. Every [c,V] tensor lives only inside this call.
+fn soft_ce(
+    o: &Tensor,
+    p: &Tensor,
+    teacher_top1: &Tensor,
+    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    want_grad: bool,
+) -> (Tensor, Tensor, Option<Tensor>) {
+    let run = || {
+        let o = o.set_requires_grad(want_grad);
+        let k = o.kind();
+        let logits = at_least_f32(&lm_head(&o)).to_kind(k);
+        let logq = logits.log_softmax(-1, k);
+        let ce = -(p.to_kind(k) * &logq).sum(k);
+        let hits = logits
+            .argmax(-1, false)
+            .eq_tensor(teacher_top1)
+            .sum(Kind::Int64);
+        let grad = want_grad.then(|| {
+            let mut g = Tensor::run_backward(&[&ce], &[&o], false, false);
+            g.remove(0)
+        });
+        (ce.detach(), hits, grad)
     };
-    (term, parts)
+    if want_grad {
+        tch::with_grad(run)
+    } else {
+        tch::no_grad(run)
+    }
 }

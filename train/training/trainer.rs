@@ -24,7 +24,7 @@ use crate::training::checkpoint::{
 };
 use crate::training::config::{TrainConfig, TrainOptions};
 use crate::training::evaluate::evaluate;
-use crate::training::loss::{clover_loss, teacher_targets, LossWeights};
+use crate::training::loss::{batch_loss, LossWeights};
 use crate::training::metrics::{
     append_jsonl, check_finite, log_eval, log_step, EvalRecord, StepRecord,
 };
@@ -255,11 +255,18 @@ impl<'a> Run<'a> {
         let idx = self.next_batch();
         let samples: Vec<&Sample> = idx.iter().map(|&i| &source.samples()[i]).collect();
         let batch = make_batch(teacher, &samples, states_for(source, &idx)?, cfg.max_len)?;
-        let targets = teacher_targets(teacher, &batch.u, &batch.mask);
         let outs = self.head.depth_outputs(&batch.u, &batch.next_ids, None);
         let head = &self.head;
         let lm_head = |o: &Tensor| head.logits(o);
-        let mut parts = clover_loss(&outs, &targets, &lm_head, &self.weights);
+        let mut parts = batch_loss(
+            teacher,
+            &batch.u,
+            &batch.mask,
+            &outs,
+            &lm_head,
+            &self.weights,
+            cfg.loss_chunk,
+        )?;
         let step = self.step + 1;
         if opts.inject_nan_at_step == Some(step) {
             parts.depths[0].loss = f64::NAN;
