@@ -125,3 +125,19 @@ pub const F64_U: f64 = f64::EPSILON / 2.0;
 pub fn f32_paths_bound(widths: &[i64], scale: f64) -> f64 {
     2.0 * F32_U * widths.iter().sum::<i64>() as f64 * scale
 }
+
+/// Runs the real `clover` binary (progress lines every 0.05 s, so they show in a short run);
+/// returns its exit code and stdout + stderr together.
+pub fn run_clover<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clover"))
+        .args(args)
+        .env("CLOVER_PROGRESS_SECS", "0.05")
+        .output()
+        .expect("running the clover binary");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}

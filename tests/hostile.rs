@@ -2,25 +2,10 @@
 //! meant must end in a clear error (non-zero exit, the option named, no panic), and config files
 //! and job directories with the wrong contents must be refused before any work.
 
-use crate::common::{fixture, scratch_dir};
+use crate::common::{fixture, run_clover as clover, scratch_dir};
 use clover::data::jobfiles::{publish_dir, DirLock};
 use clover::training::config::TrainConfig;
 use std::path::Path;
-use std::process::Command;
-
-fn clover(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_clover"))
-        .args(args)
-        .env("CLOVER_PROGRESS_SECS", "0.05")
-        .output()
-        .expect("running the clover binary");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
 
 const COUNT_VALUES: &[&str] = &[
     "NaN",

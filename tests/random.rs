@@ -1,33 +1,26 @@
 //! `clover init-random`: real architectures with random weights load and run like real models.
 
-use crate::common::scratch_dir;
+use crate::common::{run_clover, scratch_dir};
 use clover::formats::chat::{ChatTokenizer, Message, Role};
 use clover::model::random::{write_random_model, Like};
 use clover::model::teacher::Teacher;
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 #[test]
 fn a_random_smollm2_shape_loads_tokenizes_and_generates() {
     let root = scratch_dir("random", "smollm2");
     let dir = root.join("model");
-    let out = Command::new(env!("CARGO_BIN_EXE_clover"))
-        .args([
-            "init-random",
-            "--like",
-            "smollm2-135m",
-            "--layers",
-            "2",
-            "--out",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir_arg = dir.to_str().unwrap();
+    let (code, text) = run_clover(&[
+        "init-random",
+        "--like",
+        "smollm2-135m",
+        "--layers",
+        "2",
+        "--out",
+        dir_arg,
+    ]);
+    assert_eq!(code, 0, "{text}");
     let teacher = Teacher::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let arch = Like::Smollm2_135m.architecture();
     let c = &teacher.config;
@@ -61,25 +54,18 @@ fn a_random_smollm2_shape_loads_tokenizes_and_generates() {
     );
     assert_eq!(u.size(), vec![1, ids.len() as i64, 576]);
     // The whole command line runs on it.
-    let out = Command::new(env!("CARGO_BIN_EXE_clover"))
-        .args([
-            "generate",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "3",
-            "--prompt",
-            "w9 w10",
-            "--model",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text) = run_clover(&[
+        "generate",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+        "--prompt",
+        "w9 w10",
+        "--model",
+        dir_arg,
+    ]);
+    assert_eq!(code, 0, "{text}");
 }
 
 #[test]

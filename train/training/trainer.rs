@@ -217,13 +217,7 @@ impl<'a> Run<'a> {
         self.opt.load(&last.join(CK_OPTIM), state.adam_step)?;
         (self.step, self.epoch, self.batch_in_epoch) =
             (state.step, state.epoch, state.batch_in_epoch);
-        self.batches = epoch_batches(
-            &self.lengths,
-            cfg.batch_tokens,
-            cfg.bucket_window,
-            cfg.seed,
-            self.epoch,
-        );
+        self.batches = self.epoch_batches(self.epoch);
         self.bar.resume_from(self.step);
         self.outcome.last_checkpoint = Some(last.clone());
         eprintln!("resuming from {} (step {})", last.display(), self.step);
@@ -235,17 +229,22 @@ impl<'a> Run<'a> {
         if self.batch_in_epoch >= self.batches.len() {
             self.epoch += 1;
             self.batch_in_epoch = 0;
-            let cfg = self.cfg;
-            self.batches = epoch_batches(
-                &self.lengths,
-                cfg.batch_tokens,
-                cfg.bucket_window,
-                cfg.seed,
-                self.epoch,
-            );
+            self.batches = self.epoch_batches(self.epoch);
         }
         self.batch_in_epoch += 1;
         self.batches[self.batch_in_epoch - 1].clone()
+    }
+
+    /// The batches of `epoch`: a pure function of the seed and the epoch, so a resume replays them.
+    fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let cfg = self.cfg;
+        epoch_batches(
+            &self.lengths,
+            cfg.batch_tokens,
+            cfg.bucket_window,
+            cfg.seed,
+            epoch,
+        )
     }
 
     /// One optimizer step: batch, loss, NaN check, backward, clip, AdamW, logs.
