@@ -141,3 +141,48 @@ pub fn run_clover<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String) {
     );
     (out.status.code().unwrap_or(-1), text)
 }
+
+/// Token samples of 6-17 tokens over the tiny fixture's vocabulary, loss mask from token 3 on.
+pub fn tiny_samples(n: usize, seed: u64) -> Vec<clover::data::shards::Sample> {
+    let mut rng = clover::training::batches::SplitMix64::new(seed);
+    (0..n)
+        .map(|i| {
+            let len = 6 + (rng.next_u64() % 12) as usize;
+            let input_ids: Vec<i64> = (0..len).map(|_| (rng.next_u64() % 96) as i64).collect();
+            let loss_mask: Vec<u8> = (0..len).map(|j| u8::from(j >= 3)).collect();
+            clover::data::shards::Sample {
+                id: format!("s{i}"),
+                input_ids,
+                loss_mask,
+            }
+        })
+        .collect()
+}
+
+/// A 6-step online training config on the tiny fixture teacher, writing into `out`.
+pub fn tiny_train_config(out: &std::path::Path) -> clover::training::config::TrainConfig {
+    let text = format!(
+        r#"
+model_dir = "{}"
+data_dir = "unused"
+out_dir = "{}"
+device = "cpu"
+num_depths = 3
+max_steps = 6
+batch_tokens = 48
+bucket_window = 8
+warmup_steps = 2
+eval_every = 3
+save_every = 3
+keep_last = 2
+eval_samples = 4
+seed = 5
+progress = false
+"#,
+        repo_root()
+            .join("tests/fixtures/tiny-llama-untied")
+            .display(),
+        out.display()
+    );
+    clover::training::config::TrainConfig::from_toml(&text, "tiny").unwrap()
+}

@@ -413,30 +413,14 @@ fn chunked_loss_matches_unchunked_in_bf16_compute() {
     chunked_matches_unchunked(&teacher, &head, &un, "bf16");
 }
 
-fn samples(n: usize, seed: u64) -> Vec<clover::data::shards::Sample> {
-    let mut rng = clover::training::batches::SplitMix64::new(seed);
-    (0..n)
-        .map(|i| {
-            let len = 6 + (rng.next_u64() % 12) as usize;
-            clover::data::shards::Sample {
-                id: format!("s{i}"),
-                input_ids: (0..len).map(|_| (rng.next_u64() % 96) as i64).collect(),
-                loss_mask: (0..len).map(|j| u8::from(j >= 3)).collect(),
-            }
-        })
-        .collect()
-}
-
+/// The trainer tests' tiny config cut to 2 steps, evaluated after each, with `loss_chunk`.
 fn small_config(out: &std::path::Path, loss_chunk: usize) -> clover::training::config::TrainConfig {
-    let text = format!(
-        "model_dir = \"{}\"\ndata_dir = \"unused\"\nout_dir = \"{}\"\ndevice = \"cpu\"\n\
-         num_depths = 3\nmax_steps = 2\nbatch_tokens = 48\nbucket_window = 8\nwarmup_steps = 2\n\
-         eval_every = 1\nsave_every = 2\neval_samples = 4\nseed = 5\nprogress = false\n\
-         loss_chunk = {loss_chunk}\n",
-        crate::common::fixture("tiny-llama-untied").display(),
-        out.display()
-    );
-    clover::training::config::TrainConfig::from_toml(&text, "small").unwrap()
+    let mut cfg = crate::common::tiny_train_config(out);
+    cfg.max_steps = Some(2);
+    cfg.eval_every = 1;
+    cfg.save_every = 2;
+    cfg.loss_chunk = loss_chunk;
+    cfg
 }
 
 /// Rows of the batches a run sees (its first two training batches, every eval batch) whose top-2
@@ -488,7 +472,10 @@ fn training_with_loss_chunk_matches_unchunked() {
     use clover::training::config::TrainOptions;
     use clover::training::trainer::{train, Source};
     let teacher = tiny_teacher(Kind::Float);
-    let (train_set, eval_set) = (samples(16, 1), samples(4, 2));
+    let (train_set, eval_set) = (
+        crate::common::tiny_samples(16, 1),
+        crate::common::tiny_samples(4, 2),
+    );
     // Chunks of 4 masked positions (batches hold up to 48 padded tokens) against none.
     let mut runs = vec![];
     for chunk in [0usize, 4] {

@@ -1,10 +1,10 @@
 //! The trainer: exact resume, NaN stop, export round trip, bucketing, schedule, AdamW, configs.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use crate::common::{max_abs_diff, repo_root, tiny_head, tiny_teacher};
-use clover::data::shards::Sample;
+use crate::common::{
+    max_abs_diff, repo_root, tiny_head, tiny_samples, tiny_teacher, tiny_train_config,
+};
 use clover::model::head::DraftHead;
 use clover::training::checkpoint::{
     list_checkpoints, read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG,
@@ -16,56 +16,13 @@ use clover::training::export::export_head;
 use clover::training::trainer::{train, Source};
 use tch::{Device, Kind, Tensor};
 
-fn samples(n: usize, seed: u64) -> Vec<Sample> {
-    let mut rng = clover::training::batches::SplitMix64::new(seed);
-    (0..n)
-        .map(|i| {
-            let len = 6 + (rng.next_u64() % 12) as usize;
-            let input_ids: Vec<i64> = (0..len).map(|_| (rng.next_u64() % 96) as i64).collect();
-            let loss_mask: Vec<u8> = (0..len).map(|j| u8::from(j >= 3)).collect();
-            Sample {
-                id: format!("s{i}"),
-                input_ids,
-                loss_mask,
-            }
-        })
-        .collect()
-}
-
-fn tiny_config(out: &Path) -> TrainConfig {
-    let text = format!(
-        r#"
-model_dir = "{}"
-data_dir = "unused"
-out_dir = "{}"
-device = "cpu"
-num_depths = 3
-max_steps = 6
-batch_tokens = 48
-bucket_window = 8
-warmup_steps = 2
-eval_every = 3
-save_every = 3
-keep_last = 2
-eval_samples = 4
-seed = 5
-progress = false
-"#,
-        repo_root()
-            .join("tests/fixtures/tiny-llama-untied")
-            .display(),
-        out.display()
-    );
-    TrainConfig::from_toml(&text, "tiny").unwrap()
-}
-
 #[test]
 fn resume_continues_exactly_like_an_uninterrupted_run() {
     let teacher = tiny_teacher(Kind::Float);
-    let (train_set, eval_set) = (samples(16, 1), samples(4, 2));
+    let (train_set, eval_set) = (tiny_samples(16, 1), tiny_samples(4, 2));
     let dir_a = crate::common::scratch_dir("trainer", "resume-a");
     let full = train(
-        &tiny_config(&dir_a),
+        &tiny_train_config(&dir_a),
         &teacher,
         Source::Online(train_set.clone()),
         eval_set.clone(),
@@ -79,7 +36,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
     assert_eq!(full.evals[0].step, 0);
 
     let dir_b = crate::common::scratch_dir("trainer", "resume-b");
-    let cfg_b = tiny_config(&dir_b);
+    let cfg_b = tiny_train_config(&dir_b);
     let halt = TrainOptions {
         halt_after_step: Some(3),
         ..Default::default()
@@ -146,7 +103,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
 fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     let teacher = tiny_teacher(Kind::Float);
     let dir = crate::common::scratch_dir("trainer", "nan");
-    let mut cfg = tiny_config(&dir);
+    let mut cfg = tiny_train_config(&dir);
     cfg.save_every = 1;
     cfg.keep_last = 5;
     let opts = TrainOptions {
@@ -156,7 +113,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
     let err = train(
         &cfg,
         &teacher,
-        Source::Online(samples(8, 3)),
+        Source::Online(tiny_samples(8, 3)),
         vec![],
         false,
         &opts,
@@ -181,13 +138,13 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
 fn export_then_reload_gives_identical_logits_and_can_seed_training() {
     let teacher = tiny_teacher(Kind::Float);
     let dir = crate::common::scratch_dir("trainer", "export");
-    let mut cfg = tiny_config(&dir);
+    let mut cfg = tiny_train_config(&dir);
     cfg.max_steps = Some(2);
     cfg.eval_every = 0;
     let out = train(
         &cfg,
         &teacher,
-        Source::Online(samples(6, 4)),
+        Source::Online(tiny_samples(6, 4)),
         vec![],
         false,
         &TrainOptions::default(),
@@ -255,7 +212,7 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
         );
     });
     // Training can start from the exported head: its weights are the starting point.
-    let mut cfg2 = tiny_config(&dir.join("second"));
+    let mut cfg2 = tiny_train_config(&dir.join("second"));
     cfg2.init_from = Some(exported.clone());
     cfg2.max_steps = Some(1);
     cfg2.lr = 0.0;
@@ -263,7 +220,7 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
     let out2 = train(
         &cfg2,
         &teacher,
-        Source::Online(samples(6, 4)),
+        Source::Online(tiny_samples(6, 4)),
         vec![],
         false,
         &TrainOptions::default(),
@@ -330,9 +287,9 @@ fn chained_eval_accuracy_is_cumulative_over_depths() {
     let teacher = tiny_teacher(Kind::Float);
     let head = tiny_head(&teacher, 4, 3);
     let dir = crate::common::scratch_dir("trainer", "eval");
-    let cfg = tiny_config(&dir);
+    let cfg = tiny_train_config(&dir);
     // Loss masks all 1, and answers that follow the teacher's own greedy choice so starts exist.
-    let mut evs = samples(4, 8);
+    let mut evs = tiny_samples(4, 8);
     for s in &mut evs {
         s.loss_mask = vec![1; s.input_ids.len()];
         for j in 1..s.input_ids.len() {
@@ -364,11 +321,15 @@ fn chained_eval_accuracy_is_cumulative_over_depths() {
 fn offline_cache_training_matches_online_within_bf16_rounding() {
     let root = crate::common::scratch_dir("trainer", "offline");
     let data = root.join("data");
-    let train_set = samples(12, 21);
+    let train_set = tiny_samples(12, 21);
     clover::data::shards::write_samples(&data, clover::data::shards::Split::Train, &train_set)
         .unwrap();
-    clover::data::shards::write_samples(&data, clover::data::shards::Split::Eval, &samples(3, 22))
-        .unwrap();
+    clover::data::shards::write_samples(
+        &data,
+        clover::data::shards::Split::Eval,
+        &tiny_samples(3, 22),
+    )
+    .unwrap();
     let cache = root.join("cache");
     clover::training::targets::run(&clover::training::targets::DistillOptions {
         data: data.clone(),
@@ -384,7 +345,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
     })
     .unwrap();
     let teacher = tiny_teacher(Kind::Float);
-    let mut cfg = tiny_config(&root.join("online"));
+    let mut cfg = tiny_train_config(&root.join("online"));
     cfg.max_steps = Some(3);
     cfg.eval_every = 0;
     let online = train(
