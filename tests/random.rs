@@ -120,3 +120,51 @@ fn the_in_memory_random_teacher_equals_the_written_one() {
     // The same bf16 weights and the same f32 arithmetic: identical.
     assert!(a.equal(&b));
 }
+
+/// `bench-train` on a random teacher: one JSON line per mode with the keys the GPU check reads.
+#[test]
+fn bench_train_reports_offline_and_online_steps_as_json_lines() {
+    let (code, text) = run_clover(&[
+        "bench-train",
+        "--like",
+        "smollm2-135m",
+        "--layers",
+        "1",
+        "--batch",
+        "1",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--mode",
+        "both",
+        "--num-depths",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for (line, mode) in lines.iter().zip(["offline", "online"]) {
+        assert_eq!(line["mode"], mode);
+        for key in [
+            "tokens_per_s",
+            "ms_per_step",
+            "peak_bytes",
+            "device",
+            "dtype",
+            "batch",
+            "seq_len",
+            "loss_chunk",
+        ] {
+            assert!(!line[key].is_null(), "{key} missing in {line}");
+        }
+        assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(line["last_loss"].as_f64().unwrap().is_finite());
+    }
+}

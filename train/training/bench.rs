@@ -3,23 +3,40 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
-use tch::{Kind, Tensor};
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
 
 use crate::data::shards::Sample;
 use crate::model::device::RunOn;
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadConfig;
+use crate::model::random::{random_teacher, Like};
 use crate::model::teacher::Teacher;
 use crate::training::batches::{make_batch, SplitMix64};
 use crate::training::loss::{batch_loss, LossWeights};
 use crate::training::optimizer::{clip_grads_by_value, zero_grads, AdamW};
 
+/// Which training step `bench-train` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    /// The head on cached teacher states (the distill-cache setting): head forward/backward,
+    /// loss, clipping, AdamW.
+    Offline,
+    /// The same with the teacher forward inside the step.
+    Online,
+    /// Offline, then online, one JSON line each.
+    Both,
+}
+
 #[derive(Debug)]
 pub struct BenchTrainOptions {
-    /// Teacher model dir.
-    pub model: PathBuf,
+    /// Teacher model dir; or `like` for a random teacher of that architecture built in memory.
+    pub model: Option<PathBuf>,
+    pub like: Option<Like>,
+    /// With `like`: decoder layers (default: the architecture's own).
+    pub layers: Option<i64>,
     pub run_on: RunOn,
+    pub mode: BenchMode,
     /// Timed optimizer steps (after one warm-up step).
     pub steps: usize,
     /// Rows per batch.
@@ -31,11 +48,19 @@ pub struct BenchTrainOptions {
     pub loss_chunk: usize,
 }
 
-/// Throughput of the full online training step (teacher forward, 5-depth head forward/backward,
-/// AdamW) on random tokens, and the process's peak resident memory, as one JSON line.
+/// Throughput of the training step (offline: head forward/backward, loss and AdamW on cached
+/// teacher states; online: the teacher forward included) on random tokens, one JSON line per
+/// mode with `mode`, `tokens_per_s`, `ms_per_step`, `peak_bytes`, `device`, `dtype`, `batch`,
+/// `seq_len`, `loss_chunk`. `peak_bytes` is the process's peak resident memory so far on the
+/// CPU (VmHWM: run one mode per process for a clean figure) and null on CUDA, where it needs the
+/// caching allocator's statistics, which tch does not expose.
 pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
-    let teacher = Teacher::load(&args.model, device, kind)?;
+    let teacher = match (&args.model, args.like) {
+        (Some(dir), _) => Teacher::load(dir, device, kind)?,
+        (None, Some(like)) => random_teacher(like, args.layers, device, kind, 0)?,
+        (None, None) => bail!("give --model DIR or --like NAME"),
+    };
     let mut head_cfg = HeadConfig::from_teacher(&teacher.config);
     head_cfg.options.num_depths = args.num_depths;
     let mut head = DraftHead::new(&teacher, head_cfg, 0)?;
@@ -57,56 +82,90 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         })
         .collect();
     let refs: Vec<&Sample> = samples.iter().collect();
+    // The offline step's input: the teacher's states of this batch, computed once.
+    let cached = make_batch(&teacher, &refs, None, args.seq_len)?;
     let lm_head = |o: &Tensor| head.logits(o);
-    let mut step = || -> Result<f64> {
-        let batch = make_batch(&teacher, &refs, None, args.seq_len)?;
-        let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-        let parts = batch_loss(
-            &teacher,
-            &batch.u,
-            &batch.mask,
-            &outs,
-            &lm_head,
-            &weights,
-            args.loss_chunk,
-        )?;
-        zero_grads(&params);
-        parts.total.backward();
-        clip_grads_by_value(&params, 0.5);
-        opt.update(&params, 1e-3);
-        Ok(parts.depths.iter().map(|d| d.loss).sum())
+    let modes: &[BenchMode] = match args.mode {
+        BenchMode::Both => &[BenchMode::Offline, BenchMode::Online],
+        BenchMode::Offline => &[BenchMode::Offline],
+        BenchMode::Online => &[BenchMode::Online],
     };
-    step()?;
-    if device.is_cuda() {
-        tch::Cuda::synchronize(0);
+    for &mode in modes {
+        let mut step = || -> Result<f64> {
+            let fresh;
+            let batch = match mode {
+                BenchMode::Online => {
+                    fresh = make_batch(&teacher, &refs, None, args.seq_len)?;
+                    &fresh
+                }
+                _ => &cached,
+            };
+            let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
+            let parts = batch_loss(
+                &teacher,
+                &batch.u,
+                &batch.mask,
+                &outs,
+                &lm_head,
+                &weights,
+                args.loss_chunk,
+            )?;
+            zero_grads(&params);
+            parts.total.backward();
+            clip_grads_by_value(&params, 0.5);
+            opt.update(&params, 1e-3);
+            Ok(parts.depths.iter().map(|d| d.loss).sum())
+        };
+        step()?; // warm-up
+        sync(device);
+        let started = Instant::now();
+        let mut last = 0.0;
+        for _ in 0..args.steps {
+            last = step()?;
+        }
+        sync(device);
+        let secs = started.elapsed().as_secs_f64();
+        let tokens = (args.steps * args.batch * args.seq_len) as f64;
+        let model = match (&args.model, args.like) {
+            (Some(dir), _) => dir.display().to_string(),
+            (None, like) => format!(
+                "random {like:?}, {} layers",
+                teacher.config.num_hidden_layers
+            ),
+        };
+        let peak_bytes = if device.is_cuda() {
+            None
+        } else {
+            peak_rss_mib().map(|mib| (mib * 1024.0 * 1024.0) as u64)
+        };
+        let report = serde_json::json!({
+            "mode": format!("{mode:?}").to_lowercase(),
+            "model": model,
+            "device": format!("{device:?}"),
+            "dtype": format!("{kind:?}"),
+            "threads": tch::get_num_threads(),
+            "trainable_parameters": head.num_parameters(),
+            "num_depths": args.num_depths,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "loss_chunk": args.loss_chunk,
+            "steps": args.steps,
+            "seconds": secs,
+            "tokens_per_s": tokens / secs,
+            "ms_per_step": 1000.0 * secs / args.steps as f64,
+            "peak_bytes": peak_bytes,
+            "peak_rss_mib": peak_rss_mib(),
+            "last_loss": last,
+        });
+        println!("{report}");
     }
-    let started = Instant::now();
-    let mut last = 0.0;
-    for _ in 0..args.steps {
-        last = step()?;
-    }
-    if device.is_cuda() {
-        tch::Cuda::synchronize(0);
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let tokens = (args.steps * args.batch * args.seq_len) as f64;
-    let report = serde_json::json!({
-        "model": args.model.display().to_string(),
-        "device": format!("{device:?}"),
-        "threads": tch::get_num_threads(),
-        "trainable_parameters": head.num_parameters(),
-        "num_depths": args.num_depths,
-        "batch": args.batch,
-        "seq_len": args.seq_len,
-        "loss_chunk": args.loss_chunk,
-        "steps": args.steps,
-        "seconds": secs,
-        "tokens_per_s": tokens / secs,
-        "peak_rss_mib": peak_rss_mib(),
-        "last_loss": last,
-    });
-    println!("{report}");
     Ok(())
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }
 
 /// VmHWM of this process from /proc (Linux); None elsewhere.
