@@ -153,6 +153,13 @@ impl<'a> Run<'a> {
             (None, Some(e)) => e * batches.len() as u64,
             (None, None) => bail!("set max_steps or epochs in the training config"),
         };
+        // With `epochs` the step count is known only now (with `max_steps`, `validate` checked
+        // it at load): the warm-up must fit in it too.
+        ensure!(
+            cfg.max_steps.is_some() || cfg.warmup_steps <= total_steps,
+            "warmup_steps = {} is more than the run's {total_steps} steps",
+            cfg.warmup_steps
+        );
         let mut head = match &cfg.init_from {
             Some(dir) => DraftHead::load(dir, teacher)
                 .with_context(|| format!("init_from {}", dir.display()))?,
