@@ -15,20 +15,13 @@ use crate::data::shards::{read_split, write_samples, Split};
 use crate::decode::generate::{generate, GenerationConfig};
 use crate::formats::chat::TemplateName;
 use crate::model::device::{DeviceChoice, DtypeChoice, RunOn};
-use crate::model::random::{random_teacher, Like};
+use crate::model::random::TeacherSource;
 use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Teacher model directory.
-    #[arg(long, required_unless_present = "like")]
-    pub model: Option<PathBuf>,
-    /// Instead of --model: a teacher of this architecture with random weights, built in memory.
-    #[arg(long, value_enum, conflicts_with = "model")]
-    pub like: Option<Like>,
-    /// With --like: decoder layers (default: the architecture's own).
-    #[arg(long, requires = "like", value_parser = crate::checks::positive_i64)]
-    pub layers: Option<i64>,
+    #[command(flatten)]
+    pub teacher: TeacherSource,
     /// Where to write the JSON report.
     #[arg(long)]
     pub out: PathBuf,
@@ -59,25 +52,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut reports = vec![];
     for device in devices {
         let kind = args.run_on.dtype.kind_on(device);
-        let teacher = match (&args.model, args.like) {
-            (Some(dir), _) => Teacher::load(dir, device, kind)?,
-            (None, Some(like)) => random_teacher(like, args.layers, device, kind, 0)?,
-            (None, None) => bail!("give --model DIR or --like NAME"),
-        };
+        let teacher = args.teacher.load(device, kind)?;
         let report = bench_teacher(&teacher, args)?;
         println!("{}", serde_json::to_string(&report)?);
         reports.push(report);
     }
-    let data = match (&args.conversations, &args.model) {
+    let data = match (&args.conversations, &args.teacher.model) {
         (Some(conversations), Some(model)) => bench_data(args, model, conversations)?,
         (Some(_), None) => bail!("--conversations needs --model (a tokenizer for prepare)"),
         (None, _) => Value::Null,
     };
-    let model = match (&args.model, args.like) {
-        (Some(dir), _) => dir.display().to_string(),
-        (None, like) => format!("random {like:?}, {:?} layers", args.layers),
-    };
-    let out = json!({ "model": model, "teacher": reports, "data": data });
+    let out = json!({ "model": args.teacher.describe(), "teacher": reports, "data": data });
     std::fs::write(&args.out, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!("wrote {}", args.out.display());

@@ -7,7 +7,7 @@ use tch::Kind;
 
 use crate::data::shards::{read_split, Split};
 use crate::model::device::{parse_device, RunOn};
-use crate::model::random::Like;
+use crate::model::random::TeacherSource;
 use crate::model::teacher::Teacher;
 use crate::training::bench::BenchMode;
 use crate::training::config::{Profile, TrainConfig, TrainOptions, DEFAULT_LOSS_CHUNK};
@@ -64,15 +64,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchTrainArgs {
-    /// Teacher model dir.
-    #[arg(long, required_unless_present = "like")]
-    pub model: Option<PathBuf>,
-    /// Instead of --model: a teacher of this architecture with random weights, built in memory.
-    #[arg(long, value_enum, conflicts_with = "model")]
-    pub like: Option<Like>,
-    /// With --like: decoder layers (default: the architecture's own).
-    #[arg(long, requires = "like", value_parser = crate::checks::positive_i64)]
-    pub layers: Option<i64>,
+    #[command(flatten)]
+    pub teacher: TeacherSource,
     #[command(flatten)]
     pub run_on: RunOn,
     /// offline (head on cached teacher states), online (teacher forward included) or both.
@@ -99,9 +92,7 @@ impl BenchTrainArgs {
     /// The library's plain options for this command line.
     pub fn options(&self) -> crate::training::bench::BenchTrainOptions {
         crate::training::bench::BenchTrainOptions {
-            model: self.model.clone(),
-            like: self.like,
-            layers: self.layers,
+            teacher: self.teacher.clone(),
             run_on: self.run_on.clone(),
             mode: self.mode,
             steps: self.steps,

@@ -43,6 +43,16 @@ pub struct Architecture {
 }
 
 impl Like {
+    /// The architecture with `layers` decoder layers instead of its own, if given.
+    pub fn architecture_with(self, layers: Option<i64>) -> Result<Architecture> {
+        let mut arch = self.architecture();
+        if let Some(n) = layers {
+            ensure!(n >= 1, "--layers must be at least 1, got {n}");
+            arch.num_hidden_layers = n;
+        }
+        Ok(arch)
+    }
+
     pub fn architecture(self) -> Architecture {
         match self {
             Like::Vicuna7b => Architecture {
@@ -202,11 +212,7 @@ fn tokenizer_files(vocab: i64) -> (serde_json::Value, serde_json::Value) {
 /// Writes a model directory `out` with `like`'s architecture (`layers` decoder layers if given)
 /// and random weights. Refuses a directory that already holds files.
 pub fn write_random_model(like: Like, layers: Option<i64>, out: &Path, seed: i64) -> Result<()> {
-    let mut arch = like.architecture();
-    if let Some(n) = layers {
-        ensure!(n >= 1, "--layers must be at least 1, got {n}");
-        arch.num_hidden_layers = n;
-    }
+    let arch = like.architecture_with(layers)?;
     let occupied = out
         .read_dir()
         .map(|mut entries| entries.next().is_some())
@@ -241,11 +247,7 @@ pub fn random_teacher(
     kind: Kind,
     seed: i64,
 ) -> Result<Teacher> {
-    let mut arch = like.architecture();
-    if let Some(n) = layers {
-        ensure!(n >= 1, "--layers must be at least 1, got {n}");
-        arch.num_hidden_layers = n;
-    }
+    let arch = like.architecture_with(layers)?;
     let name = PathBuf::from(format!("<random {like:?}>"));
     let config = LlamaConfig::from_json(&arch.config_json().to_string(), &name)?;
     let weights: HashMap<String, Tensor> = random_weights(&arch, seed)
@@ -253,4 +255,37 @@ pub fn random_teacher(
         .map(|(n, t)| (n, t.to_device(device).to_kind(kind)))
         .collect();
     Teacher::from_weights(config, &name, weights, device, kind)
+}
+
+/// Which teacher a benchmark runs: a model directory, or a random one of a named architecture
+/// built in memory (`bench`, `bench-train`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TeacherSource {
+    /// Teacher model directory.
+    #[arg(long, required_unless_present = "like")]
+    pub model: Option<PathBuf>,
+    /// Instead of --model: a teacher of this architecture with random weights, built in memory.
+    #[arg(long, value_enum, conflicts_with = "model")]
+    pub like: Option<Like>,
+    /// With --like: decoder layers (default: the architecture's own).
+    #[arg(long, requires = "like", value_parser = crate::checks::positive_i64)]
+    pub layers: Option<i64>,
+}
+
+impl TeacherSource {
+    pub fn load(&self, device: Device, kind: Kind) -> Result<Teacher> {
+        match (&self.model, self.like) {
+            (Some(dir), _) => Teacher::load(dir, device, kind),
+            (None, Some(like)) => random_teacher(like, self.layers, device, kind, 0),
+            (None, None) => anyhow::bail!("give --model DIR or --like NAME"),
+        }
+    }
+
+    /// How a report names the teacher.
+    pub fn describe(&self) -> String {
+        match (&self.model, self.like) {
+            (Some(dir), _) => dir.display().to_string(),
+            (None, like) => format!("random {like:?}, layers {:?}", self.layers),
+        }
+    }
 }

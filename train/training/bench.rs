@@ -1,17 +1,15 @@
 //! `clover bench-train`: tokens/s and peak memory of the training step, as one JSON line.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::shards::Sample;
 use crate::model::device::RunOn;
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadConfig;
-use crate::model::random::{random_teacher, Like};
-use crate::model::teacher::Teacher;
+use crate::model::random::TeacherSource;
 use crate::training::batches::{make_batch, SplitMix64};
 use crate::training::loss::{batch_loss, LossWeights};
 use crate::training::optimizer::{clip_grads_by_value, zero_grads, AdamW};
@@ -30,11 +28,8 @@ pub enum BenchMode {
 
 #[derive(Debug)]
 pub struct BenchTrainOptions {
-    /// Teacher model dir; or `like` for a random teacher of that architecture built in memory.
-    pub model: Option<PathBuf>,
-    pub like: Option<Like>,
-    /// With `like`: decoder layers (default: the architecture's own).
-    pub layers: Option<i64>,
+    /// A teacher model dir, or a random teacher of a named architecture.
+    pub teacher: TeacherSource,
     pub run_on: RunOn,
     pub mode: BenchMode,
     /// Timed optimizer steps (after one warm-up step).
@@ -56,11 +51,7 @@ pub struct BenchTrainOptions {
 /// caching allocator's statistics, which tch does not expose.
 pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
-    let teacher = match (&args.model, args.like) {
-        (Some(dir), _) => Teacher::load(dir, device, kind)?,
-        (None, Some(like)) => random_teacher(like, args.layers, device, kind, 0)?,
-        (None, None) => bail!("give --model DIR or --like NAME"),
-    };
+    let teacher = args.teacher.load(device, kind)?;
     let mut head_cfg = HeadConfig::from_teacher(&teacher.config);
     head_cfg.options.num_depths = args.num_depths;
     let mut head = DraftHead::new(&teacher, head_cfg, 0)?;
@@ -126,13 +117,6 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         sync(device);
         let secs = started.elapsed().as_secs_f64();
         let tokens = (args.steps * args.batch * args.seq_len) as f64;
-        let model = match (&args.model, args.like) {
-            (Some(dir), _) => dir.display().to_string(),
-            (None, like) => format!(
-                "random {like:?}, {} layers",
-                teacher.config.num_hidden_layers
-            ),
-        };
         let peak_bytes = if device.is_cuda() {
             None
         } else {
@@ -140,7 +124,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         };
         let report = serde_json::json!({
             "mode": format!("{mode:?}").to_lowercase(),
-            "model": model,
+            "model": args.teacher.describe(),
             "device": format!("{device:?}"),
             "dtype": format!("{kind:?}"),
             "threads": tch::get_num_threads(),
