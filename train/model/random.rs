@@ -285,7 +285,11 @@ impl TeacherSource {
     pub fn describe(&self) -> String {
         match (&self.model, self.like) {
             (Some(dir), _) => dir.display().to_string(),
-            (None, like) => format!("random {like:?}, layers {:?}", self.layers),
+            (None, Some(like)) => match self.layers {
+                Some(n) => format!("random {like:?} ({n} layers)"),
+                None => format!("random {like:?}"),
+            },
+            (None, None) => "no teacher".into(),
         }
     }
 }
