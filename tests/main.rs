@@ -10,6 +10,7 @@ mod gguf;
 mod head;
 mod hostile;
 mod loss;
+mod native;
 mod random;
 mod regenerate;
 mod speculative;

@@ -29,6 +29,7 @@ pub mod data;
 pub mod decode;
 pub mod formats;
 pub mod model;
+pub mod native;
 pub mod progress;
 pub mod rng;
 pub mod training;

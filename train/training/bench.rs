@@ -47,8 +47,8 @@ pub struct BenchTrainOptions {
 /// teacher states; online: the teacher forward included) on random tokens, one JSON line per
 /// mode with `mode`, `tokens_per_s`, `ms_per_step`, `peak_bytes`, `device`, `dtype`, `batch`,
 /// `seq_len`, `loss_chunk`. `peak_bytes` is the process's peak resident memory so far on the
-/// CPU (VmHWM: run one mode per process for a clean figure) and null on CUDA, where it needs the
-/// caching allocator's statistics, which tch does not expose.
+/// CPU (VmHWM: run one mode per process for a clean figure) and, on CUDA, the caching
+/// allocator's peak allocated bytes over the timed steps (read through `crate::native`).
 pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
     let (device, kind) = args.run_on.resolve()?;
     let teacher = args.teacher.load(device, kind)?;
@@ -109,6 +109,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         };
         step()?; // warm-up
         sync(device);
+        reset_peak(device)?;
         let started = Instant::now();
         let mut last = 0.0;
         for _ in 0..args.steps {
@@ -117,11 +118,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         sync(device);
         let secs = started.elapsed().as_secs_f64();
         let tokens = (args.steps * args.batch * args.seq_len) as f64;
-        let peak_bytes = if device.is_cuda() {
-            None
-        } else {
-            peak_rss_mib().map(|mib| (mib * 1024.0 * 1024.0) as u64)
-        };
+        let peak_bytes = peak_bytes(device)?;
         let report = serde_json::json!({
             "mode": format!("{mode:?}").to_lowercase(),
             "model": args.teacher.describe(),
@@ -150,6 +147,22 @@ fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
+}
+
+/// On CUDA, starts the allocator's peak afresh so the report covers the timed steps only.
+fn reset_peak(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda(i) => crate::native::cuda_reset_peak(i),
+        _ => Ok(()),
+    }
+}
+
+/// The caching allocator's peak allocated bytes on CUDA; the process's peak RSS elsewhere.
+fn peak_bytes(device: Device) -> Result<Option<u64>> {
+    Ok(match device {
+        Device::Cuda(i) => Some(crate::native::cuda_allocated_bytes(i)?.peak as u64),
+        _ => peak_rss_mib().map(|mib| (mib * 1024.0 * 1024.0) as u64),
+    })
 }
 
 /// VmHWM of this process from /proc (Linux); None elsewhere.
