@@ -20,6 +20,35 @@ pub fn fixture_model_dir() -> PathBuf {
     fixture("chat").join("tokenizer")
 }
 
+/// The device of the device-generic tests (`tests/device.rs` and the tests that call into it):
+/// `CLOVER_TEST_DEVICE` = cpu | cuda | cuda:N, default cpu. A named device that is absent is an
+/// error, not a silent fall-back to the CPU.
+pub fn test_device() -> Device {
+    let name = std::env::var("CLOVER_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = clover::model::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("CLOVER_TEST_DEVICE={name}: {e:#}"));
+    if let Device::Cuda(i) = device {
+        assert!(
+            tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(),
+            "CLOVER_TEST_DEVICE={name}, but this machine has no such CUDA device"
+        );
+    }
+    device
+}
+
+/// `test_device()` spelled as the configs and the CLI take it.
+pub fn test_device_name() -> String {
+    match test_device() {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// The tiny untied fixture on `device` in `kind`.
+pub fn tiny_teacher_on(device: Device, kind: Kind) -> Teacher {
+    Teacher::load(&fixture("tiny-llama-untied"), device, kind).expect("tiny fixture loads")
+}
+
 /// A tiny LLaMA fixture (`tiny-llama-tied` or `tiny-llama-untied`) as a CPU teacher in `kind`.
 pub fn fixture_teacher(name: &str, kind: Kind) -> Teacher {
     Teacher::load(&fixture(name), Device::Cpu, kind).expect("tiny fixture loads")
@@ -111,6 +140,18 @@ pub fn max_abs(a: &Tensor) -> f64 {
 
 /// Unit round-off of f32, 2^-24.
 pub const F32_U: f64 = 1.0 / 16_777_216.0;
+
+/// Unit round-off of bf16, 2^-8.
+pub const BF16_U: f64 = 1.0 / 256.0;
+
+/// How far a bf16 evaluation may land from the f32 one (or two bf16 evaluations through
+/// different kernels from each other, with `runs` = 2). Products accumulate in f32, so what
+/// counts is every value stored in bf16 on the path: each is rounded once, relative error 2^-8
+/// of its magnitude, and blocks that normalize their input keep magnitudes of the order of the
+/// compared `scale`, so the errors of the `roundings` on the path add (as `f32_paths_bound`).
+pub fn bf16_path_bound(roundings: usize, runs: usize, scale: f64) -> f64 {
+    (roundings * runs) as f64 * BF16_U * scale
+}
 
 /// Unit round-off of f64, 2^-53.
 pub const F64_U: f64 = f64::EPSILON / 2.0;

@@ -407,12 +407,21 @@ fn conversation_batching_averages_micro_batch_gradients() {
     let one = tiny_samples(1, 11);
     let twice = vec![one[0].clone(), one[0].clone()];
     let len = one[0].input_ids.len();
-    let run = |name: &str, set: Vec<clover::data::shards::Sample>, edit: &dyn Fn(&mut TrainConfig)| {
-        let mut cfg = tiny_train_config(&crate::common::scratch_dir("trainer", name));
-        cfg.eval_every = 0;
-        edit(&mut cfg);
-        train(&cfg, &teacher, Source::Online(set), vec![], false, &TrainOptions::default()).unwrap()
-    };
+    let run =
+        |name: &str, set: Vec<clover::data::shards::Sample>, edit: &dyn Fn(&mut TrainConfig)| {
+            let mut cfg = tiny_train_config(&crate::common::scratch_dir("trainer", name));
+            cfg.eval_every = 0;
+            edit(&mut cfg);
+            train(
+                &cfg,
+                &teacher,
+                Source::Online(set),
+                vec![],
+                false,
+                &TrainOptions::default(),
+            )
+            .unwrap()
+        };
     let tokens = run("accumulate-tokens", one, &|cfg| cfg.batch_tokens = len);
     let conversations = run("accumulate-conversations", twice, &|cfg| {
         cfg.conversations_per_step = Some(2);
@@ -420,8 +429,18 @@ fn conversation_batching_averages_micro_batch_gradients() {
     });
     assert_eq!(conversations.steps.len(), 6);
     for (a, b) in tokens.steps.iter().zip(&conversations.steps) {
-        assert_eq!(b.tokens, 2 * a.tokens, "two micro-batches of one conversation");
-        assert!((a.loss - b.loss).abs() <= 1e-6, "step {}: {} vs {}", a.step, a.loss, b.loss);
+        assert_eq!(
+            b.tokens,
+            2 * a.tokens,
+            "two micro-batches of one conversation"
+        );
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6,
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
         assert!(
             (a.grad_norm - b.grad_norm).abs() <= 1e-6 * a.grad_norm,
             "step {}: grad norm {} vs {}",
@@ -451,9 +470,19 @@ fn conversation_batching_keys_are_checked() {
     small.conversations_per_step = Some(4);
     small.micro_batch_tokens = Some(4);
     let teacher = tiny_teacher(Kind::Float);
-    let err = train(&small, &teacher, Source::Online(tiny_samples(4, 3)), vec![], false, &TrainOptions::default())
-        .err()
-        .expect("rows longer than the micro-batch")
-        .to_string();
-    assert!(err.contains("micro_batch_tokens = 4 is below the longest training row"), "{err}");
+    let err = train(
+        &small,
+        &teacher,
+        Source::Online(tiny_samples(4, 3)),
+        vec![],
+        false,
+        &TrainOptions::default(),
+    )
+    .err()
+    .expect("rows longer than the micro-batch")
+    .to_string();
+    assert!(
+        err.contains("micro_batch_tokens = 4 is below the longest training row"),
+        "{err}"
+    );
 }

@@ -245,15 +245,25 @@ mod tests {
         };
         let steps = epoch_steps(&lengths, batching, 9, 0);
         let sizes: Vec<usize> = steps.iter().map(|s| s.iter().map(Vec::len).sum()).collect();
-        assert_eq!(sizes, vec![16, 16, 16, 2], "16 conversations a step, the rest last");
+        assert_eq!(
+            sizes,
+            vec![16, 16, 16, 2],
+            "16 conversations a step, the rest last"
+        );
         let mut seen: Vec<usize> = steps.iter().flatten().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, (0..50).collect::<Vec<_>>());
         for micro in steps.iter().flatten() {
             let longest = micro.iter().map(|&i| lengths[i]).max().unwrap();
-            assert!(longest * micro.len() <= 100, "micro-batch {micro:?} over budget");
+            assert!(
+                longest * micro.len() <= 100,
+                "micro-batch {micro:?} over budget"
+            );
         }
-        assert!(steps.iter().any(|s| s.len() > 1), "budget forces accumulation");
+        assert!(
+            steps.iter().any(|s| s.len() > 1),
+            "budget forces accumulation"
+        );
         assert_eq!(steps, epoch_steps(&lengths, batching, 9, 0));
         assert_ne!(steps, epoch_steps(&lengths, batching, 9, 1));
     }

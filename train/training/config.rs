@@ -153,9 +153,14 @@ pub struct TrainConfig {
     pub eval_samples: usize,
     #[serde(default)]
     pub seed: u64,
-    /// bf16 compute with f32 master weights on CUDA (the reference's accelerate bf16). CPU is f32.
+    /// bf16 autocast with f32 master weights on CUDA (the reference's accelerate bf16): matrix
+    /// products in bf16, stream, norms and loss in f32 (`DraftHead::set_compute_kind`).
     #[serde(default = "d_true")]
     pub bf16_on_cuda: bool,
+    /// The same autocast on the CPU (slower there than f32; it runs the mixed-precision path
+    /// where no GPU is at hand, e.g. in tests).
+    #[serde(default)]
+    pub bf16_on_cpu: bool,
     /// Progress bar on stderr.
     #[serde(default = "d_true")]
     pub progress: bool,
@@ -334,6 +339,16 @@ impl TrainConfig {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_toml_with_profile(&text, &path.display().to_string(), profile)
+    }
+
+    /// The autocast dtype of the head's matrix products on `device`, if any.
+    pub fn autocast_kind(&self, device: tch::Device) -> Option<tch::Kind> {
+        let on = if device.is_cuda() {
+            self.bf16_on_cuda
+        } else {
+            self.bf16_on_cpu
+        };
+        on.then_some(tch::Kind::BFloat16)
     }
 
     /// How training samples are grouped into steps.

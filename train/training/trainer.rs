@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::data::shards::Sample;
@@ -205,8 +205,8 @@ impl<'a> Run<'a> {
                 .with_context(|| format!("init_from {}", dir.display()))?,
             None => DraftHead::new(teacher, cfg.head_config(teacher), cfg.seed as i64)?,
         };
-        if teacher.device().is_cuda() && cfg.bf16_on_cuda {
-            head.set_compute_kind(Kind::BFloat16);
+        if let Some(kind) = cfg.autocast_kind(teacher.device()) {
+            head.set_compute_kind(kind);
         }
         let params = head.named_tensors();
         let opt = AdamW::new(&params, cfg.betas, cfg.adam_eps, cfg.weight_decay);
