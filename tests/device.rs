@@ -332,3 +332,85 @@ fn bf16_greedy_speculative_on_the_test_device_equals_plain() {
 fn tree_sampling_on_the_test_device_is_lossless() {
     crate::speculative::tree_sampling_is_lossless_on(test_device());
 }
+
+/// The bf16 pipeline through the real binary on the test device with the real SmolLM2 teacher:
+/// distill into a bf16 cache, two offline training steps under bf16 autocast (`bf16_on_cpu`, so
+/// the CPU takes the GPU's branch, teacher in bf16), export, and `clover eval --dtype bf16`. Every
+/// stage must succeed and report finite figures; token-for-token equality in bf16 is the business
+/// of `bf16_greedy_speculative_on_the_test_device_equals_plain` (it holds up to near-ties only).
+#[test]
+fn bf16_distill_train_eval_pipeline_on_the_test_device() {
+    let model = crate::common::smollm2_dir();
+    let root = crate::common::scratch_dir("device", "bf16-pipeline");
+    let data = root.join("data");
+    let samples = |n: usize, seed: u64| -> Vec<clover::data::shards::Sample> {
+        let mut rng = clover::training::batches::SplitMix64::new(seed);
+        (0..n)
+            .map(|i| {
+                let ids: Vec<i64> = (0..24).map(|_| (rng.next_u64() % 49_000) as i64).collect();
+                clover::data::shards::Sample {
+                    id: format!("s{i}"),
+                    loss_mask: (0..24).map(|j| u8::from(j >= 6)).collect(),
+                    input_ids: ids,
+                }
+            })
+            .collect()
+    };
+    use clover::data::shards::{write_samples, Split};
+    write_samples(&data, Split::Train, &samples(4, 1)).unwrap();
+    write_samples(&data, Split::Eval, &samples(2, 2)).unwrap();
+    let device = test_device_name();
+    let (model_s, data_s) = (model.display().to_string(), data.display().to_string());
+    let cache = root.join("cache").display().to_string();
+    let (code, out) = crate::common::run_clover(&[
+        "distill", "--data", &data_s, "--model", &model_s, "--out", &cache, "--device", &device,
+        "--dtype", "bf16",
+    ]);
+    assert_eq!(code, 0, "distill: {out}");
+    let train_dir = root.join("train");
+    let config = root.join("train.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_dir = \"{model_s}\"\ndata_dir = \"{data_s}\"\ndistill_cache = \"{cache}\"\n\
+             out_dir = \"{}\"\ndevice = \"{device}\"\nmax_steps = 2\nbatch_tokens = 48\n\
+             max_len = 24\nwarmup_steps = 1\neval_every = 2\nsave_every = 2\neval_samples = 2\n\
+             bf16_on_cpu = true\nprogress = false\n",
+            train_dir.display()
+        ),
+    )
+    .unwrap();
+    let (code, out) =
+        crate::common::run_clover(&["train", "--config", &config.display().to_string()]);
+    assert_eq!(code, 0, "train: {out}");
+    let metrics = std::fs::read_to_string(train_dir.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    let head = root.join("head").display().to_string();
+    let (code, out) = crate::common::run_clover(&[
+        "export", "--checkpoint", &train_dir.display().to_string(), "--out", &head,
+    ]);
+    assert_eq!(code, 0, "export: {out}");
+    let prompts = root.join("q.jsonl");
+    std::fs::write(
+        &prompts,
+        r#"{"question_id": 1, "category": "writing", "turns": ["Say something about the sea."]}"#,
+    )
+    .unwrap();
+    let report = root.join("eval.json");
+    let (code, out) = crate::common::run_clover(&[
+        "eval", "--model", &model_s, "--draft", &head, "--prompts",
+        &prompts.display().to_string(), "--device", &device, "--dtype", "bf16",
+        "--max-new-tokens", "8", "--report", &report.display().to_string(),
+    ]);
+    assert_eq!(code, 0, "eval: {out}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(json["dtype"], "BFloat16", "{json}");
+    assert!(json["tau"].as_f64().unwrap() >= 1.0);
+    assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0);
+}
