@@ -7,8 +7,20 @@ use clover::model::teacher::Teacher;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// The repository the fixtures are read from: `CLOVER_REPO_ROOT` when the test binary runs away
+/// from where it was built (`scripts/gpu-check.sh` on a machine without a toolchain), else the
+/// build's own checkout.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CLOVER_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The `clover` binary under test: `CLOVER_BIN`, else the one cargo built with these tests.
+pub fn clover_bin() -> PathBuf {
+    std::env::var_os("CLOVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_clover")))
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -170,7 +182,7 @@ pub fn f32_paths_bound(widths: &[i64], scale: f64) -> f64 {
 /// Runs the real `clover` binary (progress lines every 0.05 s, so they show in a short run);
 /// returns its exit code and stdout + stderr together.
 pub fn run_clover<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clover"))
+    let out = std::process::Command::new(clover_bin())
         .args(args)
         .env("CLOVER_PROGRESS_SECS", "0.05")
         .output()
