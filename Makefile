@@ -23,8 +23,27 @@ $(VENV)/.torch-$(TORCH_VERSION):
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	touch $@
 
-build: $(VENV)/.torch-$(TORCH_VERSION)
+build: $(VENV)/.torch-$(TORCH_VERSION) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 	cargo build --release
+
+# Headers the c10d binding (train/native/c10d.cpp) compiles against that torch wheels lack:
+# gloo's (ProcessGroupGloo.hpp includes them; Debian's libgloo-dev) and, for the NCCL backend, the
+# CUDA runtime headers' crt/ and nv/ parts (PyPI wheels of the CUDA 13.0 torch was built with),
+# unpacked into .cuda-headers where build.rs looks. Skipped for a CPU-only torch.
+GLOO_HEADERS := /usr/include/gloo/rendezvous/store.h
+CUDA_HEADERS := .cuda-headers
+CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
+
+$(GLOO_HEADERS):
+	apt-get install -y libgloo-dev || (apt-get update && apt-get install -y libgloo-dev)
+
+$(CUDA_HEADERS)/.stamp: $(VENV)/.torch-$(TORCH_VERSION)
+	mkdir -p $(CUDA_HEADERS)
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
+	  python3 -m pip download --quiet --no-deps --dest $(CUDA_HEADERS) $(CUDA_HEADER_WHEELS) && \
+	  python3 -c "import glob,zipfile,sys; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob(sys.argv[1]+'/*.whl')]" $(CUDA_HEADERS); \
+	fi
+	touch $@
 
 $(CLOVER): build
 
