@@ -206,10 +206,27 @@ fn two_gloo_ranks_train_like_one_process_and_resume_exactly() {
     assert_eq!(prints[0], prints[1], "both ranks hold identical weights");
     // Same global batches, each rank half the rows with the whole batch's normaliser, gradients
     // summed: the same sums in another order, so each gradient differs by a few f32 round-offs
-    // (2^-24 relative). AdamW's step is lr·m/(√v+eps) ≈ lr·sign-like, and lr ≤ 1e-3 over 6
-    // steps, so the weights move by at most 6e-3 in all and the round-off reaches them only
-    // through m/√v: far under 1e-6.
+    // (2^-24 relative), and so does each AdamW update lr·m/(√v+eps) (lr ≤ 1e-3). Added to
+    // weights of magnitude ≤ ~1 (the cells' identity init), an update can round the other way:
+    // one ulp of 1, 2^-23 ≈ 1.2e-7, per step at most. 1e-6 allows 8 such ulps over the 6 steps;
+    // a wrong normaliser (each rank's own rows) misses by ~4e-3.
     let diff = weights_diff(&root.join("single"), &root.join("two"));
+    eprintln!("token batches, two ranks vs one process: max |Δw| = {diff:e}");
+    assert!(
+        diff <= 1e-6,
+        "two ranks vs one process: max |Δw| = {diff:e}"
+    );
+
+    // Conversation batching: the step's micro-batches are dealt whole to the ranks, each with
+    // its own normaliser as in one process; same bound.
+    let conversations = "conversations_per_step = 8\nmicro_batch_tokens = 40\n";
+    let single = write_run(&root, "single-conv", 6, conversations);
+    run_single(&single, false);
+    let two_conv = write_run(&root, "two-conv", 6, conversations);
+    let prints = fingerprints(&run_ranks(&two_conv, 2, false));
+    assert_eq!(prints[0], prints[1], "both ranks hold identical weights");
+    let diff = weights_diff(&root.join("single-conv"), &root.join("two-conv"));
+    eprintln!("conversation batches, two ranks vs one process: max |Δw| = {diff:e}");
     assert!(
         diff <= 1e-6,
         "two ranks vs one process: max |Δw| = {diff:e}"
