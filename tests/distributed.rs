@@ -317,3 +317,45 @@ fn a_killed_rank_makes_the_other_fail_within_the_timeout_and_the_checkpoint_resu
         after.display()
     );
 }
+
+#[test]
+fn distill_takes_its_shard_from_a_launch() {
+    let root = scratch_dir("distributed", "distill");
+    let data = root.join("data");
+    write_samples(&data, Split::Train, &tiny_samples(6, 41)).unwrap();
+    let out = root.join("cache");
+    let distill = |launch: Option<(usize, usize)>| {
+        let mut cmd = Command::new(clover_bin());
+        cmd.args(["distill", "--device", "cpu", "--data"])
+            .arg(&data)
+            .arg("--model")
+            .arg(repo_root().join("tests/fixtures/tiny-llama-untied"))
+            .arg("--out")
+            .arg(&out);
+        if let Some((rank, world)) = launch {
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", "0")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", "1");
+        }
+        let done = cmd.output().unwrap();
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    };
+    // Six samples make one shard, k = 0: worker 0's. Rank 1 of 2 has nothing to do.
+    distill(Some((1, 2)));
+    assert!(
+        out.join(".lock-1-of-2").exists(),
+        "rank 1 ran as worker 1/2"
+    );
+    assert!(!out.join("shard-00000.safetensors").exists());
+    distill(Some((0, 2)));
+    assert!(
+        out.join("shard-00000.safetensors").exists(),
+        "worker 0/2 wrote it"
+    );
+}

@@ -186,6 +186,17 @@ pub fn shard_or_launch(shard: &str) -> Result<String> {
     })
 }
 
+/// `--shard i/N` as (i, N).
+pub fn parse_shard(spec: &str) -> Result<(usize, usize)> {
+    let parsed = spec
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)));
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => bail!("--shard must be i/N with 0 <= i < N, got {spec:?}"),
+    }
+}
+
 /// The collectives' timeout: CLOVER_DIST_TIMEOUT seconds, or `DEFAULT_TIMEOUT`.
 pub fn timeout_from_env() -> Result<Duration> {
     match std::env::var("CLOVER_DIST_TIMEOUT") {
