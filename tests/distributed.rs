@@ -25,6 +25,7 @@ fn spec(port: u16, rank: usize, world: usize, backend: &str) -> GroupSpec<'_> {
         backend,
         host: "127.0.0.1",
         port,
+        agent_store: None,
         rank,
         world,
         timeout: Duration::from_secs(30),

@@ -31,6 +31,11 @@ pub struct Launch {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// When torchrun's agent already serves a store on MASTER_PORT
+    /// (TORCHELASTIC_USE_AGENT_STORE=True), every rank joins it as a client, as torch.distributed
+    /// does, with its keys under this prefix ("clover/attempt_<restart count>", so a restarted
+    /// attempt never reads an earlier one's). None: rank 0 serves the store.
+    pub agent_store: Option<String>,
 }
 
 /// Which c10d backend carries the collectives.
@@ -81,6 +86,7 @@ impl Launch {
             local_rank: number(var, "LOCAL_RANK", var("LOCAL_RANK"))?,
             master_addr: required(var, "MASTER_ADDR")?,
             master_port: number(var, "MASTER_PORT", var("MASTER_PORT"))?,
+            agent_store: agent_store(var),
         };
         launch.checked()
     }
@@ -107,6 +113,7 @@ impl Launch {
             local_rank: number(var, "SLURM_LOCALID", var("SLURM_LOCALID"))?,
             master_addr,
             master_port,
+            agent_store: None,
         };
         launch.checked()
     }
@@ -134,6 +141,7 @@ impl Launch {
             backend,
             host: &self.master_addr,
             port: self.master_port,
+            agent_store: self.agent_store.as_deref(),
             rank: self.rank,
             world: self.world,
             timeout,
@@ -215,6 +223,12 @@ pub fn timeout_from_env() -> Result<Duration> {
     }
 }
 
+fn agent_store(var: &impl Fn(&str) -> Option<String>) -> Option<String> {
+    let used = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let attempt = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+    used.then(|| format!("clover/attempt_{attempt}"))
+}
+
 fn required(var: &impl Fn(&str) -> Option<String>, name: &str) -> Result<String> {
     var(name).with_context(|| {
         format!("{name} is not set (a distributed launch needs RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, as torchrun sets them)")
@@ -291,6 +305,16 @@ mod tests {
             (3, 8, 1, 29400)
         );
         assert_eq!(l.shard(), "3/8");
+        assert_eq!(l.agent_store, None, "rank 0 serves the store");
+        let mut agent = full.to_vec();
+        agent.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        agent.push(("TORCHELASTIC_RESTART_COUNT", "2"));
+        let l = launch(&agent).unwrap().unwrap();
+        assert_eq!(
+            l.agent_store.as_deref(),
+            Some("clover/attempt_2"),
+            "torchrun's agent serves it"
+        );
         for skip in 0..full.len() {
             let some: Vec<_> = full
                 .iter()

@@ -13,6 +13,7 @@
 // Every function returns 0 on success, or 1 with a message in `err` (C++ exceptions must not
 // cross into Rust). Tensors come in as the `at::Tensor*` that a tch Tensor wraps.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef USE_C10D_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -174,19 +175,25 @@ void per_bucket(clover_pg* pg, at::Tensor** tensors, size_t n, int64_t bucket_by
 
 extern "C" {
 
-// Joins the group: rendezvous through the TCPStore that rank 0 serves on host:port, then the
-// backend ("gloo" or "nccl"). `timeout_ms` bounds the rendezvous and every collective.
-int clover_pg_new(const char* backend, const char* host, int port, int rank, int world,
-                  int64_t timeout_ms, clover_pg** out, char* err, size_t err_len) {
+// Joins the group: rendezvous through the TCPStore on host:port (served by rank 0, or, under
+// torchrun, by its agent: `serve` = 0, keys under `prefix`), then the backend ("gloo" or
+// "nccl"). `timeout_ms` bounds the rendezvous and every collective.
+int clover_pg_new(const char* backend, const char* host, int port, int serve, const char* prefix,
+                  int rank, int world, int64_t timeout_ms, clover_pg** out, char* err,
+                  size_t err_len) {
   return guarded(
       [&] {
         auto timeout = std::chrono::milliseconds(timeout_ms);
         c10d::TCPStoreOptions store_options;
         store_options.port = static_cast<std::uint16_t>(port);
-        store_options.isServer = rank == 0;
-        store_options.numWorkers = static_cast<size_t>(world);
+        store_options.isServer = serve != 0;
+        if (serve != 0) store_options.numWorkers = static_cast<size_t>(world);
         store_options.timeout = timeout;
-        auto store = c10::make_intrusive<c10d::TCPStore>(host, store_options);
+        c10::intrusive_ptr<c10d::Store> store =
+            c10::make_intrusive<c10d::TCPStore>(host, store_options);
+        if (prefix != nullptr && *prefix != '\0') {
+          store = c10::make_intrusive<c10d::PrefixStore>(prefix, store);
+        }
         std::string name(backend);
         c10::intrusive_ptr<c10d::Backend> group;
         if (name == "gloo") {

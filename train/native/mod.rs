@@ -78,6 +78,8 @@ extern "C" {
         backend: *const c_char,
         host: *const c_char,
         port: c_int,
+        serve: c_int,
+        prefix: *const c_char,
         rank: c_int,
         world: c_int,
         timeout_ms: i64,
@@ -114,6 +116,9 @@ pub struct GroupSpec<'a> {
     pub backend: &'a str,
     pub host: &'a str,
     pub port: u16,
+    /// Some(prefix) when a launcher's agent serves the store (torchrun): every rank is a
+    /// client and keys live under the prefix. None: rank 0 serves it.
+    pub agent_store: Option<&'a str>,
     pub rank: usize,
     pub world: usize,
     pub timeout: std::time::Duration,
@@ -132,6 +137,8 @@ impl ProcessGroup {
     pub fn join(spec: &GroupSpec) -> Result<Self> {
         let backend = std::ffi::CString::new(spec.backend)?;
         let host = std::ffi::CString::new(spec.host)?;
+        let prefix = std::ffi::CString::new(spec.agent_store.unwrap_or(""))?;
+        let serve = spec.agent_store.is_none() && spec.rank == 0;
         let mut raw = std::ptr::null_mut();
         let what = format!(
             "rank {} of {}: joining the {} process group at {}:{}",
@@ -144,6 +151,8 @@ impl ProcessGroup {
                     backend.as_ptr(),
                     host.as_ptr(),
                     c_int::from(spec.port),
+                    c_int::from(serve),
+                    prefix.as_ptr(),
                     spec.rank as c_int,
                     spec.world as c_int,
                     spec.timeout.as_millis() as i64,
