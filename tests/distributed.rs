@@ -71,16 +71,32 @@ fn two_gloo_ranks_all_reduce_broadcast_and_meet_at_a_barrier() {
     }
 }
 
+/// On a CUDA machine NCCL serves a one-rank group on cuda:0 (world size 1 runs the whole code
+/// path: rendezvous, communicator, collectives); without CUDA it is refused, saying why.
 #[test]
-fn nccl_without_cuda_and_an_unknown_backend_are_refused_clearly() {
+fn nccl_runs_one_rank_on_cuda_and_is_refused_clearly_without() {
+    let joined = ProcessGroup::join(&spec(free_port(), 0, 1, "nccl"));
     if tch::Cuda::is_available() {
-        return; // The refusal is for machines without CUDA.
+        let group = joined.unwrap();
+        let cuda = tch::Device::Cuda(0);
+        let a = Tensor::full([1000], 1.5, (Kind::Float, cuda));
+        let b = Tensor::full([3], 2.0, (Kind::BFloat16, cuda));
+        group.all_reduce(&[&a, &b], false, 1024).unwrap();
+        group.broadcast(&[&a], 0, 1 << 20).unwrap();
+        group.barrier().unwrap();
+        // One rank: the sum is the tensor itself, exactly.
+        assert_eq!(
+            Vec::<f32>::try_from(&a.to_device(tch::Device::Cpu)).unwrap(),
+            vec![1.5; 1000]
+        );
+        assert_eq!(
+            b.to_kind(Kind::Float).sum(Kind::Float).double_value(&[]),
+            6.0
+        );
+    } else {
+        let msg = format!("{:#}", joined.err().unwrap());
+        assert!(msg.contains("NCCL") && msg.contains("rank 0 of 1"), "{msg}");
     }
-    let err = ProcessGroup::join(&spec(free_port(), 0, 1, "nccl"))
-        .err()
-        .unwrap();
-    let msg = format!("{err:#}");
-    assert!(msg.contains("NCCL") && msg.contains("rank 0 of 1"), "{msg}");
     let err = ProcessGroup::join(&spec(free_port(), 0, 1, "mpi"))
         .err()
         .unwrap();
@@ -283,6 +299,13 @@ fn a_killed_rank_makes_the_other_fail_within_the_timeout_and_the_checkpoint_resu
             start.elapsed() < Duration::from_secs(120),
             "no checkpoint written"
         );
+        for child in [&mut first, &mut second] {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut text = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut text).unwrap();
+                panic!("a rank exited ({status}) before the first checkpoint:\n{text}");
+            }
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     second.kill().unwrap();
@@ -297,7 +320,11 @@ fn a_killed_rank_makes_the_other_fail_within_the_timeout_and_the_checkpoint_resu
         text.contains("rank 0 of 2") && text.contains("all-reduce"),
         "the error names the rank and the collective:\n{text}"
     );
-    eprintln!("rank 0 exited {:?} after the kill", killed_at.elapsed());
+    eprintln!(
+        "rank 0 exited {:?} after the kill: {}",
+        killed_at.elapsed(),
+        text.lines().last().unwrap_or("")
+    );
 
     // The newest checkpoint is whole and a run resumes from it (a single process here).
     let last = list_checkpoints(&out).unwrap().pop().unwrap();

@@ -141,9 +141,9 @@ void unflatten(const at::Tensor& flat, std::vector<at::Tensor>& bucket) {
 
 std::string where(const clover_pg* pg, const char* what) {
   return "rank " + std::to_string(pg->backend->getRank()) + " of " +
-         std::to_string(pg->backend->getSize()) + ": " + what + " (" +
+         std::to_string(pg->backend->getSize()) + ": " + what + " failed (" +
          pg->backend->getBackendName() + ", timeout " + std::to_string(pg->timeout.count()) +
-         " ms): ";
+         " ms; did another rank die?): ";
 }
 
 // Runs one collective per bucket: all are launched first (Gloo and NCCL run them in the
@@ -187,7 +187,8 @@ int clover_pg_new(const char* backend, const char* host, int port, int serve, co
         c10d::TCPStoreOptions store_options;
         store_options.port = static_cast<std::uint16_t>(port);
         store_options.isServer = serve != 0;
-        if (serve != 0) store_options.numWorkers = static_cast<size_t>(world);
+        // Every rank counts itself in, whoever serves: the server waits for all of them.
+        store_options.numWorkers = static_cast<size_t>(world);
         store_options.timeout = timeout;
         c10::intrusive_ptr<c10d::Store> store =
             c10::make_intrusive<c10d::TCPStore>(host, store_options);

@@ -174,7 +174,7 @@ impl ProcessGroup {
         bucket_bytes: usize,
     ) -> Result<()> {
         let raw = raw_tensors(tensors);
-        checked("all-reduce", |err, len| {
+        checked("data-parallel run", |err, len| {
             // SAFETY: `raw` holds live at::Tensor pointers owned by `tensors` for the call.
             unsafe {
                 clover_pg_allreduce(
@@ -198,7 +198,7 @@ impl ProcessGroup {
         bucket_bytes: usize,
     ) -> Result<()> {
         let raw = raw_tensors(tensors);
-        checked(&format!("broadcast from rank {root}"), |err, len| {
+        checked("data-parallel run", |err, len| {
             // SAFETY: as in `all_reduce`.
             unsafe {
                 clover_pg_broadcast(
@@ -217,7 +217,7 @@ impl ProcessGroup {
     /// Returns once every rank has reached it.
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: the buffer is valid for the call.
-        checked("barrier", |err, len| unsafe {
+        checked("data-parallel run", |err, len| unsafe {
             clover_pg_barrier(self.raw, err, len)
         })
     }
