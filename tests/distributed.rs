@@ -248,6 +248,38 @@ fn two_gloo_ranks_train_like_one_process_and_resume_exactly() {
         diff <= 1e-6,
         "two ranks vs one process: max |Δw| = {diff:e}"
     );
+
+    // Offline, from a distillation cache that both ranks read: same bound.
+    let cache = root.join("cache");
+    let distilled = Command::new(clover_bin())
+        .args(["distill", "--device", "cpu", "--data"])
+        .arg(root.join("data"))
+        .arg("--model")
+        .arg(repo_root().join("tests/fixtures/tiny-llama-untied"))
+        .arg("--out")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(
+        distilled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&distilled.stderr)
+    );
+    let offline = format!("distill_cache = \"{}\"\n", cache.display());
+    run_single(&write_run(&root, "single-offline", 6, &offline), false);
+    let prints = fingerprints(&run_ranks(
+        &write_run(&root, "two-offline", 6, &offline),
+        2,
+        false,
+    ));
+    assert_eq!(prints[0], prints[1], "both ranks hold identical weights");
+    let diff = weights_diff(&root.join("single-offline"), &root.join("two-offline"));
+    eprintln!("offline, two ranks vs one process: max |Δw| = {diff:e}");
+    assert!(
+        diff <= 1e-6,
+        "two ranks vs one process: max |Δw| = {diff:e}"
+    );
+
     let metrics = std::fs::read_to_string(root.join("two/metrics.jsonl")).unwrap();
     assert_eq!(
         metrics.lines().count(),
