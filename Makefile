@@ -13,10 +13,14 @@ TEACHER := checkpoints/smollm2-135m-instruct
 CLOVER := $(or $(CARGO_TARGET_DIR),target)/release/clover
 CHITCHAT := data/work/chitchat-sharegpt.json
 MTBENCH := data/work/mt_bench_questions.jsonl
+# Headers the c10d binding needs beyond torch's (see the rules below).
+GLOO_HEADERS := /usr/include/gloo/rendezvous/store.h
+CUDA_HEADERS := .cuda-headers
+CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 
 .PHONY: setup demo test bench build clean-demo gpu-bundle gpu-smoke
 
-setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH)
+setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 
 $(VENV)/.torch-$(TORCH_VERSION):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,9 +34,6 @@ build: $(VENV)/.torch-$(TORCH_VERSION) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 # gloo's (ProcessGroupGloo.hpp includes them; Debian's libgloo-dev) and, for the NCCL backend, the
 # CUDA runtime headers' crt/ and nv/ parts (PyPI wheels of the CUDA 13.0 torch was built with),
 # unpacked into .cuda-headers where build.rs looks. Skipped for a CPU-only torch.
-GLOO_HEADERS := /usr/include/gloo/rendezvous/store.h
-CUDA_HEADERS := .cuda-headers
-CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 
 $(GLOO_HEADERS):
 	apt-get install -y libgloo-dev || (apt-get update && apt-get install -y libgloo-dev)

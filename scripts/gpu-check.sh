@@ -193,6 +193,14 @@ part demo 300 bash -c "set -e
     --limit $LIMIT --max-new-tokens $EVAL_TOKENS --device $DEVICE --report '$DEMO/eval.json'"
 attach demo "$DEMO/eval.json"
 
+# The data-parallel path with one rank (NCCL on CUDA, Gloo in the CPU smoke): world size 1 runs
+# the rendezvous, rank 0's broadcast, the bucketed gradient all-reduce and the replica check.
+sed -e "s#^out_dir = .*#out_dir = \"$DEMO/train-dp\"#" -e "s#^max_steps = .*#max_steps = 10#" \
+  -e "s#^eval_every = .*#eval_every = 10#" -e "s#^save_every = .*#save_every = 10#" \
+  "$DEMO/train.toml" > "$DEMO/train-dp.toml"
+part train-dp-1rank 120 env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 \
+  MASTER_PORT=29517 "$CLOVER" train --config "$DEMO/train-dp.toml"
+
 # The summary table.
 python3 - "$OUT" <<'PY'
 import json, sys
