@@ -136,6 +136,11 @@ impl Launch {
 
     /// Joins the launch's process group with `backend` ("gloo" or "nccl").
     pub fn join(&self, backend: &'static str) -> Result<Group> {
+        // NCCL reduces only tensors on this rank's GPU; Gloo takes host tensors (and CUDA ones).
+        let device = match backend {
+            "nccl" => tch::Device::Cuda(self.local_rank),
+            _ => tch::Device::Cpu,
+        };
         let timeout = timeout_from_env()?;
         let group = ProcessGroup::join(&GroupSpec {
             backend,
@@ -151,6 +156,7 @@ impl Launch {
             rank: self.rank,
             world: self.world,
             local_rank: self.local_rank,
+            device,
         })
     }
 }
@@ -161,6 +167,8 @@ pub struct Group {
     pub rank: usize,
     pub world: usize,
     pub local_rank: usize,
+    /// Where the backend takes tensors: this rank's GPU for NCCL, the host for Gloo.
+    pub device: tch::Device,
 }
 
 impl std::fmt::Debug for Group {
@@ -178,6 +186,33 @@ impl Group {
     /// Overwrites the tensors with rank 0's.
     pub fn broadcast_from_first(&self, tensors: &[&tch::Tensor]) -> Result<()> {
         self.group.broadcast(tensors, 0, BUCKET_BYTES)
+    }
+
+    /// `sum` for small host tensors (step figures), through the backend's device.
+    pub fn sum_host(&self, tensors: &[&tch::Tensor]) -> Result<()> {
+        self.through_device(tensors, |moved| self.sum(moved))
+    }
+
+    /// `broadcast_from_first` for small host tensors, through the backend's device.
+    pub fn broadcast_host_from_first(&self, tensors: &[&tch::Tensor]) -> Result<()> {
+        self.through_device(tensors, |moved| self.broadcast_from_first(moved))
+    }
+
+    /// Runs `collective` on copies of `tensors` on the backend's device, then copies back.
+    fn through_device(
+        &self,
+        tensors: &[&tch::Tensor],
+        collective: impl FnOnce(&[&tch::Tensor]) -> Result<()>,
+    ) -> Result<()> {
+        if self.device == tch::Device::Cpu {
+            return collective(tensors);
+        }
+        let moved: Vec<tch::Tensor> = tensors.iter().map(|t| t.to_device(self.device)).collect();
+        collective(&moved.iter().collect::<Vec<_>>())?;
+        for (t, m) in tensors.iter().zip(&moved) {
+            t.shallow_clone().copy_(m);
+        }
+        Ok(())
     }
 
     pub fn is_first(&self) -> bool {

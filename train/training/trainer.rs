@@ -387,7 +387,7 @@ impl<'a> Run<'a> {
     fn check_replicas(&self, group: &Group) -> Result<()> {
         let mine = weights_fingerprint(&self.params)?;
         let first = Tensor::from_slice(&[mine as i64]);
-        group.broadcast_from_first(&[&first])?;
+        group.broadcast_host_from_first(&[&first])?;
         let first = first.int64_value(&[0]) as u64;
         self.bar.println(format!(
             "rank {}: weights fingerprint {mine:016x} after step {}",
@@ -432,7 +432,7 @@ impl<'a> Run<'a> {
         }
         if let Some(group) = self.group {
             self.sum_gradients(group)?;
-            group.sum(&[&figures.depths, &figures.tokens])?;
+            group.sum_host(&[&figures.depths, &figures.tokens])?;
         }
         let sums = figures.sums()?;
         let lr = self.cfg.lr * lr_factor(self.step, self.cfg.warmup_steps, self.schedule_steps);
