@@ -151,6 +151,8 @@ std::string where(const clover_pg* pg, const char* what) {
 template <typename Launch>
 void per_bucket(clover_pg* pg, at::Tensor** tensors, size_t n, int64_t bucket_bytes,
                 const char* what, Launch&& launch) {
+  // Parameters are broadcast too: their flat copies need no autograd history.
+  at::NoGradGuard no_grad;
   auto buckets = buckets_of(tensors, n, bucket_bytes);
   std::vector<at::Tensor> flats;
   std::vector<c10::intrusive_ptr<c10d::Work>> works;
