@@ -1,5 +1,6 @@
 # clover: one-command set-up, demo and tests. Every target is idempotent: it installs only what is
-# missing (the torch venv, the SmolLM2 teacher, the packaged data) and rebuilds only what changed.
+# missing (the torch venv, the headers of the c10d binding, the SmolLM2 teacher, the packaged data)
+# and rebuilds only what changed.
 
 SHELL := /bin/bash
 VENV := .venv
