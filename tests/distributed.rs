@@ -249,6 +249,21 @@ fn two_gloo_ranks_train_like_one_process_and_resume_exactly() {
         "two ranks vs one process: max |Δw| = {diff:e}"
     );
 
+    // Three ranks: step 5's batch has one row, so two ranks have none (they add zeros); same
+    // bound.
+    let three = write_run(&root, "three", 6, "");
+    let prints = fingerprints(&run_ranks(&three, 3, false));
+    assert!(
+        prints.iter().all(|p| *p == prints[0]),
+        "all ranks hold identical weights"
+    );
+    let diff = weights_diff(&root.join("single"), &root.join("three"));
+    eprintln!("token batches, three ranks vs one process: max |Δw| = {diff:e}");
+    assert!(
+        diff <= 1e-6,
+        "three ranks vs one process: max |Δw| = {diff:e}"
+    );
+
     // Offline, from a distillation cache that both ranks read: same bound.
     let cache = root.join("cache");
     let distilled = Command::new(clover_bin())
