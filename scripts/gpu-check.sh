@@ -14,6 +14,7 @@
 #   train-*        `bench-train`: offline at Vicuna-7B 4 x 2048 and LLaMA3-8B 2 x 2048, online at
 #                  Vicuna-7B 4 x 2048 (the anchor shapes)
 #   demo           regenerate, prepare, distill, train, export, eval on MT-bench, shortened
+#   train-dp-1rank `clover train` as a one-rank data-parallel launch (NCCL on CUDA, Gloo here)
 # FILE.json is rewritten after every part, so a timeout keeps what finished; a summary table is
 # printed at the end. The full run is sized for about 8 minutes on an H100.
 set -uo pipefail
