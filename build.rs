@@ -86,6 +86,9 @@ fn nccl_includes(root: &Path) -> Option<Vec<PathBuf>> {
     let nccl = nvidia.join("nccl/include");
     let cuda = nvidia_include(&nvidia, "cuda_runtime.h")?;
     let extra = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cuda-headers/nvidia");
+    // Watched so that `make setup` unpacking the headers rebuilds with NCCL; created empty when
+    // absent, because cargo reruns a build script every time a watched path is missing.
+    let _ = std::fs::create_dir_all(&extra);
     println!("cargo:rerun-if-changed={}", extra.display());
     let crt = nvidia_include(&extra, "crt/host_config.h")?;
     let cccl = nvidia_include(&extra, "nv/target")?;
