@@ -15,7 +15,7 @@ CLOVER := $(or $(CARGO_TARGET_DIR),target)/release/clover
 CHITCHAT := data/work/chitchat-sharegpt.json
 MTBENCH := data/work/mt_bench_questions.jsonl
 # Headers the c10d binding needs beyond torch's (see the rules below).
-GLOO_HEADERS := /usr/include/gloo/rendezvous/store.h
+GLOO_HEADERS := .gloo-headers/usr/include/gloo/rendezvous/store.h
 CUDA_HEADERS := .cuda-headers
 CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 
@@ -36,8 +36,11 @@ build: $(VENV)/.torch-$(TORCH_VERSION) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 # CUDA runtime headers' crt/ and nv/ parts (PyPI wheels of the CUDA 13.0 torch was built with),
 # unpacked into .cuda-headers where build.rs looks. Skipped for a CPU-only torch.
 
+# The .deb is unpacked here, not installed: no root needed, nothing outside the checkout touched.
 $(GLOO_HEADERS):
-	apt-get install -y libgloo-dev || (apt-get update && apt-get install -y libgloo-dev)
+	mkdir -p .gloo-headers/deb
+	cd .gloo-headers/deb && (apt-get download libgloo-dev 2>/dev/null || (apt-get update -qq && apt-get download libgloo-dev))
+	dpkg -x .gloo-headers/deb/libgloo-dev_*.deb .gloo-headers
 
 $(CUDA_HEADERS)/.stamp: $(VENV)/.torch-$(TORCH_VERSION)
 	mkdir -p $(CUDA_HEADERS)

@@ -49,13 +49,15 @@ fn native_sources() -> Vec<PathBuf> {
     sources
 }
 
-/// gloo's headers (`$GLOO_INCLUDE`, else the system's, as Debian's libgloo-dev installs them):
-/// c10d's ProcessGroupGloo.hpp includes them, torch wheels do not ship them.
+/// gloo's headers (`$GLOO_INCLUDE`, else Debian's libgloo-dev unpacked into .gloo-headers by
+/// `make setup`, else the system's): c10d's ProcessGroupGloo.hpp includes them, torch wheels do
+/// not ship them.
 fn gloo_include() -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     let candidates = match std::env::var("GLOO_INCLUDE") {
         Ok(dir) => vec![PathBuf::from(dir)],
         Err(_) => vec![
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".gloo-headers/usr/include"),
             PathBuf::from("/usr/include"),
             PathBuf::from("/usr/local/include"),
         ],
