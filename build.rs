@@ -54,10 +54,15 @@ fn native_sources() -> Vec<PathBuf> {
 /// not ship them.
 fn gloo_include() -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
+    // Watched (created empty when absent, as .cuda-headers below) so that `make setup` unpacking
+    // the headers after a first build rebuilds with the Gloo backend.
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".gloo-headers");
+    let _ = std::fs::create_dir_all(&local);
+    println!("cargo:rerun-if-changed={}", local.display());
     let candidates = match std::env::var("GLOO_INCLUDE") {
         Ok(dir) => vec![PathBuf::from(dir)],
         Err(_) => vec![
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".gloo-headers/usr/include"),
+            local.join("usr/include"),
             PathBuf::from("/usr/include"),
             PathBuf::from("/usr/local/include"),
         ],
