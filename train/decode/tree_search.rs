@@ -284,42 +284,41 @@ mod tests {
         assert_eq!(r.paths, vec![vec![0], vec![1]]);
     }
 
-    /// Every tree of up to `max_nodes` draft nodes, depth <= depth, ranks < k, children contiguous.
+    /// Every tree of up to `max_nodes` draft nodes, depth <= depth, ranks < k, children
+    /// contiguous: grown one admissible node at a time, each set kept once (sorted).
     fn all_trees(max_nodes: usize, depth: usize, k: usize) -> Vec<Vec<Vec<usize>>> {
-        let mut candidates: Vec<Vec<usize>> = Vec::new();
-        let mut layer: Vec<Vec<usize>> = vec![vec![]];
-        for _ in 0..depth {
-            let next: Vec<Vec<usize>> = layer
-                .iter()
-                .flat_map(|p| (0..k).map(move |r| [p.clone(), vec![r]].concat()))
-                .collect();
-            candidates.extend(next.iter().cloned());
+        let mut seen = std::collections::BTreeSet::new();
+        let mut layer: Vec<Vec<Vec<usize>>> = vec![vec![]];
+        for _ in 0..max_nodes {
+            let mut next = Vec::new();
+            for set in &layer {
+                let mut options: Vec<Vec<usize>> = vec![vec![0]];
+                for p in set {
+                    if p.len() < depth {
+                        options.push([p.clone(), vec![0]].concat());
+                    }
+                    let r = *p.last().unwrap();
+                    if r + 1 < k {
+                        let mut sibling = p.clone();
+                        *sibling.last_mut().unwrap() = r + 1;
+                        options.push(sibling);
+                    }
+                }
+                for o in options {
+                    if set.contains(&o) {
+                        continue;
+                    }
+                    let mut grown = set.clone();
+                    grown.push(o);
+                    grown.sort();
+                    if seen.insert(grown.clone()) {
+                        next.push(grown);
+                    }
+                }
+            }
             layer = next;
         }
-        let mut out = Vec::new();
-        for mask in 1u32..(1 << candidates.len()) {
-            let set: Vec<Vec<usize>> = (0..candidates.len())
-                .filter(|i| mask & (1 << i) != 0)
-                .map(|i| candidates[i].clone())
-                .collect();
-            if set.len() > max_nodes {
-                continue;
-            }
-            let closed = set.iter().all(|p| {
-                let parent_in = p.len() == 1 || set.contains(&p[..p.len() - 1].to_vec());
-                let r = *p.last().unwrap();
-                let mut lower = p.clone();
-                let sibling_in = r == 0 || {
-                    *lower.last_mut().unwrap() = r - 1;
-                    set.contains(&lower)
-                };
-                parent_in && sibling_in
-            });
-            if closed {
-                out.push(set);
-            }
-        }
-        out
+        seen.into_iter().collect()
     }
 
     #[test]
@@ -332,6 +331,9 @@ mod tests {
             vec![vec![0.9, 0.05, 0.01], vec![0.9, 0.05, 0.01], vec![0.9, 0.05, 0.01]],
         ];
         let trees = all_trees(5, 3, 3);
+        // Sanity of the enumeration: trees of 1 node: {[0]}; of 2: {[0],[1]}, {[0],[0,0]}.
+        assert_eq!(trees.iter().filter(|t| t.len() == 1).count(), 1);
+        assert_eq!(trees.iter().filter(|t| t.len() == 2).count(), 2);
         for acc in &tables {
             for verify in [
                 vec![(1, 10.0), (2, 10.5), (4, 12.0), (6, 16.0)],
