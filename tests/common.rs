@@ -7,8 +7,20 @@ use clover::model::teacher::Teacher;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// The repository the fixtures are read from: `CLOVER_REPO_ROOT` when the test binary runs away
+/// from where it was built (`scripts/gpu-check.sh` on a machine without a toolchain), else the
+/// build's own checkout.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CLOVER_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The `clover` binary under test: `CLOVER_BIN`, else the one cargo built with these tests.
+pub fn clover_bin() -> PathBuf {
+    std::env::var_os("CLOVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_clover")))
 }
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -18,6 +30,35 @@ pub fn fixture(name: &str) -> PathBuf {
 /// The chat fixture's model dir: SmolLM2's tokenizer.json and tokenizer_config.json, no weights.
 pub fn fixture_model_dir() -> PathBuf {
     fixture("chat").join("tokenizer")
+}
+
+/// The device of the device-generic tests (`tests/device.rs` and the tests that call into it):
+/// `CLOVER_TEST_DEVICE` = cpu | cuda | cuda:N, default cpu. A named device that is absent is an
+/// error, not a silent fall-back to the CPU.
+pub fn test_device() -> Device {
+    let name = std::env::var("CLOVER_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = clover::model::device::parse_device(&name)
+        .unwrap_or_else(|e| panic!("CLOVER_TEST_DEVICE={name}: {e:#}"));
+    if let Device::Cuda(i) = device {
+        assert!(
+            tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count(),
+            "CLOVER_TEST_DEVICE={name}, but this machine has no such CUDA device"
+        );
+    }
+    device
+}
+
+/// `test_device()` spelled as the configs and the CLI take it.
+pub fn test_device_name() -> String {
+    match test_device() {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// The tiny untied fixture on `device` in `kind`.
+pub fn tiny_teacher_on(device: Device, kind: Kind) -> Teacher {
+    Teacher::load(&fixture("tiny-llama-untied"), device, kind).expect("tiny fixture loads")
 }
 
 /// A tiny LLaMA fixture (`tiny-llama-tied` or `tiny-llama-untied`) as a CPU teacher in `kind`.
@@ -112,6 +153,18 @@ pub fn max_abs(a: &Tensor) -> f64 {
 /// Unit round-off of f32, 2^-24.
 pub const F32_U: f64 = 1.0 / 16_777_216.0;
 
+/// Unit round-off of bf16, 2^-8.
+pub const BF16_U: f64 = 1.0 / 256.0;
+
+/// How far a bf16 evaluation may land from the f32 one (or two bf16 evaluations through
+/// different kernels from each other, with `runs` = 2). Products accumulate in f32, so what
+/// counts is every value stored in bf16 on the path: each is rounded once, relative error 2^-8
+/// of its magnitude, and blocks that normalize their input keep magnitudes of the order of the
+/// compared `scale`, so the errors of the `roundings` on the path add (as `f32_paths_bound`).
+pub fn bf16_path_bound(roundings: usize, runs: usize, scale: f64) -> f64 {
+    (roundings * runs) as f64 * BF16_U * scale
+}
+
 /// Unit round-off of f64, 2^-53.
 pub const F64_U: f64 = f64::EPSILON / 2.0;
 
@@ -129,7 +182,7 @@ pub fn f32_paths_bound(widths: &[i64], scale: f64) -> f64 {
 /// Runs the real `clover` binary (progress lines every 0.05 s, so they show in a short run);
 /// returns its exit code and stdout + stderr together.
 pub fn run_clover<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clover"))
+    let out = std::process::Command::new(clover_bin())
         .args(args)
         .env("CLOVER_PROGRESS_SECS", "0.05")
         .output()

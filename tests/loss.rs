@@ -12,16 +12,13 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::{max_abs, tiny_head, tiny_teacher, F32_U, F64_U};
+use crate::common::{max_abs, tiny_head, tiny_teacher, BF16_U, F32_U, F64_U};
 use clover::model::head::DraftHead;
 use clover::model::teacher::Teacher;
 use clover::training::loss::{
     at_least_f32, batch_loss, shift_for_training, target_rows, DepthLoss, LossWeights,
 };
 use tch::{Device, Kind, Tensor};
-
-/// Unit round-off of bf16 (8 significant bits), 2^-8.
-const BF16_U: f64 = 1.0 / 256.0;
 
 /// Two rows of T = 7 whose loss masks leave holes (row 0 masks positions 1,2,4,5 after the shift,
 /// row 1 positions 0,1,2,3,5: M = 9), so some chunks hold positions a depth does not use.
@@ -31,10 +28,11 @@ fn inputs(teacher: &Teacher) -> (Tensor, Tensor, Tensor) {
         let _rng = clover::rng::hold(31);
         Tensor::randint(96, [b, t], (Kind::Int64, Device::Cpu))
     };
-    let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu))
+    let device = teacher.device();
+    let pos = Tensor::arange(t, (Kind::Int64, device))
         .unsqueeze(0)
         .expand([b, t], true);
-    let u = tch::no_grad(|| teacher.forward(&x, &pos, None, None));
+    let u = tch::no_grad(|| teacher.forward(&x.to_device(device), &pos, None, None));
     let masks: [[u8; 7]; 2] = [[0, 1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 1, 1]];
     let (mut next, mut mask) = (vec![], vec![]);
     for (r, m) in masks.iter().enumerate() {
@@ -45,8 +43,8 @@ fn inputs(teacher: &Teacher) -> (Tensor, Tensor, Tensor) {
     }
     (
         u,
-        Tensor::from_slice(&next).view([b, t]),
-        Tensor::from_slice(&mask).view([b, t]),
+        Tensor::from_slice(&next).view([b, t]).to_device(device),
+        Tensor::from_slice(&mask).view([b, t]).to_device(device),
     )
 }
 
@@ -79,7 +77,7 @@ fn run(
     Run {
         total: parts.total.double_value(&[]),
         depths: parts.depths,
-        teacher_top1: Vec::<i64>::try_from(&parts.teacher_top1).unwrap(),
+        teacher_top1: Vec::<i64>::try_from(&parts.teacher_top1.to_device(Device::Cpu)).unwrap(),
         out_grads: outs_g.iter().map(|g| g.to_kind(Kind::Double)).collect(),
         param_grads: params
             .keys()
@@ -398,9 +396,13 @@ fn chunked_loss_matches_unchunked_in_f64() {
 
 #[test]
 fn chunked_loss_matches_unchunked_in_bf16_compute() {
-    // As the trainer on CUDA: teacher (and so lm_head) in bf16, head weights f32 cast to bf16 on
-    // use; the loss arithmetic is f32. CPU bf16 matmuls accumulate in f32 and round once.
-    let teacher = tiny_teacher(Kind::BFloat16);
+    chunked_matches_unchunked_in_bf16_on(Device::Cpu);
+}
+
+/// As the trainer on CUDA: teacher (and so lm_head) in bf16, head weights f32 cast to bf16 on
+/// use; the loss arithmetic is f32. bf16 matmuls accumulate in f32 and round once.
+pub(crate) fn chunked_matches_unchunked_in_bf16_on(device: Device) {
+    let teacher = crate::common::tiny_teacher_on(device, Kind::BFloat16);
     let mut head = tiny_head(&teacher, 3, 11);
     head.set_compute_kind(Kind::BFloat16);
     let un = Units {

@@ -4,6 +4,7 @@
 mod chat;
 mod common;
 mod data;
+mod device;
 mod eval;
 mod generate;
 mod gguf;

@@ -15,10 +15,16 @@ fn cuda_allocator_statistics_follow_allocations_or_fail_cleanly() {
     let bytes = 64 << 20;
     let t = Tensor::zeros([bytes / 4], (Kind::Float, Device::Cuda(0)));
     let during = native::cuda_allocated_bytes(0).unwrap();
-    assert!(during.current >= before.current + bytes, "{before:?} -> {during:?}");
+    assert!(
+        during.current >= before.current + bytes,
+        "{before:?} -> {during:?}"
+    );
     assert!(during.peak >= during.current);
     drop(t);
     native::cuda_reset_peak(0).unwrap();
     let after = native::cuda_allocated_bytes(0).unwrap();
-    assert!(after.peak < during.peak, "reset peak {after:?} after {during:?}");
+    assert!(
+        after.peak < during.peak,
+        "reset peak {after:?} after {during:?}"
+    );
 }

@@ -356,6 +356,12 @@ impl ToyModels {
 /// p(x1 | root) p(x2 | root, x1).
 #[test]
 fn tree_sampling_acceptance_is_lossless() {
+    tree_sampling_is_lossless_on(Device::Cpu);
+}
+
+/// Draws through `draft_topk` and `accept_sampling` on `device` (the toy tables live on the CPU)
+/// and checks the first two committed tokens against the target's joint distribution.
+pub(crate) fn tree_sampling_is_lossless_on(device: Device) {
     tch::set_num_threads(1);
     let v = 5i64;
     let toy = ToyModels::new(v);
@@ -372,7 +378,7 @@ fn tree_sampling_acceptance_is_lossless() {
         3,
     )
     .unwrap();
-    let plan = VerifyPlan::new(&tree, Device::Cpu);
+    let plan = VerifyPlan::new(&tree, device);
     let sampling = Sampling {
         temperature: 1.0,
         seed: 0,
@@ -386,7 +392,7 @@ fn tree_sampling_acceptance_is_lossless() {
         // Draft rows in draft-row order: q at the root, then at each internal node.
         let mut node_tokens = vec![root; tree.len()];
         let mut q_rows: Vec<Tensor> = (0..tree.n_draft_rows())
-            .map(|_| Tensor::zeros([v], (Kind::Float, Device::Cpu)))
+            .map(|_| Tensor::zeros([v], (Kind::Float, device)))
             .collect();
         for node in 0..tree.len() {
             let Some(row) = tree.draft_rows[node] else {
@@ -397,10 +403,10 @@ fn tree_sampling_acceptance_is_lossless() {
                 .iter()
                 .map(|&a| node_tokens[a])
                 .collect();
-            let q = ToyModels::row(&toy.q_table, &path, v);
+            let q = ToyModels::row(&toy.q_table, &path, v).to_device(device);
             // draft_topk at T = 1 draws from softmax(log q) = q.
             let (drawn, _) = draft_topk(&q.log().unsqueeze(0), tree.top_k, &sampling);
-            let drawn = Vec::<i64>::try_from(drawn.view([-1])).unwrap();
+            let drawn = Vec::<i64>::try_from(drawn.view([-1]).to_device(Device::Cpu)).unwrap();
             for (rank, &child) in tree.children[node].iter().enumerate() {
                 node_tokens[child] = drawn[rank];
             }
@@ -413,12 +419,12 @@ fn tree_sampling_acceptance_is_lossless() {
                     .iter()
                     .map(|&a| node_tokens[a])
                     .collect();
-                ToyModels::row(&toy.p_table, &path, v)
+                ToyModels::row(&toy.p_table, &path, v).to_device(device)
             })
             .collect();
         let acc = accept_sampling(
             &plan,
-            &Tensor::from_slice(&node_tokens),
+            &Tensor::from_slice(&node_tokens).to_device(device),
             &Tensor::stack(&p_rows, 0),
             &Tensor::stack(&q_rows, 0),
         )

@@ -395,3 +395,94 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         "eval on the prepared eval split ran"
     );
 }
+
+/// Conversation batching accumulates the micro-batches' gradients as their mean, each with its
+/// own loss normaliser: a step of two micro-batches holding the same conversation must equal a
+/// token-batched step on that conversation alone (same loss, same gradient norm before clipping,
+/// same weights), where forgetting the 1/2 would double the gradient norm. Halving and adding two
+/// equal f32 numbers is exact, so the runs agree to the last bit (1e-6 asks for that).
+#[test]
+fn conversation_batching_averages_micro_batch_gradients() {
+    let teacher = tiny_teacher(Kind::Float);
+    let one = tiny_samples(1, 11);
+    let twice = vec![one[0].clone(), one[0].clone()];
+    let len = one[0].input_ids.len();
+    let run =
+        |name: &str, set: Vec<clover::data::shards::Sample>, edit: &dyn Fn(&mut TrainConfig)| {
+            let mut cfg = tiny_train_config(&crate::common::scratch_dir("trainer", name));
+            cfg.eval_every = 0;
+            edit(&mut cfg);
+            train(
+                &cfg,
+                &teacher,
+                Source::Online(set),
+                vec![],
+                false,
+                &TrainOptions::default(),
+            )
+            .unwrap()
+        };
+    let tokens = run("accumulate-tokens", one, &|cfg| cfg.batch_tokens = len);
+    let conversations = run("accumulate-conversations", twice, &|cfg| {
+        cfg.conversations_per_step = Some(2);
+        cfg.micro_batch_tokens = Some(len);
+    });
+    assert_eq!(conversations.steps.len(), 6);
+    for (a, b) in tokens.steps.iter().zip(&conversations.steps) {
+        assert_eq!(
+            b.tokens,
+            2 * a.tokens,
+            "two micro-batches of one conversation"
+        );
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6,
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!(
+            (a.grad_norm - b.grad_norm).abs() <= 1e-6 * a.grad_norm,
+            "step {}: grad norm {} vs {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+    let (_, wa) = read_checkpoint_head(tokens.last_checkpoint.as_ref().unwrap()).unwrap();
+    let (_, wb) = read_checkpoint_head(conversations.last_checkpoint.as_ref().unwrap()).unwrap();
+    for (n, t) in &wa {
+        assert!(max_abs_diff(t, &wb[n]) <= 1e-6, "{n} differs");
+    }
+}
+
+/// The two conversation-batching keys come together, and the micro-batch must hold the longest
+/// row: both refused with the key named.
+#[test]
+fn conversation_batching_keys_are_checked() {
+    let dir = crate::common::scratch_dir("trainer", "conversation-keys");
+    let base = tiny_train_config(&dir);
+    let mut lone = base.clone();
+    lone.conversations_per_step = Some(4);
+    let err = lone.validate("cfg").unwrap_err().to_string();
+    assert!(err.contains("micro_batch_tokens"), "{err}");
+    let mut small = base;
+    small.conversations_per_step = Some(4);
+    small.micro_batch_tokens = Some(4);
+    let teacher = tiny_teacher(Kind::Float);
+    let err = train(
+        &small,
+        &teacher,
+        Source::Online(tiny_samples(4, 3)),
+        vec![],
+        false,
+        &TrainOptions::default(),
+    )
+    .err()
+    .expect("rows longer than the micro-batch")
+    .to_string();
+    assert!(
+        err.contains("micro_batch_tokens = 4 is below the longest training row"),
+        "{err}"
+    );
+}

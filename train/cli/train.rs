@@ -31,11 +31,8 @@ pub struct TrainArgs {
 pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = TrainConfig::load(&args.config, args.profile)?;
     let device = parse_device(&cfg.device)?;
-    let teacher_kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
+    // The frozen teacher runs in the autocast dtype (bf16 on CUDA by default), else in f32.
+    let teacher_kind = cfg.autocast_kind(device).unwrap_or(Kind::Float);
     let teacher = Teacher::load(&cfg.model_dir, device, teacher_kind)?;
     let source = match &cfg.distill_cache {
         Some(dir) => Source::Offline(DistillCache::open(dir)?),

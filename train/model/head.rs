@@ -3,9 +3,11 @@
 //! lm_head and the lm_head-tied frozen embedding table.
 //!
 //! Trainable parameters live in a `tch::nn::VarStore` under the reference's state-dict names
-//! (docs/clover2.md §1.4) so that export is a plain rename-free write. They are f32 master weights; forward
-//! passes cast them to `compute_kind` (bf16 on CUDA training = our manual autocast, see
-//! `set_compute_kind`), or the whole store can be cast with `to_kind` for inference.
+//! (docs/clover2.md §1.4) so that export is a plain rename-free write. They are f32 master weights.
+//! Training under bf16 is autocast's policy (`set_compute_kind`): weight matrices are cast to bf16
+//! on use and every matrix product runs in bf16, while the residual stream, norms (with their f32
+//! weights), biases' additions, the gates and the loss stay f32. For inference the whole store can
+//! be cast with `to_kind`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::config::LlamaConfig;
 use crate::model::head_config::HeadConfig;
-use crate::model::layers::{rms_norm, DecoderLayer, KvCache, Rope};
+use crate::model::layers::{linear_cast, rms_norm, DecoderLayer, KvCache, Rope};
 use crate::model::teacher::Teacher;
 
 /// Adds `tensor` to the store under a dotted reference name (tch paths cannot contain '.').
@@ -65,11 +67,9 @@ pub fn attention_decoder(
     let lead: Vec<i64> = x.size()[..x.dim() - 1].to_vec();
     let mut split = lead.clone();
     split.extend([num_heads, d]);
-    let qh = rms_norm(x, norm_w, eps)
-        .linear(q.0, Some(q.1))
-        .reshape(split.as_slice());
-    let kh = y.linear(k.0, Some(k.1)).reshape(split.as_slice());
-    let vh = y.linear(v.0, Some(v.1)).reshape(split.as_slice());
+    let qh = linear_cast(&rms_norm(x, norm_w, eps), q.0, Some(q.1)).reshape(split.as_slice());
+    let kh = linear_cast(y, k.0, Some(k.1)).reshape(split.as_slice());
+    let vh = linear_cast(y, v.0, Some(v.1)).reshape(split.as_slice());
     // torch.cosine_similarity with eps = rms_norm_eps, as the reference (G8).
     let gate = Tensor::cosine_similarity(&qh, &kh, -1, eps).unsqueeze(-1);
     x + (gate * vh).reshape(x.size().as_slice())
@@ -164,10 +164,20 @@ impl DraftHead {
         self
     }
 
-    /// Keeps the master weights as they are but runs the forward in `kind` (weights cast on use,
-    /// differentiable): our bf16 autocast on CUDA, since tch's `autocast` only offers f16.
+    /// Keeps the master weights as they are but runs the matrix products in `kind` (weight
+    /// matrices cast on use, differentiable), the stream staying in the master kind: autocast's
+    /// policy by hand, since tch's `autocast` offers only f16.
     pub fn set_compute_kind(&mut self, kind: Kind) {
         self.compute_kind = kind;
+    }
+
+    /// The dtype of the residual stream, norms and outputs: the master weights' (f32 in
+    /// training, the cast kind after `to_kind`).
+    pub fn stream_kind(&self) -> Kind {
+        self.vars
+            .values()
+            .next()
+            .map_or(self.compute_kind, |t| t.kind())
     }
 
     /// Trainable parameter count.
@@ -179,13 +189,14 @@ impl DraftHead {
             .sum()
     }
 
-    /// A trainable tensor by reference name, cast to the compute kind.
+    /// A trainable tensor by reference name: weight matrices cast to the compute kind (they
+    /// enter matrix products), vectors (norm weights, biases) as the master copy.
     fn w(&self, name: &str) -> Result<Tensor> {
         let var = self
             .vars
             .get(name)
             .with_context(|| format!("draft head has no tensor {name}"))?;
-        Ok(if var.kind() == self.compute_kind {
+        Ok(if var.kind() == self.compute_kind || var.dim() < 2 {
             var.shallow_clone()
         } else {
             var.to_kind(self.compute_kind)
@@ -205,7 +216,7 @@ impl DraftHead {
         self.lm_head
             .index_select(0, &flat)
             .reshape(shape.as_slice())
-            .to_kind(self.compute_kind)
+            .to_kind(self.stream_kind())
     }
 
     fn cell(&self, prefix: &str, x: &Tensor, y: &Tensor) -> Tensor {
@@ -257,7 +268,7 @@ impl DraftHead {
         mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> (Tensor, Tensor) {
-        let u = u.to_kind(self.compute_kind);
+        let u = u.to_kind(self.stream_kind());
         let a = self.cell("clover_head_mlp_rnn", &u, &self.embed(next_ids));
         let mut z = a;
         let angles = self.rope.cos_sin(positions);
@@ -268,9 +279,10 @@ impl DraftHead {
             c.advance(next_ids.size()[1]);
         }
         let s0 = self.norm("clover_norm.weight", &z);
-        let fc0 = s0.linear(
+        let fc0 = linear_cast(
+            &s0,
             &self.wu("clover_head_mlp.weight"),
-            Some(self.wu("clover_head_mlp.bias")),
+            Some(&self.wu("clover_head_mlp.bias")),
         );
         (self.norm("clover_head_norm.weight", &fc0), s0)
     }
@@ -278,13 +290,14 @@ impl DraftHead {
     /// Depth k >= 1 RNN step (weight-tied): state [..,H], token ids [..] -> (o, s) where s is the
     /// new carried state (the cell output, not the FC output: G7).
     pub fn step(&self, state: &Tensor, token_ids: &Tensor) -> (Tensor, Tensor) {
-        let state = state.to_kind(self.compute_kind);
+        let state = state.to_kind(self.stream_kind());
         let emb = self.embed(token_ids);
         let s = self.cell("clover_head_mlp_rnn2", &state, &emb);
         let fc_in = Tensor::cat(&[&s, &emb], -1);
-        let fc = fc_in.linear(
+        let fc = linear_cast(
+            &fc_in,
             &self.wu("clover_head_mlp2.weight"),
-            Some(self.wu("clover_head_mlp2.bias")),
+            Some(&self.wu("clover_head_mlp2.bias")),
         );
         (self.norm("clover_head_norm.weight", &fc), s)
     }
@@ -299,9 +312,9 @@ impl DraftHead {
         &self.lm_head
     }
 
-    /// An empty draft KV cache for `batch` rows (num_layers layers, compute kind).
+    /// An empty draft KV cache for `batch` rows (num_layers layers, in the stream's kind).
     pub fn new_cache(&self, batch: i64) -> KvCache {
-        KvCache::new(&self.draft_llama, batch, self.device(), self.compute_kind)
+        KvCache::new(&self.draft_llama, batch, self.device(), self.stream_kind())
     }
 
     /// Training forward, all depths teacher-forced as the reference's `get_all_head` (§1.3, G5):

@@ -21,6 +21,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     normed * weight
 }
 
+/// `x · wᵀ + b` with the product in the weight's dtype and the result back in `x`'s: autocast's
+/// rule (only matrix products in bf16, the stream around them in f32) when a bf16 weight meets
+/// an f32 stream, and a plain `linear` when the dtypes agree (the teacher, inference).
+pub fn linear_cast(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let kind = x.kind();
+    if kind == w.kind() && b.is_none_or(|b| b.kind() == kind) {
+        return x.linear(w, b);
+    }
+    let b = b.map(|b| b.to_kind(w.kind()));
+    x.to_kind(w.kind()).linear(w, b.as_ref()).to_kind(kind)
+}
+
 /// Rotary position embedding in HF's half-split layout.
 pub struct Rope {
     inv_freq: Tensor,
@@ -245,9 +257,9 @@ impl DecoderLayer {
         let attn = self.attention(&normed, cos, sin, mask, cache, layer_idx);
         let x = x + attn;
         let normed = rms_norm(&x, &self.post_attention_layernorm, self.eps);
-        let gate = normed.linear::<Tensor>(&self.gate_proj, None).silu();
-        let up = normed.linear::<Tensor>(&self.up_proj, None);
-        x + (gate * up).linear::<Tensor>(&self.down_proj, None)
+        let gate = linear_cast(&normed, &self.gate_proj, None).silu();
+        let up = linear_cast(&normed, &self.up_proj, None);
+        x + linear_cast(&(gate * up), &self.down_proj, None)
     }
 
     fn attention(
@@ -261,7 +273,7 @@ impl DecoderLayer {
     ) -> Tensor {
         let (b, s) = (x.size()[0], x.size()[1]);
         let heads = |w: &Tensor, n: i64| {
-            x.linear::<Tensor>(w, None)
+            linear_cast(x, w, None)
                 .view([b, s, n, self.head_dim])
                 .transpose(1, 2)
         };
@@ -287,11 +299,23 @@ impl DecoderLayer {
                 (Some(&offset_causal), false)
             }
         };
-        let out =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, is_causal, None, false);
-        out.transpose(1, 2)
-            .reshape([b, s, self.num_heads * self.head_dim])
-            .linear::<Tensor>(&self.o_proj, None)
+        // Attention is a matrix product too: in the weights' dtype, as autocast runs it.
+        let matmul = self.q_proj.kind();
+        let out = Tensor::scaled_dot_product_attention(
+            &q.to_kind(matmul),
+            &k.to_kind(matmul),
+            &v.to_kind(matmul),
+            mask,
+            0.0,
+            is_causal,
+            None,
+            false,
+        )
+        .to_kind(x.kind());
+        let out = out
+            .transpose(1, 2)
+            .reshape([b, s, self.num_heads * self.head_dim]);
+        linear_cast(&out, &self.o_proj, None)
     }
 }
 

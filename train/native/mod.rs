@@ -39,17 +39,25 @@ pub struct CudaAllocated {
 /// The caching allocator's current and peak allocated bytes on CUDA device `index`.
 pub fn cuda_allocated_bytes(index: usize) -> Result<CudaAllocated> {
     let (mut current, mut peak) = (0i64, 0i64);
-    checked(&format!("CUDA allocator statistics of cuda:{index}"), |err, len| {
-        // SAFETY: the pointers are valid for the call; the C side writes only on success.
-        unsafe { clover_cuda_allocated_bytes(index as c_int, &mut current, &mut peak, err, len) }
-    })?;
+    checked(
+        &format!("CUDA allocator statistics of cuda:{index}"),
+        |err, len| {
+            // SAFETY: the pointers are valid for the call; the C side writes only on success.
+            unsafe {
+                clover_cuda_allocated_bytes(index as c_int, &mut current, &mut peak, err, len)
+            }
+        },
+    )?;
     Ok(CudaAllocated { current, peak })
 }
 
 /// Resets the peak of `cuda_allocated_bytes` to the current allocation.
 pub fn cuda_reset_peak(index: usize) -> Result<()> {
-    checked(&format!("resetting the CUDA allocator peak of cuda:{index}"), |err, len| {
-        // SAFETY: the buffer is valid for the call.
-        unsafe { clover_cuda_reset_peak(index as c_int, err, len) }
-    })
+    checked(
+        &format!("resetting the CUDA allocator peak of cuda:{index}"),
+        |err, len| {
+            // SAFETY: the buffer is valid for the call.
+            unsafe { clover_cuda_reset_peak(index as c_int, err, len) }
+        },
+    )
 }

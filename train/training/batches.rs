@@ -30,6 +30,73 @@ impl SplitMix64 {
     }
 }
 
+/// How samples are grouped into optimizer steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batching {
+    /// One batch per step of at most `batch_tokens` padded tokens, cut from length-sorted
+    /// windows of `window` shuffled samples (fast for small models: little padding).
+    Tokens { batch_tokens: usize, window: usize },
+    /// The reference's: `per_step` shuffled conversations per step, cut into micro-batches of at
+    /// most `micro_batch_tokens` padded tokens whose gradients are accumulated.
+    Conversations {
+        per_step: usize,
+        micro_batch_tokens: usize,
+    },
+}
+
+/// One optimizer step's micro-batches (sample indices); token batching has exactly one.
+pub type Step = Vec<Vec<usize>>;
+
+/// The steps of one epoch, a pure function of (lengths, batching, seed, epoch): every sample
+/// appears once, and a resume replays the same steps.
+pub fn epoch_steps(lengths: &[usize], batching: Batching, seed: u64, epoch: u64) -> Vec<Step> {
+    match batching {
+        Batching::Tokens {
+            batch_tokens,
+            window,
+        } => epoch_batches(lengths, batch_tokens, window, seed, epoch)
+            .into_iter()
+            .map(|batch| vec![batch])
+            .collect(),
+        Batching::Conversations {
+            per_step,
+            micro_batch_tokens,
+        } => {
+            let mut rng = epoch_rng(seed, epoch);
+            let mut order: Vec<usize> = (0..lengths.len()).collect();
+            rng.shuffle(&mut order);
+            order
+                .chunks(per_step.max(1))
+                .map(|step| cut_sorted(step, lengths, micro_batch_tokens))
+                .collect()
+        }
+    }
+}
+
+fn epoch_rng(seed: u64, epoch: u64) -> SplitMix64 {
+    SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407))
+}
+
+/// Sorts `samples` by length and cuts them, in order, into batches of at most `budget` padded
+/// tokens (rows x longest row); a sample longer than the budget gets a batch of its own.
+fn cut_sorted(samples: &[usize], lengths: &[usize], budget: usize) -> Vec<Vec<usize>> {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by_key(|&i| lengths[i]);
+    let mut batches = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for i in sorted {
+        // Sorted ascending, so the newcomer is the longest row.
+        if !current.is_empty() && lengths[i] * (current.len() + 1) > budget {
+            batches.push(std::mem::take(&mut current));
+        }
+        current.push(i);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
 /// Length-bucketed batches of one epoch: shuffle, sort by length within windows of `window`
 /// samples, cut batches of at most `batch_tokens` padded tokens, shuffle the batch order.
 pub fn epoch_batches(
@@ -39,30 +106,13 @@ pub fn epoch_batches(
     seed: u64,
     epoch: u64,
 ) -> Vec<Vec<usize>> {
-    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut rng = epoch_rng(seed, epoch);
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     rng.shuffle(&mut order);
-    let mut batches = Vec::new();
-    for chunk in order.chunks(window.max(1)) {
-        let mut sorted = chunk.to_vec();
-        sorted.sort_by_key(|&i| lengths[i]);
-        let mut current: Vec<usize> = Vec::new();
-        for i in sorted {
-            let longest = current
-                .iter()
-                .map(|&j| lengths[j])
-                .max()
-                .unwrap_or(0)
-                .max(lengths[i]);
-            if !current.is_empty() && longest * (current.len() + 1) > batch_tokens {
-                batches.push(std::mem::take(&mut current));
-            }
-            current.push(i);
-        }
-        if !current.is_empty() {
-            batches.push(current);
-        }
-    }
+    let mut batches: Vec<Vec<usize>> = order
+        .chunks(window.max(1))
+        .flat_map(|window| cut_sorted(window, lengths, batch_tokens))
+        .collect();
     rng.shuffle(&mut batches);
     batches
 }
@@ -184,5 +234,37 @@ mod tests {
             epoch_batches(&lengths, 120, 16, 9, 3),
             "reshuffled each epoch"
         );
+    }
+
+    #[test]
+    fn conversation_steps_hold_a_fixed_count_in_micro_batches_within_budget() {
+        let lengths: Vec<usize> = (0..50).map(|i| 5 + (i * 37) % 40).collect();
+        let batching = Batching::Conversations {
+            per_step: 16,
+            micro_batch_tokens: 100,
+        };
+        let steps = epoch_steps(&lengths, batching, 9, 0);
+        let sizes: Vec<usize> = steps.iter().map(|s| s.iter().map(Vec::len).sum()).collect();
+        assert_eq!(
+            sizes,
+            vec![16, 16, 16, 2],
+            "16 conversations a step, the rest last"
+        );
+        let mut seen: Vec<usize> = steps.iter().flatten().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        for micro in steps.iter().flatten() {
+            let longest = micro.iter().map(|&i| lengths[i]).max().unwrap();
+            assert!(
+                longest * micro.len() <= 100,
+                "micro-batch {micro:?} over budget"
+            );
+        }
+        assert!(
+            steps.iter().any(|s| s.len() > 1),
+            "budget forces accumulation"
+        );
+        assert_eq!(steps, epoch_steps(&lengths, batching, 9, 0));
+        assert_ne!(steps, epoch_steps(&lengths, batching, 9, 1));
     }
 }

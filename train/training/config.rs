@@ -9,6 +9,7 @@ use crate::checks::{Problems, MAX_COUNT};
 use crate::model::device::parse_device;
 use crate::model::head_config::{HeadConfig, HeadOptions};
 use crate::model::teacher::Teacher;
+use crate::training::batches::Batching;
 
 fn d_auto() -> String {
     "auto".into()
@@ -97,9 +98,18 @@ pub struct TrainConfig {
     /// Optimizer steps; overrides epochs.
     #[serde(default)]
     pub max_steps: Option<u64>,
-    /// Padded tokens per batch (rows × longest row).
+    /// Token batching: padded tokens per step (rows × longest row), one batch per step. Used
+    /// when `conversations_per_step` is absent.
     #[serde(default = "d_batch_tokens")]
     pub batch_tokens: usize,
+    /// The reference's batching: this many conversations per optimizer step (the paper's global
+    /// batch is 16), split into micro-batches of at most `micro_batch_tokens` padded tokens whose
+    /// gradients are accumulated, each with its own loss normaliser (docs/clover2.md §2.2), as
+    /// the reference's per-GPU batches are averaged. Set both or neither.
+    #[serde(default)]
+    pub conversations_per_step: Option<usize>,
+    #[serde(default)]
+    pub micro_batch_tokens: Option<usize>,
     /// Samples are truncated to this many tokens (reference 2048).
     #[serde(default = "d_max_len")]
     pub max_len: usize,
@@ -143,9 +153,14 @@ pub struct TrainConfig {
     pub eval_samples: usize,
     #[serde(default)]
     pub seed: u64,
-    /// bf16 compute with f32 master weights on CUDA (the reference's accelerate bf16). CPU is f32.
+    /// bf16 autocast with f32 master weights on CUDA (the reference's accelerate bf16): matrix
+    /// products in bf16, stream, norms and loss in f32 (`DraftHead::set_compute_kind`).
     #[serde(default = "d_true")]
     pub bf16_on_cuda: bool,
+    /// The same autocast on the CPU (slower there than f32; it runs the mixed-precision path
+    /// where no GPU is at hand, e.g. in tests).
+    #[serde(default)]
+    pub bf16_on_cpu: bool,
     /// Progress bar on stderr.
     #[serde(default = "d_true")]
     pub progress: bool,
@@ -210,6 +225,27 @@ impl TrainConfig {
             "batch_tokens",
             format!("{} is below one row (2 tokens)", self.batch_tokens),
         );
+        match (self.conversations_per_step, self.micro_batch_tokens) {
+            (Some(n), Some(tokens)) => {
+                p.require(n >= 1, "conversations_per_step", "0: an empty step");
+                p.require(
+                    tokens >= 2,
+                    "micro_batch_tokens",
+                    format!("{tokens} is below one row (2 tokens)"),
+                );
+            }
+            (Some(_), None) => p.require(
+                false,
+                "micro_batch_tokens",
+                "missing: conversations_per_step needs the micro-batch size",
+            ),
+            (None, Some(_)) => p.require(
+                false,
+                "conversations_per_step",
+                "missing: micro_batch_tokens applies only to conversation batching",
+            ),
+            (None, None) => {}
+        }
         p.require(
             self.max_train_samples != Some(0),
             "max_train_samples",
@@ -303,6 +339,35 @@ impl TrainConfig {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_toml_with_profile(&text, &path.display().to_string(), profile)
+    }
+
+    /// The autocast dtype of the head's matrix products on `device`, if any.
+    pub fn autocast_kind(&self, device: tch::Device) -> Option<tch::Kind> {
+        let on = if device.is_cuda() {
+            self.bf16_on_cuda
+        } else {
+            self.bf16_on_cpu
+        };
+        on.then_some(tch::Kind::BFloat16)
+    }
+
+    /// How training samples are grouped into steps.
+    pub fn batching(&self) -> Batching {
+        match (self.conversations_per_step, self.micro_batch_tokens) {
+            (Some(per_step), Some(micro_batch_tokens)) => Batching::Conversations {
+                per_step,
+                micro_batch_tokens,
+            },
+            _ => Batching::Tokens {
+                batch_tokens: self.batch_tokens,
+                window: self.bucket_window,
+            },
+        }
+    }
+
+    /// The most padded tokens one forward pass holds: the micro-batch or the token batch.
+    pub fn tokens_per_pass(&self) -> usize {
+        self.micro_batch_tokens.unwrap_or(self.batch_tokens)
     }
 
     pub fn head_config(&self, teacher: &Teacher) -> HeadConfig {

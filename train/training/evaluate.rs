@@ -41,7 +41,7 @@ pub fn evaluate(
         let mut chained = vec![0i64; k_depths];
         let mut starts = 0usize;
         let mut unigram: BTreeMap<i64, i64> = BTreeMap::new();
-        let batches = epoch_batches(&lengths, cfg.batch_tokens, eval.len().max(1), 0, 0);
+        let batches = epoch_batches(&lengths, cfg.tokens_per_pass(), eval.len().max(1), 0, 0);
         for idx in batches {
             let samples: Vec<&Sample> = idx.iter().map(|&i| &eval[i]).collect();
             let batch = make_batch(teacher, &samples, None, cfg.max_len)?;

@@ -10,21 +10,21 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::data::shards::Sample;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::teacher::Teacher;
 use crate::progress::Progress;
-use crate::training::batches::{epoch_batches, make_batch};
+use crate::training::batches::{epoch_steps, make_batch, Step};
 use crate::training::checkpoint::{
     checkpoints_dir, list_checkpoints, load_state, save_checkpoint, CheckpointState, CK_HEAD,
     CK_OPTIM,
 };
 use crate::training::config::{TrainConfig, TrainOptions};
 use crate::training::evaluate::evaluate;
-use crate::training::loss::{batch_loss, LossWeights};
+use crate::training::loss::{batch_loss, DepthLoss, LossWeights};
 use crate::training::metrics::{
     append_jsonl, check_finite, log_eval, log_step, EvalRecord, StepRecord,
 };
@@ -63,6 +63,42 @@ fn states_for(source: &Source, batch: &[usize]) -> Result<Option<Vec<Tensor>>> {
             .map(|&i| cache.get(i).map(|x| x.1))
             .collect::<Result<Vec<_>>>()
             .map(Some),
+    }
+}
+
+/// Per-depth figures of one step, summed over its micro-batches.
+#[derive(Default)]
+struct StepSums {
+    loss: Vec<f64>,
+    top1: Vec<f64>,
+    tokens: usize,
+}
+
+impl StepSums {
+    fn add(&mut self, (depths, tokens): &(Vec<DepthLoss>, usize)) {
+        self.loss.resize(depths.len(), 0.0);
+        self.top1.resize(depths.len(), 0.0);
+        for (i, d) in depths.iter().enumerate() {
+            self.loss[i] += d.loss;
+            self.top1[i] += d.top1;
+        }
+        self.tokens += tokens;
+    }
+
+    /// The step's record: losses and top-1 as means over the micro-batches, the same average
+    /// the accumulated gradient takes.
+    fn record(&self, step: u64, lr: f64, grad_norm: f64, micro_batches: usize) -> StepRecord {
+        let mean = |v: &[f64]| -> Vec<f64> { v.iter().map(|x| x / micro_batches as f64).collect() };
+        let depth_loss = mean(&self.loss);
+        StepRecord {
+            step,
+            loss: depth_loss.iter().sum(),
+            depth_loss,
+            depth_top1: mean(&self.top1),
+            lr,
+            grad_norm,
+            tokens: self.tokens,
+        }
     }
 }
 
@@ -110,7 +146,8 @@ struct Run<'a> {
     weights: LossWeights,
     /// Lengths of the training samples (truncated to max_len), which decide the batches.
     lengths: Vec<usize>,
-    batches: Vec<Vec<usize>>,
+    /// This epoch's steps (`batch_in_epoch` counts them).
+    batches: Vec<Step>,
     step: u64,
     epoch: u64,
     batch_in_epoch: usize,
@@ -140,14 +177,17 @@ impl<'a> Run<'a> {
             .map(|s| s.input_ids.len().min(cfg.max_len))
             .collect();
         let longest = lengths.iter().copied().max().unwrap_or(0);
+        let (budget_key, budget) = match cfg.micro_batch_tokens {
+            Some(tokens) => ("micro_batch_tokens", tokens),
+            None => ("batch_tokens", cfg.batch_tokens),
+        };
         ensure!(
-            longest <= cfg.batch_tokens,
-            "batch_tokens = {} is below the longest training row ({longest} tokens after \
-             truncation to max_len = {}): raise batch_tokens or lower max_len",
-            cfg.batch_tokens,
+            longest <= budget,
+            "{budget_key} = {budget} is below the longest training row ({longest} tokens after \
+             truncation to max_len = {}): raise {budget_key} or lower max_len",
             cfg.max_len
         );
-        let batches = epoch_batches(&lengths, cfg.batch_tokens, cfg.bucket_window, cfg.seed, 0);
+        let batches = epoch_steps(&lengths, cfg.batching(), cfg.seed, 0);
         let total_steps = match (cfg.max_steps, cfg.epochs) {
             (Some(s), _) => s,
             (None, Some(e)) => e * batches.len() as u64,
@@ -165,8 +205,8 @@ impl<'a> Run<'a> {
                 .with_context(|| format!("init_from {}", dir.display()))?,
             None => DraftHead::new(teacher, cfg.head_config(teacher), cfg.seed as i64)?,
         };
-        if teacher.device().is_cuda() && cfg.bf16_on_cuda {
-            head.set_compute_kind(Kind::BFloat16);
+        if let Some(kind) = cfg.autocast_kind(teacher.device()) {
+            head.set_compute_kind(kind);
         }
         let params = head.named_tensors();
         let opt = AdamW::new(&params, cfg.betas, cfg.adam_eps, cfg.weight_decay);
@@ -224,43 +264,72 @@ impl<'a> Run<'a> {
         self.opt.load(&last.join(CK_OPTIM), state.adam_step)?;
         (self.step, self.epoch, self.batch_in_epoch) =
             (state.step, state.epoch, state.batch_in_epoch);
-        self.batches = self.epoch_batches(self.epoch);
+        self.batches = self.steps_of_epoch(self.epoch);
         self.bar.resume_from(self.step);
         self.outcome.last_checkpoint = Some(last.clone());
         eprintln!("resuming from {} (step {})", last.display(), self.step);
         Ok(())
     }
 
-    /// The next batch's indices, starting a new epoch (reshuffled) when this one is used up.
-    fn next_batch(&mut self) -> Vec<usize> {
+    /// The next step's micro-batches, starting a new epoch (reshuffled) when this one is used up.
+    fn next_step(&mut self) -> Step {
         if self.batch_in_epoch >= self.batches.len() {
             self.epoch += 1;
             self.batch_in_epoch = 0;
-            self.batches = self.epoch_batches(self.epoch);
+            self.batches = self.steps_of_epoch(self.epoch);
         }
         self.batch_in_epoch += 1;
         self.batches[self.batch_in_epoch - 1].clone()
     }
 
-    /// The batches of `epoch`: a pure function of the seed and the epoch, so a resume replays them.
-    fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
-        let cfg = self.cfg;
-        epoch_batches(
-            &self.lengths,
-            cfg.batch_tokens,
-            cfg.bucket_window,
-            cfg.seed,
-            epoch,
-        )
+    /// The steps of `epoch`: a pure function of the seed and the epoch, so a resume replays them.
+    fn steps_of_epoch(&self, epoch: u64) -> Vec<Step> {
+        epoch_steps(&self.lengths, self.cfg.batching(), self.cfg.seed, epoch)
     }
 
-    /// One optimizer step: batch, loss, NaN check, backward, clip, AdamW, logs.
+    /// One optimizer step: each micro-batch's loss (own normaliser, NaN check) and backward,
+    /// gradients averaged over the micro-batches, then clip, AdamW, logs.
     fn train_step(&mut self, source: &Source, opts: &TrainOptions) -> Result<()> {
-        let (cfg, teacher) = (self.cfg, self.teacher);
         let started = Instant::now();
-        let idx = self.next_batch();
+        let micro_batches = self.next_step();
+        let step = self.step + 1;
+        zero_grads(&self.params);
+        let mut sums = StepSums::default();
+        for idx in &micro_batches {
+            let depths = self.accumulate(source, idx, step, micro_batches.len(), opts)?;
+            sums.add(&depths);
+        }
+        let lr = self.cfg.lr * lr_factor(self.step, self.cfg.warmup_steps, self.schedule_steps);
+        let gnorm = grad_norm(&self.params);
+        clip_grads_by_value(&self.params, self.cfg.clip_value);
+        self.opt.update(&self.params, lr);
+        self.step = step;
+        let tokens_per_s = sums.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let rec = sums.record(step, lr, gnorm, micro_batches.len());
+        log_step(&mut self.tb, &rec, tokens_per_s);
+        append_jsonl(&self.cfg.out_dir.join("metrics.jsonl"), &rec)?;
+        self.bar
+            .set_message(format!("loss {:.4} | {tokens_per_s:.0} tok/s", rec.loss));
+        self.bar.set_position(step);
+        self.outcome.steps.push(rec);
+        self.tb.flush();
+        Ok(())
+    }
+
+    /// Forward, loss and backward of one micro-batch, its loss scaled by 1/`of` so the
+    /// accumulated gradient is the mean over the step's micro-batches. Returns its per-depth
+    /// figures and its real token count.
+    fn accumulate(
+        &mut self,
+        source: &Source,
+        idx: &[usize],
+        step: u64,
+        of: usize,
+        opts: &TrainOptions,
+    ) -> Result<(Vec<DepthLoss>, usize)> {
+        let (cfg, teacher) = (self.cfg, self.teacher);
         let samples: Vec<&Sample> = idx.iter().map(|&i| &source.samples()[i]).collect();
-        let batch = make_batch(teacher, &samples, states_for(source, &idx)?, cfg.max_len)?;
+        let batch = make_batch(teacher, &samples, states_for(source, idx)?, cfg.max_len)?;
         let outs = self.head.depth_outputs(&batch.u, &batch.next_ids, None);
         let head = &self.head;
         let lm_head = |o: &Tensor| head.logits(o);
@@ -273,37 +342,13 @@ impl<'a> Run<'a> {
             &self.weights,
             cfg.loss_chunk,
         )?;
-        let step = self.step + 1;
         if opts.inject_nan_at_step == Some(step) {
             parts.depths[0].loss = f64::NAN;
             parts.total = parts.total * f64::NAN;
         }
         check_finite(step, &parts.depths, self.outcome.last_checkpoint.as_deref())?;
-        let lr = cfg.lr * lr_factor(self.step, cfg.warmup_steps, self.schedule_steps);
-        zero_grads(&self.params);
-        parts.total.backward();
-        let gnorm = grad_norm(&self.params);
-        clip_grads_by_value(&self.params, cfg.clip_value);
-        self.opt.update(&self.params, lr);
-        self.step = step;
-        let tokens_per_s = batch.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        let rec = StepRecord {
-            step,
-            loss: parts.depths.iter().map(|d| d.loss).sum(),
-            depth_loss: parts.depths.iter().map(|d| d.loss).collect(),
-            depth_top1: parts.depths.iter().map(|d| d.top1).collect(),
-            lr,
-            grad_norm: gnorm,
-            tokens: batch.tokens,
-        };
-        log_step(&mut self.tb, &rec, tokens_per_s);
-        append_jsonl(&cfg.out_dir.join("metrics.jsonl"), &rec)?;
-        self.bar
-            .set_message(format!("loss {:.4} | {tokens_per_s:.0} tok/s", rec.loss));
-        self.bar.set_position(step);
-        self.outcome.steps.push(rec);
-        self.tb.flush();
-        Ok(())
+        (parts.total / of as f64).backward();
+        Ok((parts.depths, batch.tokens))
     }
 
     fn eval_due(&self) -> bool {
