@@ -40,6 +40,9 @@ $CLOVER train --config configs/smollm2-135m.toml --profile $PROFILE $RESUME
 step "5/6 export"
 $CLOVER export --checkpoint $WORK/train/latest --out $HEAD_OUT
 
-step "6/6 evaluate: speculative vs plain decoding on MT-bench"
+step "6/6 evaluate: speculative vs plain decoding on MT-bench (auto tree, then the default tree)"
+# auto calibrates the head and this device on the prepared eval split, then searches the fastest
+# tree (plain decoding included); the default mc_sim_7b_63 row is kept for comparison.
 $CLOVER eval --model $TEACHER --draft $HEAD_OUT --prompts $WORK/mt_bench_questions.jsonl \
+  --tree auto,default --data $WORK/prepared \
   --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE --report $WORK/eval.json

@@ -19,6 +19,7 @@ fn record(cat: &str, accepted: Vec<usize>, tokens: usize, secs: f64, base_secs: 
         mismatch: false,
         draft_seconds: 0.0,
         verify_seconds: 0.0,
+        prefill_seconds: 0.0,
     }
 }
 
@@ -91,11 +92,38 @@ fn eval_end_to_end_smollm2_random_head() {
     )
     .unwrap();
     let report = dir.join("out").join("report.json");
+    // A calibration whose costs say no tree can pay (verifying 2 tokens costs 3 plain steps):
+    // "auto" must pick plain decoding.
+    let calib = dir.join("calib.json");
+    std::fs::write(
+        &calib,
+        serde_json::json!({
+            "device": "Cpu", "dtype": "Float", "draft_vocab": 4096, "top_k": 2,
+            "acceptance": [[0.5, 0.2], [0.5, 0.2]], "trials": [100, 50], "verify_by_context": [],
+            "costs": {"verify_ms": {"points": [[1, 10.0], [2, 30.0], [64, 900.0]]},
+                      "draft_step_ms": {"points": [[1, 1.0]]}, "depth0_ms": 1.0, "plain_ms": 10.0}
+        })
+        .to_string(),
+    )
+    .unwrap();
     let args = EvalOptions {
         model: model.clone(),
         draft,
         prompts,
-        tree: None,
+        trees: vec!["default".into(), "auto".into(), "dynamic".into()],
+        calib: Some(calib),
+        calibration_texts: vec![],
+        calibrate: Default::default(),
+        search: clover::decode::tree_search::SearchLimits {
+            max_nodes: 8,
+            max_depth: 3,
+        },
+        dynamic: clover::decode::dynamic::DynamicTree {
+            tokens: 10,
+            depth: 3,
+            top_k: 4,
+        },
+        draft_vocab: Some((0..4096).collect()),
         temperature: 0.0,
         max_new_tokens: 12,
         run_on: clover::model::device::RunOn::cpu(),
@@ -136,6 +164,22 @@ fn eval_end_to_end_smollm2_random_head() {
     assert_eq!(json["acceptance_per_depth"].as_array().unwrap().len(), 5);
     let cats = json["tau_per_category"].as_object().unwrap();
     assert_eq!(cats.len(), 2);
+    // One row per tree setting, the first being the top-level figures; all lossless.
+    let trees = json["trees"].as_array().unwrap();
+    let names: Vec<&str> = trees.iter().map(|t| t["tree"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default", "auto", "dynamic"]);
+    assert_eq!(trees[0]["tau"], json["tau"]);
+    assert_eq!(trees[1]["tree_tokens"], 1, "auto must choose plain decoding here");
+    assert_eq!(trees[1]["tau"], 1.0);
+    assert_eq!(trees[2]["tree_tokens"], 10);
+    for t in trees {
+        assert_eq!(t["lossless_mismatches"], 0, "{}", t["tree"]);
+        for key in ["draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step", "speedup"] {
+            assert!(t[key].as_f64().is_some(), "{} lacks {key}", t["tree"]);
+        }
+    }
+    assert_eq!(json["draft_vocab"], 4096);
+    assert!(json["auto"]["search"]["paths"].as_array().unwrap().is_empty());
     // `clover generate --draft` runs the same head speculatively.
     let gen = clover::cli::generate::GenerateArgs {
         model: model.clone(),

@@ -2,9 +2,10 @@
 use crate::common::{scratch_dir, Scratch};
 use clover::decode::generate::{generate, GenerationConfig};
 use clover::decode::sampling::Sampling;
+use clover::decode::dynamic::DynamicTree;
 use clover::decode::speculative::{
     accept_greedy, accept_sampling, draft_topk, generate_speculative, generate_with_drafter,
-    Drafter, VerifyPlan,
+    generate_with_mode, DraftVocab, Drafter, HeadDrafter, TreeMode, VerifyPlan,
 };
 use clover::decode::tree::Tree;
 use clover::model::head::DraftHead;
@@ -770,4 +771,208 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         tau_trained > tau_untrained + 0.2,
         "training did not raise tau: {tau_trained:.2} vs {tau_untrained:.2}"
     );
+}
+
+/// A dynamic tree (EAGLE-2) driven deep by the noisy oracle: greedy output equals plain greedy,
+/// and at the same number of tree tokens it accepts more than the static tree.
+#[test]
+fn greedy_dynamic_tree_equals_plain_with_noisy_oracle() {
+    let dir = tiny_llama("dynamic", 96, 4.0, 11);
+    let teacher = load(&dir);
+    let tree = Tree::load(None).unwrap();
+    let dynamic = DynamicTree {
+        tokens: tree.len(),
+        depth: tree.max_depth(),
+        top_k: 10,
+    };
+    let (mut tau_static, mut tau_dynamic) = (0.0, 0.0);
+    for (i, prompt) in [vec![3i64, 17, 42, 5, 60], vec![9i64, 9, 9, 30, 31, 32, 33]]
+        .iter()
+        .enumerate()
+    {
+        let plain = plain_greedy(&teacher, prompt, 48, &[]);
+        for (mode, tau) in [
+            (TreeMode::Static(&tree), &mut tau_static),
+            (TreeMode::Dynamic(dynamic), &mut tau_dynamic),
+            (
+                TreeMode::Dynamic(DynamicTree {
+                    tokens: 5,
+                    depth: 3,
+                    top_k: 2,
+                }),
+                &mut 0.0,
+            ),
+        ] {
+            let _rng = clover::rng::hold(100 + i as i64);
+            let mut drafter = oracle(&teacher, prompt, 1.5);
+            let (spec, stats) =
+                generate_with_mode(&teacher, &mut drafter, mode, prompt, 48, Sampling::greedy(), &[])
+                    .unwrap();
+            assert_eq!(spec.answer.token_ids, plain, "prompt {i}, {mode:?}");
+            *tau += stats.tau() / 2.0;
+        }
+    }
+    eprintln!("noisy oracle: tau static {tau_static:.2}, dynamic {tau_dynamic:.2} (26 tokens)");
+    assert!(tau_dynamic > 2.0, "dynamic tree barely accepted: tau {tau_dynamic}");
+}
+
+/// A random head with a draft vocabulary (static and dynamic trees): greedy output equals plain.
+#[test]
+fn greedy_with_draft_vocab_equals_plain_tiny() {
+    let dir = tiny_llama("vocab", 96, 4.0, 31);
+    let teacher = load(&dir);
+    let head = random_head(&teacher, 5);
+    let tree = Tree::load(None).unwrap();
+    // Every third id: the teacher's own choices often fall outside, which must not matter.
+    let ids: Vec<i64> = (0..96).step_by(3).collect();
+    let vocab = DraftVocab::new(&head, &ids, 10).unwrap();
+    let dynamic = DynamicTree {
+        tokens: 12,
+        depth: 4,
+        top_k: 4,
+    };
+    for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
+        let plain = plain_greedy(&teacher, &prompt, 40, &[]);
+        for mode in [TreeMode::Static(&tree), TreeMode::Dynamic(dynamic)] {
+            let mut drafter = HeadDrafter::new(&head).with_vocab(Some(&vocab));
+            let (spec, _) =
+                generate_with_mode(&teacher, &mut drafter, mode, &prompt, 40, Sampling::greedy(), &[])
+                    .unwrap();
+            assert_eq!(spec.answer.token_ids, plain, "{mode:?}");
+        }
+    }
+    // The drafts themselves never leave the vocabulary.
+    let mut drafter = HeadDrafter::new(&head).with_vocab(Some(&vocab));
+    let logits = drafter
+        .step(
+            &Tensor::zeros([2, teacher.config.hidden_size], (Kind::Float, Device::Cpu)),
+            &Tensor::from_slice(&[1i64, 2]),
+        )
+        .unwrap()
+        .0;
+    let top = Vec::<i64>::try_from(logits.topk(10, -1, true, true).1.view([-1])).unwrap();
+    assert!(top.iter().all(|t| t % 3 == 0), "{top:?}");
+    assert!(DraftVocab::new(&head, &[1, 1, 2], 1).is_err(), "duplicate ids");
+    assert!(DraftVocab::new(&head, &[1, 96], 1).is_err(), "id outside the vocabulary");
+    assert!(DraftVocab::new(&head, &[1, 2], 10).is_err(), "smaller than top-k");
+}
+
+/// SmolLM2 with a random head: greedy output equals plain with a dynamic tree and with a
+/// draft vocabulary (the 4,096 lowest ids: arbitrary, losslessness must not care).
+#[test]
+fn greedy_dynamic_and_draft_vocab_equal_plain_smollm2() {
+    tch::set_num_threads(1);
+    let dir = crate::common::smollm2_dir();
+    let teacher = load(&dir);
+    let head = random_head(&teacher, 1);
+    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
+    let messages = [clover::formats::chat::Message::new(
+        clover::formats::chat::Role::User,
+        "Name three primary colors and explain why they are called primary.".to_string(),
+    )];
+    let prompt = chat.encode_prompt(&messages).unwrap();
+    let stop = chat.stop_ids();
+    let plain = plain_greedy(&teacher, &prompt, 32, &stop);
+    let ids: Vec<i64> = (0..4096).collect();
+    let vocab = DraftVocab::new(&head, &ids, 10).unwrap();
+    let tree = Tree::load(None).unwrap();
+    let dynamic = DynamicTree {
+        tokens: 26,
+        depth: 5,
+        top_k: 10,
+    };
+    for (mode, vocab) in [
+        (TreeMode::Dynamic(dynamic), None),
+        (TreeMode::Static(&tree), Some(&vocab)),
+        (TreeMode::Dynamic(dynamic), Some(&vocab)),
+    ] {
+        let mut drafter = HeadDrafter::new(&head).with_vocab(vocab);
+        let (spec, _) =
+            generate_with_mode(&teacher, &mut drafter, mode, &prompt, 32, Sampling::greedy(), &stop)
+                .unwrap();
+        assert_eq!(spec.answer.token_ids, plain, "{mode:?}, vocab {}", vocab.is_some());
+    }
+    assert!(plain.len() >= 20, "answer too short to be a meaningful test");
+}
+
+/// Chi-square of the first two sampled tokens against the teacher's exact joint law, for any
+/// drafter and tree mode (as `speculative_sampling_end_to_end_first_tokens`).
+fn first_two_tokens_are_lossless(
+    teacher: &Teacher,
+    prompt: &[i64],
+    drafter: &mut dyn Drafter,
+    mode: TreeMode,
+    runs: i64,
+) {
+    let v = teacher.config.vocab_size;
+    let temperature = 0.8;
+    let (p1, p2) = tch::no_grad(|| {
+        let seq = Tensor::from_slice(prompt).unsqueeze(0);
+        let p1 = (last_logits(teacher, &seq) / temperature)
+            .softmax(-1, Kind::Float)
+            .view([-1]);
+        let seqs = Tensor::cat(
+            &[
+                seq.expand([v, prompt.len() as i64], true),
+                Tensor::arange(v, (Kind::Int64, Device::Cpu)).unsqueeze(1),
+            ],
+            1,
+        );
+        let p2 = (last_logits(teacher, &seqs) / temperature).softmax(-1, Kind::Float);
+        (p1, p2)
+    });
+    let expected: Vec<f64> =
+        Vec::<f64>::try_from((p1.unsqueeze(1) * p2).view([-1]).to_kind(Kind::Double)).unwrap();
+    let mut counts = vec![0usize; (v * v) as usize];
+    let mut accepted = 0;
+    for i in 0..runs {
+        let sampling = Sampling {
+            temperature,
+            seed: 1000 + i,
+        };
+        let (out, stats) =
+            generate_with_mode(teacher, drafter, mode, prompt, 2, sampling, &[]).unwrap();
+        let t = &out.answer.token_ids;
+        counts[(t[0] * v + t[1]) as usize] += 1;
+        accepted += stats.accepted.iter().sum::<usize>();
+    }
+    let (stat, df) = chi_square(&counts, &expected);
+    eprintln!(
+        "{mode:?}: chi2 {stat:.1} df {df} (crit {:.1}), {accepted} drafts accepted in {runs} runs",
+        chi2_critical(df)
+    );
+    assert!(accepted > 0, "no draft was ever accepted: the test would not cover acceptance");
+    assert!(stat < chi2_critical(df), "chi-square {stat} over {df} dof");
+}
+
+/// Lossless sampling with a dynamic tree (bigram drafter) and with a draft vocabulary (a random
+/// head restricted to 8 of 12 tokens, static and dynamic trees).
+#[test]
+fn speculative_sampling_is_lossless_with_dynamic_tree_and_draft_vocab() {
+    tch::set_num_threads(1);
+    let v = 12i64;
+    let dir = tiny_llama("e2e-dyn", v, 1.5, 21);
+    let teacher = load(&dir);
+    let prompt = [3i64, 9, 4];
+    let _rng = clover::rng::hold(99);
+    let table = tch::no_grad(|| {
+        let singles = Tensor::arange(v, (Kind::Int64, Device::Cpu)).unsqueeze(1);
+        let l = last_logits(&teacher, &singles);
+        &l + l.randn_like()
+    });
+    let dynamic = DynamicTree {
+        tokens: 8,
+        depth: 3,
+        top_k: 3,
+    };
+    let mut bigram = BigramDrafter { table };
+    first_two_tokens_are_lossless(&teacher, &prompt, &mut bigram, TreeMode::Dynamic(dynamic), 1500);
+    let head = random_head(&teacher, 7);
+    let ids = [0i64, 2, 3, 5, 6, 8, 9, 11];
+    let vocab = DraftVocab::new(&head, &ids, 3).unwrap();
+    let small = Tree::from_paths(&[vec![0], vec![1], vec![2], vec![0, 0], vec![0, 1]], 3).unwrap();
+    for mode in [TreeMode::Static(&small), TreeMode::Dynamic(dynamic)] {
+        let mut drafter = HeadDrafter::new(&head).with_vocab(Some(&vocab));
+        first_two_tokens_are_lossless(&teacher, &prompt, &mut drafter, mode, 1500);
+    }
 }

@@ -1,10 +1,111 @@
-//! `clover eval`: speculative against plain decoding on held-out prompts.
+//! `clover eval`: speculative against plain decoding on held-out prompts, for one or several
+//! tree settings; `clover calibrate`: a head's acceptance table and this device's costs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 
+use crate::data::shards::{read_split, Split};
+use crate::decode::calibrate::{CalibrateOptions, CalibrationText};
+use crate::decode::dynamic::DynamicTree;
+use crate::decode::tree_search::SearchLimits;
 use crate::formats::chat::TemplateName;
+
+/// How the tree is chosen and sized, shared by `eval` and `calibrate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TreeArgs {
+    /// Tree settings, comma-separated, evaluated on the same prompts (the first gives the
+    /// top-level figures): default (mc_sim_7b_63), auto (searched from a calibration), dynamic
+    /// (EAGLE-2), or a JSON file with a list of paths.
+    #[arg(long, value_delimiter = ',', default_value = "default")]
+    pub tree: Vec<String>,
+    /// Calibration file for --tree auto (from `clover calibrate`); without it auto calibrates
+    /// on the eval split of --data first.
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Prepared data (`clover data prepare`): its eval split calibrates --tree auto, its train
+    /// split's answer-token frequencies choose --draft-vocab.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Draft only over the N most frequent answer tokens of --data's train split (FR-Spec
+    /// slicing of the lm_head; no retraining, output unchanged).
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub draft_vocab: Option<usize>,
+    /// --tree auto: at most this many draft nodes (the root not counted).
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 32)]
+    pub max_nodes: usize,
+    /// --tree auto: at most this many draft depths.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
+    pub max_depth: usize,
+    /// --tree dynamic: tokens verified per step, the root included.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 26)]
+    pub tree_tokens: usize,
+    /// --tree dynamic: draft depths.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
+    pub tree_depth: usize,
+    /// --tree dynamic: children per node and nodes expanded per depth.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 10)]
+    pub tree_topk: usize,
+}
+
+impl TreeArgs {
+    fn dynamic(&self) -> DynamicTree {
+        DynamicTree {
+            tokens: self.tree_tokens,
+            depth: self.tree_depth,
+            top_k: self.tree_topk,
+        }
+    }
+
+    fn search(&self) -> SearchLimits {
+        SearchLimits {
+            max_nodes: self.max_nodes,
+            max_depth: self.max_depth,
+        }
+    }
+
+    fn data_dir(&self, why: &str) -> Result<&Path> {
+        self.data
+            .as_deref()
+            .with_context(|| format!("{why} needs --data DIR (prepared data)"))
+    }
+
+    /// The draft vocabulary's teacher ids, when asked for.
+    fn draft_vocab_ids(&self, model: &Path) -> Result<Option<Vec<i64>>> {
+        let Some(n) = self.draft_vocab else {
+            return Ok(None);
+        };
+        Ok(Some(draft_vocab_ids(model, self.data_dir("--draft-vocab")?, n)?))
+    }
+}
+
+/// The `n` most frequent answer tokens of the prepared data's train split.
+pub fn draft_vocab_ids(model: &Path, data: &Path, n: usize) -> Result<Vec<i64>> {
+    let samples = read_split(data, Split::Train)?;
+    let config = crate::model::config::LlamaConfig::from_file(&model.join("config.json"))?;
+    crate::data::vocab::frequent_tokens(&samples, n, config.vocab_size as usize)
+        .with_context(|| format!("draft vocabulary from {}", data.display()))
+}
+
+/// The eval split of prepared data as calibration texts (at most `limit`).
+pub fn calibration_texts(dir: &Path, limit: Option<usize>) -> Result<Vec<CalibrationText>> {
+    let mut samples = read_split(dir, Split::Eval)?;
+    ensure!(
+        !samples.is_empty(),
+        "{}: the eval split is empty (prepare with --eval-fraction > 0)",
+        dir.display()
+    );
+    if let Some(n) = limit {
+        samples.truncate(n);
+    }
+    Ok(samples
+        .into_iter()
+        .map(|s| CalibrationText {
+            input_ids: s.input_ids,
+            loss_mask: s.loss_mask,
+        })
+        .collect())
+}
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -17,9 +118,8 @@ pub struct EvalArgs {
     /// JSONL questions: {"question_id", "category", "turns": [..]} (MT-bench / Spec-Bench).
     #[arg(long)]
     pub prompts: PathBuf,
-    /// Tree: "mc_sim_7b_63" (default) or a JSON file with a list of paths.
-    #[arg(long)]
-    pub tree: Option<String>,
+    #[command(flatten)]
+    pub trees: TreeArgs,
     /// 0 = greedy; > 0 = lossless tree speculative sampling.
     #[arg(long, allow_negative_numbers = true, value_parser = crate::checks::temperature, default_value_t = 0.0)]
     pub temperature: f64,
@@ -54,13 +154,29 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
-    /// The library's plain options for this command line.
-    pub fn options(&self) -> crate::decode::eval::EvalOptions {
-        crate::decode::eval::EvalOptions {
+    /// The library's plain options for this command line (reads --data where needed).
+    pub fn options(&self) -> Result<crate::decode::eval::EvalOptions> {
+        let t = &self.trees;
+        let needs_calibration = t.tree.iter().any(|s| s == "auto") && t.calib.is_none();
+        let calibration_texts = if needs_calibration {
+            calibration_texts(t.data_dir("--tree auto without --calib")?, None)?
+        } else {
+            Vec::new()
+        };
+        Ok(crate::decode::eval::EvalOptions {
             model: self.model.clone(),
             draft: self.draft.clone(),
             prompts: self.prompts.clone(),
-            tree: self.tree.clone(),
+            trees: t.tree.clone(),
+            calib: t.calib.clone(),
+            calibration_texts,
+            calibrate: CalibrateOptions {
+                max_depth: t.max_depth,
+                ..CalibrateOptions::default()
+            },
+            search: t.search(),
+            dynamic: t.dynamic(),
+            draft_vocab: t.draft_vocab_ids(&self.model)?,
             temperature: self.temperature,
             max_new_tokens: self.max_new_tokens,
             run_on: self.run_on.clone(),
@@ -71,10 +187,76 @@ impl EvalArgs {
             seed: self.seed,
             warmup: self.warmup,
             no_system_prompt: self.no_system_prompt,
-        }
+        })
     }
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    crate::decode::eval::run(&args.options())
+    crate::decode::eval::run(&args.options()?)
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CalibrateArgs {
+    /// Teacher model directory (HF layout).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Exported draft head directory.
+    #[arg(long)]
+    pub draft: PathBuf,
+    /// Prepared data directory: its eval split is calibrated on (never the evaluation prompts);
+    /// its train split chooses --draft-vocab.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Calibrate on at most N texts of the eval split.
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub limit: Option<usize>,
+    /// Measure with a draft vocabulary of the N most frequent answer tokens (as `eval --draft-vocab`).
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub draft_vocab: Option<usize>,
+    /// Sibling ranks measured per depth.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 10)]
+    pub top_k: usize,
+    /// Depths measured.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
+    pub max_depth: usize,
+    /// Largest tree (tokens, root included) whose verification is timed.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
+    pub max_tree_tokens: usize,
+    /// Context lengths, comma-separated, after which verification is timed.
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    pub contexts: Vec<usize>,
+    /// Timed repeats per measurement (the median is kept), after 2 untimed ones.
+    #[arg(long, value_parser = crate::checks::positive, default_value_t = 5)]
+    pub repeats: usize,
+    #[command(flatten)]
+    pub run_on: crate::model::device::RunOn,
+    /// Write the calibration (JSON) here.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
+    ensure!(!args.contexts.is_empty(), "--contexts names no context length");
+    let texts = calibration_texts(&args.prompts, args.limit)?;
+    let vocab_ids = match args.draft_vocab {
+        Some(n) => Some(draft_vocab_ids(&args.model, &args.prompts, n)?),
+        None => None,
+    };
+    let options = CalibrateOptions {
+        top_k: args.top_k,
+        max_depth: args.max_depth,
+        max_tree_tokens: args.max_tree_tokens,
+        contexts: args.contexts.clone(),
+        warmup: 2,
+        repeats: args.repeats,
+    };
+    crate::decode::calibrate::run(
+        &args.model,
+        &args.draft,
+        &args.run_on,
+        &texts,
+        vocab_ids.as_deref(),
+        &options,
+        &args.out,
+    )
 }

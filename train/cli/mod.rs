@@ -45,6 +45,9 @@ enum Command {
     Export(crate::cli::export::ExportArgs),
     /// Speculative vs plain decoding on held-out prompts: tau, acceptance per depth, speed.
     Eval(crate::cli::eval::EvalArgs),
+    /// Measure a head's acceptance per depth and rank and this device's decoding costs, for
+    /// `eval --tree auto --calib`.
+    Calibrate(crate::cli::eval::CalibrateArgs),
     /// Answer a prompt with the teacher (plain decoding).
     Generate(crate::cli::generate::GenerateArgs),
     /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
@@ -75,6 +78,7 @@ pub fn main() -> Result<()> {
         Command::Train(args) => crate::cli::train::run(&args),
         Command::Export(args) => crate::cli::export::run(&args),
         Command::Eval(args) => crate::cli::eval::run(&args),
+        Command::Calibrate(args) => crate::cli::eval::run_calibrate(&args),
         Command::ImportGguf(args) => crate::cli::import::run(&args),
         Command::InitRandom(args) => crate::cli::init_random::run(&args),
         Command::Generate(args) => crate::cli::generate::run(&args),

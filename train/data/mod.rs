@@ -1,5 +1,6 @@
 //! Conversation data: ShareGPT input, chat rendering into tokenized shards, the chitchat import,
-//! self-distillation (regenerate) and the file helpers of resumable jobs.
+//! self-distillation (regenerate), draft vocabularies by token frequency, and the file helpers of
+//! resumable jobs.
 
 pub mod chitchat;
 pub mod jobfiles;
@@ -7,3 +8,4 @@ pub mod prepare;
 pub mod regenerate;
 pub mod shards;
 pub mod sharegpt;
+pub mod vocab;

@@ -16,6 +16,13 @@
 //! - `tokens_per_s` = answer tokens / wall seconds (prefill included), pooled over all turns (the
 //!   reference averages per-question ratios; pooling weighs long answers more). `speedup` is its
 //!   ratio to `baseline_tokens_per_s`.
+//! - `draft_ms_per_step` (depth-0 call on the accepted states + tree expansion),
+//!   `verify_ms_per_step` (teacher tree forward, acceptance, KV compaction) and
+//!   `other_ms_per_step` (the rest of the decode loop: bookkeeping, stop rules), each per
+//!   verification step; the prefill is in none of them.
+//!
+//! Several tree settings (`--tree default,auto,dynamic`) run on the same prompts against one
+//! shared plain-decoding baseline; `trees` reports each, the top-level fields the first.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,10 +30,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 
+use crate::decode::calibrate::{calibrate, CalibrateOptions, Calibration, CalibrationText};
+use crate::decode::dynamic::DynamicTree;
 use crate::decode::generate::{generate, GenerationConfig};
-use crate::decode::sampling::Sampling;
-use crate::decode::speculative::{generate_speculative, SpecStats};
-use crate::decode::tree::Tree;
+use crate::decode::sampling::{Sampling, Timed};
+use crate::decode::speculative::{generate_with_mode, DraftVocab, HeadDrafter, SpecStats, TreeMode};
+use crate::decode::tree::{Tree, DEFAULT_TREE};
+use crate::decode::tree_search::{best_tree, SearchLimits, SearchResult};
 use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
 use crate::model::head::{load_head, DraftHead};
 use crate::model::teacher::Teacher;
@@ -40,8 +50,22 @@ pub struct EvalOptions {
     pub draft: PathBuf,
     /// JSONL questions: {"question_id", "category", "turns": [..]} (MT-bench / Spec-Bench).
     pub prompts: PathBuf,
-    /// Tree: "mc_sim_7b_63" (default) or a JSON file with a list of paths.
-    pub tree: Option<String>,
+    /// Tree settings, evaluated in turn on the same prompts (the first gives the top-level
+    /// figures): "default" (= "mc_sim_7b_63"), "auto" (searched from a calibration), "dynamic"
+    /// (EAGLE-2, sized by `dynamic`), or a JSON file with a list of paths.
+    pub trees: Vec<String>,
+    /// Calibration file for "auto"; without one, "auto" calibrates on `calibration_texts`.
+    pub calib: Option<PathBuf>,
+    /// Texts "auto" calibrates on when there is no `calib` (the prepared data's eval split).
+    pub calibration_texts: Vec<CalibrationText>,
+    /// How "auto" calibrates when it has to.
+    pub calibrate: CalibrateOptions,
+    /// Bounds of the "auto" tree search.
+    pub search: SearchLimits,
+    /// Size of the "dynamic" tree.
+    pub dynamic: DynamicTree,
+    /// Draft vocabulary: the teacher ids the draft scores (None = the whole vocabulary).
+    pub draft_vocab: Option<Vec<i64>>,
     /// 0 = greedy; > 0 = lossless tree speculative sampling.
     pub temperature: f64,
     pub max_new_tokens: usize,
@@ -125,6 +149,8 @@ pub struct TurnRecord {
     /// asynchronously, so time drifts into the verify part, which ends with a device sync).
     pub draft_seconds: f64,
     pub verify_seconds: f64,
+    /// The speculative prefill (in `seconds`, in no per-step figure).
+    pub prefill_seconds: f64,
 }
 
 impl TurnRecord {
@@ -198,11 +224,19 @@ pub struct EvalReport {
     /// Σ draft / Σ verify seconds of the speculative steps (see `TurnRecord`).
     pub draft_seconds: f64,
     pub verify_seconds: f64,
+    pub draft_ms_per_step: f64,
+    pub verify_ms_per_step: f64,
+    pub other_ms_per_step: f64,
+    /// Size of the draft vocabulary (None = the teacher's whole vocabulary).
+    pub draft_vocab: Option<usize>,
+    /// Every tree setting evaluated, the first one being the top-level figures.
+    pub trees: Vec<TreeRow>,
+    /// What `--tree auto` chose and why.
+    pub auto: Option<AutoChoice>,
     pub per_category: BTreeMap<String, Pooled>,
     pub turns: Vec<TurnRecord>,
 }
 
-/// Pool the turn records into the report's figures.
 /// How an evaluation ran: the settings a report states beside its figures.
 #[derive(Debug, Clone, Default)]
 pub struct EvalSettings {
@@ -220,6 +254,13 @@ pub struct EvalSettings {
 pub fn summarize(records: &[TurnRecord], settings: &EvalSettings) -> EvalReport {
     let max_depth = settings.max_depth;
     let all = pool(records.iter());
+    let per_step = |secs: f64| {
+        if all.steps > 0 {
+            1000.0 * secs / all.steps as f64
+        } else {
+            0.0
+        }
+    };
     let mut per_category = BTreeMap::new();
     for cat in records.iter().map(|r| r.category.clone()) {
         if !per_category.contains_key(&cat) {
@@ -264,8 +305,96 @@ pub fn summarize(records: &[TurnRecord], settings: &EvalSettings) -> EvalReport 
         max_new_tokens: settings.max_new_tokens,
         draft_seconds: records.iter().map(|r| r.draft_seconds).sum(),
         verify_seconds: records.iter().map(|r| r.verify_seconds).sum(),
+        draft_ms_per_step: per_step(records.iter().map(|r| r.draft_seconds).sum()),
+        verify_ms_per_step: per_step(records.iter().map(|r| r.verify_seconds).sum()),
+        other_ms_per_step: per_step(
+            records
+                .iter()
+                .map(|r| r.seconds - r.prefill_seconds - r.draft_seconds - r.verify_seconds)
+                .sum(),
+        ),
+        draft_vocab: None,
+        trees: Vec::new(),
+        auto: None,
         per_category,
         turns: records.to_vec(),
+    }
+}
+
+/// One tree setting's figures in the report's `trees` list.
+#[derive(Debug, Clone, Serialize)]
+pub struct TreeRow {
+    /// The setting as asked for: "default", "auto", "dynamic" or a tree file.
+    pub tree: String,
+    /// Tokens verified per step (root included; 1 = plain decoding).
+    pub tree_tokens: usize,
+    pub tau: f64,
+    pub acceptance_per_depth: Vec<f64>,
+    pub draft_ms_per_step: f64,
+    pub verify_ms_per_step: f64,
+    pub other_ms_per_step: f64,
+    pub tokens_per_s: f64,
+    pub speedup: f64,
+    pub lossless_mismatches: usize,
+}
+
+impl TreeRow {
+    fn new(tree: &str, r: &EvalReport) -> Self {
+        Self {
+            tree: tree.to_string(),
+            tree_tokens: r.tree_tokens,
+            tau: r.tau,
+            acceptance_per_depth: r.acceptance_per_depth.clone(),
+            draft_ms_per_step: r.draft_ms_per_step,
+            verify_ms_per_step: r.verify_ms_per_step,
+            other_ms_per_step: r.other_ms_per_step,
+            tokens_per_s: r.tokens_per_s,
+            speedup: r.speedup,
+            lossless_mismatches: r.lossless_mismatches,
+        }
+    }
+}
+
+/// What `--tree auto` chose: the search's answer and the calibration it read or measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct AutoChoice {
+    pub search: SearchResult,
+    pub calibration: Calibration,
+}
+
+/// What a tree setting decodes with.
+pub enum TreeKind {
+    /// Plain decoding (what "auto" picks when no tree pays).
+    Plain,
+    Static(Tree),
+    Dynamic(DynamicTree),
+}
+
+/// A named tree setting.
+pub struct TreeSetting {
+    pub name: String,
+    pub kind: TreeKind,
+}
+
+impl TreeSetting {
+    pub fn tree_tokens(&self) -> usize {
+        match &self.kind {
+            TreeKind::Plain => 1,
+            TreeKind::Static(t) => t.len(),
+            TreeKind::Dynamic(d) => d.tokens,
+        }
+    }
+
+    pub fn max_depth(&self) -> usize {
+        self.mode().map_or(0, |m| m.max_depth())
+    }
+
+    fn mode(&self) -> Option<TreeMode<'_>> {
+        match &self.kind {
+            TreeKind::Plain => None,
+            TreeKind::Static(t) => Some(TreeMode::Static(t)),
+            TreeKind::Dynamic(d) => Some(TreeMode::Dynamic(*d)),
+        }
     }
 }
 
@@ -274,7 +403,110 @@ struct Setup {
     teacher: Teacher,
     head: DraftHead,
     chat: ChatTokenizer,
-    tree: Tree,
+    vocab: Option<DraftVocab>,
+    settings: Vec<TreeSetting>,
+}
+
+/// The "auto" tree: the search's pick on `calib` (read, or measured now).
+fn auto_setting(
+    args: &EvalOptions,
+    teacher: &Teacher,
+    head: &DraftHead,
+    vocab: Option<&DraftVocab>,
+) -> Result<(TreeSetting, AutoChoice)> {
+    let calibration = match &args.calib {
+        Some(path) => Calibration::read(path)?,
+        None => {
+            ensure!(
+                !args.calibration_texts.is_empty(),
+                "--tree auto needs a calibration: --calib FILE (from `clover calibrate`) or \
+                 --data DIR (prepared data whose eval split calibrates)"
+            );
+            let mut drafter = HeadDrafter::new(head).with_vocab(vocab);
+            calibrate(
+                teacher,
+                &mut drafter,
+                head,
+                &args.calibration_texts,
+                vocab.map(DraftVocab::len),
+                &args.calibrate,
+            )?
+        }
+    };
+    let used = vocab.map(DraftVocab::len);
+    ensure!(
+        calibration.draft_vocab == used,
+        "the calibration was measured with draft vocabulary {:?} but this evaluation drafts with \
+         {used:?}: calibrate again with the same --draft-vocab",
+        calibration.draft_vocab
+    );
+    let search = best_tree(&calibration.acceptance, &calibration.costs, args.search);
+    let kind = if search.is_plain() {
+        TreeKind::Plain
+    } else {
+        TreeKind::Static(Tree::from_paths(&search.paths, calibration.top_k)?)
+    };
+    eprintln!(
+        "auto tree: {} ({} tokens), expected tau {:.3}, {:.1} tokens/s predicted against {:.1} \
+         plain",
+        if search.is_plain() {
+            "plain decoding".to_string()
+        } else {
+            serde_json::to_string(&search.paths)?
+        },
+        search.paths.len() + 1,
+        search.expected_tau,
+        search.tokens_per_s,
+        search.plain_tokens_per_s
+    );
+    Ok((
+        TreeSetting {
+            name: "auto".into(),
+            kind,
+        },
+        AutoChoice {
+            search,
+            calibration,
+        },
+    ))
+}
+
+/// The settings named on the command line, in order.
+fn tree_settings(
+    args: &EvalOptions,
+    teacher: &Teacher,
+    head: &DraftHead,
+    vocab: Option<&DraftVocab>,
+) -> Result<(Vec<TreeSetting>, Option<AutoChoice>)> {
+    ensure!(!args.trees.is_empty(), "--tree names no tree setting");
+    let mut settings = Vec::new();
+    let mut auto = None;
+    for spec in &args.trees {
+        let setting = match spec.as_str() {
+            "default" | DEFAULT_TREE => TreeSetting {
+                name: spec.clone(),
+                kind: TreeKind::Static(Tree::load(None)?),
+            },
+            "dynamic" => {
+                args.dynamic.check()?;
+                TreeSetting {
+                    name: spec.clone(),
+                    kind: TreeKind::Dynamic(args.dynamic),
+                }
+            }
+            "auto" => {
+                let (setting, choice) = auto_setting(args, teacher, head, vocab)?;
+                auto = Some(choice);
+                setting
+            }
+            file => TreeSetting {
+                name: spec.clone(),
+                kind: TreeKind::Static(Tree::load(Some(file))?),
+            },
+        };
+        settings.push(setting);
+    }
+    Ok((settings, auto))
 }
 
 pub fn run(args: &EvalOptions) -> Result<()> {
@@ -283,7 +515,12 @@ pub fn run(args: &EvalOptions) -> Result<()> {
     let head = load_head(&args.draft, &teacher)?;
     let chat = ChatTokenizer::from_model_dir(&args.model, args.template.map(TemplateName::as_str))?
         .with_system_prompt(!args.no_system_prompt);
-    let tree = Tree::load(args.tree.as_deref())?;
+    let max_top_k = crate::decode::tree::DEFAULT_TOP_K.max(args.dynamic.top_k);
+    let vocab = match &args.draft_vocab {
+        Some(ids) => Some(DraftVocab::new(&head, ids, max_top_k)?),
+        None => None,
+    };
+    let (settings, auto) = tree_settings(args, &teacher, &head, vocab.as_ref())?;
     let mut questions = read_questions(&args.prompts)?;
     if let Some(n) = args.per_category {
         let mut seen = std::collections::HashMap::new();
@@ -300,22 +537,39 @@ pub fn run(args: &EvalOptions) -> Result<()> {
         teacher,
         head,
         chat,
-        tree,
+        vocab,
+        settings,
     };
     warm_up(&setup, &questions[0], args)?;
     let records = evaluate(&setup, &questions, args)?;
-    let report = summarize(
-        &records,
-        &EvalSettings {
-            max_depth: setup.tree.max_depth(),
-            tree_tokens: setup.tree.len(),
-            temperature: args.temperature,
-            device: device_name(device),
-            dtype: format!("{kind:?}"),
-            n_prompts: questions.len(),
-            max_new_tokens: args.max_new_tokens,
-        },
-    );
+    let reports: Vec<EvalReport> = setup
+        .settings
+        .iter()
+        .zip(&records)
+        .map(|(setting, recs)| {
+            summarize(
+                recs,
+                &EvalSettings {
+                    max_depth: setting.max_depth(),
+                    tree_tokens: setting.tree_tokens(),
+                    temperature: args.temperature,
+                    device: device_name(device),
+                    dtype: format!("{kind:?}"),
+                    n_prompts: questions.len(),
+                    max_new_tokens: args.max_new_tokens,
+                },
+            )
+        })
+        .collect();
+    let mut report = reports[0].clone();
+    report.trees = setup
+        .settings
+        .iter()
+        .zip(&reports)
+        .map(|(s, r)| TreeRow::new(&s.name, r))
+        .collect();
+    report.draft_vocab = setup.vocab.as_ref().map(DraftVocab::len);
+    report.auto = auto;
     print_table(&report);
     if let Some(path) = &args.report {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -335,6 +589,44 @@ fn device_name(device: tch::Device) -> String {
     }
 }
 
+/// Decode one prompt with one tree setting ("auto" may have picked plain decoding, which then
+/// runs as one verification step per token without a draft).
+fn decode_with(
+    setup: &Setup,
+    setting: &TreeSetting,
+    prompt: &[i64],
+    cfg: &GenerationConfig,
+) -> Result<(Timed, SpecStats)> {
+    let sampling = Sampling {
+        temperature: cfg.temperature,
+        seed: cfg.seed as i64,
+    };
+    match setting.mode() {
+        None => {
+            let timed = generate(&setup.teacher, prompt, cfg)?;
+            let stats = SpecStats {
+                accepted: vec![0; timed.answer.token_ids.len().saturating_sub(1)],
+                max_depth: 0,
+                draft_seconds: 0.0,
+                verify_seconds: timed.decode_seconds,
+            };
+            Ok((timed, stats))
+        }
+        Some(mode) => {
+            let mut drafter = HeadDrafter::new(&setup.head).with_vocab(setup.vocab.as_ref());
+            generate_with_mode(
+                &setup.teacher,
+                &mut drafter,
+                mode,
+                prompt,
+                cfg.max_new_tokens,
+                sampling,
+                &cfg.stop_ids,
+            )
+        }
+    }
+}
+
 /// Untimed runs so one-off costs (kernel selection, allocator growth) stay out of the figures.
 fn warm_up(setup: &Setup, question: &Question, args: &EvalOptions) -> Result<()> {
     let prompt = setup
@@ -342,21 +634,11 @@ fn warm_up(setup: &Setup, question: &Question, args: &EvalOptions) -> Result<()>
         .encode_prompt(&[Message::new(Role::User, question.turns[0].clone())])?;
     let max_new = args.max_new_tokens.min(16);
     for _ in 0..args.warmup {
-        let cfg = plain_config(args, max_new, 0, vec![]);
+        let cfg = plain_config(args, max_new, args.seed, vec![]);
         generate(&setup.teacher, &prompt, &cfg)?;
-        let sampling = Sampling {
-            temperature: args.temperature,
-            seed: args.seed as i64,
-        };
-        generate_speculative(
-            &setup.teacher,
-            &setup.head,
-            &setup.tree,
-            &prompt,
-            max_new,
-            sampling,
-            &[],
-        )?;
+        for setting in &setup.settings {
+            decode_with(setup, setting, &prompt, &cfg)?;
+        }
     }
     Ok(())
 }
@@ -375,12 +657,21 @@ fn plain_config(
     }
 }
 
-/// Ask every turn of every question with both decoders.
-fn evaluate(setup: &Setup, questions: &[Question], args: &EvalOptions) -> Result<Vec<TurnRecord>> {
+/// Ask every turn of every question with plain decoding and with every tree setting; one
+/// record list per setting.
+fn evaluate(
+    setup: &Setup,
+    questions: &[Question],
+    args: &EvalOptions,
+) -> Result<Vec<Vec<TurnRecord>>> {
     let total: usize = questions.iter().map(|q| q.turns.len()).sum();
     let mut bar = Progress::new("eval (turns)", total as u64);
     let stop_ids = setup.chat.stop_ids();
-    let mut records = Vec::with_capacity(total);
+    let mut records: Vec<Vec<TurnRecord>> = setup
+        .settings
+        .iter()
+        .map(|_| Vec::with_capacity(total))
+        .collect();
     for (qi, q) in questions.iter().enumerate() {
         let seed = args.seed + qi as u64;
         let mut history: Vec<Message> = Vec::new();
@@ -391,44 +682,36 @@ fn evaluate(setup: &Setup, questions: &[Question], args: &EvalOptions) -> Result
             let plain = generate(&setup.teacher, &prompt, &cfg).with_context(|| {
                 format!("question {} turn {}: plain decoding", q.question_id, ti + 1)
             })?;
-            let sampling = Sampling {
-                temperature: args.temperature,
-                seed: seed as i64,
-            };
-            let (spec, stats): (_, SpecStats) = generate_speculative(
-                &setup.teacher,
-                &setup.head,
-                &setup.tree,
-                &prompt,
-                args.max_new_tokens,
-                sampling,
-                &stop_ids,
-            )
-            .with_context(|| {
-                format!(
-                    "question {} turn {}: speculative decoding",
-                    q.question_id,
-                    ti + 1
-                )
-            })?;
-            let mismatch =
-                args.temperature <= 0.0 && spec.answer.token_ids != plain.answer.token_ids;
-            records.push(TurnRecord {
-                question_id: id_string(&q.question_id),
-                category: q.category.clone(),
-                turn: ti + 1,
-                new_tokens: spec.answer.token_ids.len(),
-                seconds: spec.prefill_seconds + spec.decode_seconds,
-                baseline_new_tokens: plain.answer.token_ids.len(),
-                baseline_seconds: plain.prefill_seconds + plain.decode_seconds,
-                mismatch,
-                draft_seconds: stats.draft_seconds,
-                verify_seconds: stats.verify_seconds,
-                accepted: stats.accepted,
-            });
+            for (setting, recs) in setup.settings.iter().zip(records.iter_mut()) {
+                let (spec, stats) =
+                    decode_with(setup, setting, &prompt, &cfg).with_context(|| {
+                        format!(
+                            "question {} turn {}: tree {}",
+                            q.question_id,
+                            ti + 1,
+                            setting.name
+                        )
+                    })?;
+                let mismatch =
+                    args.temperature <= 0.0 && spec.answer.token_ids != plain.answer.token_ids;
+                recs.push(TurnRecord {
+                    question_id: id_string(&q.question_id),
+                    category: q.category.clone(),
+                    turn: ti + 1,
+                    new_tokens: spec.answer.token_ids.len(),
+                    seconds: spec.prefill_seconds + spec.decode_seconds,
+                    baseline_new_tokens: plain.answer.token_ids.len(),
+                    baseline_seconds: plain.prefill_seconds + plain.decode_seconds,
+                    mismatch,
+                    draft_seconds: stats.draft_seconds,
+                    verify_seconds: stats.verify_seconds,
+                    prefill_seconds: spec.prefill_seconds,
+                    accepted: stats.accepted,
+                });
+            }
             let answer = setup.chat.decode(&plain.answer.token_ids)?;
             history.push(Message::new(Role::Assistant, answer));
-            let so_far = pool(records.iter());
+            let so_far = pool(records[0].iter());
             bar.set_message(format!(
                 "tau {:.2} speedup {:.2}x",
                 so_far.tau, so_far.speedup
@@ -484,4 +767,23 @@ fn print_table(r: &EvalReport) {
         r.draft_seconds,
         r.verify_seconds
     );
+    println!(
+        "{:<24} {:>6} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10}",
+        "tree", "tokens", "tau", "draft ms", "verify ms", "other ms", "tok/s", "speedup", "mismatches"
+    );
+    for t in &r.trees {
+        println!(
+            "{:<24} {:>6} {:>7.3} {:>9.2} {:>9.2} {:>9.2} {:>8.1} {:>7.2}x {:>10}",
+            t.tree,
+            t.tree_tokens,
+            t.tau,
+            t.draft_ms_per_step,
+            t.verify_ms_per_step,
+            t.other_ms_per_step,
+            t.tokens_per_s,
+            t.speedup,
+            t.lossless_mismatches
+        );
+    }
+    println!("plain decoding: {:.1} tokens/s", r.baseline_tokens_per_s);
 }

@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::decode::sampling::{
     apply_stop_rules, check_context, pick_next, sample_rows, Answer, Sampling, Timed,
 };
+use crate::decode::dynamic::{draft_dynamic, DynamicTree};
 use crate::decode::tree::{Tree, TreeTensors};
 use crate::model::head::DraftHead;
 use crate::model::layers::KvCache;
@@ -43,9 +44,12 @@ pub struct SpecStats {
     pub accepted: Vec<usize>,
     /// Depth of the tree used.
     pub max_depth: usize,
-    /// Seconds spent drafting (device synchronized only at the end of a step, so this and
-    /// `verify_seconds` are host-side split times).
+    /// Seconds spent drafting: the depth-0 call on the newly committed states (the prompt's at
+    /// the start, the accepted path's after each step) and the tree expansion. The device is
+    /// synchronized only when a step reads its accepted path, so on CUDA this and
+    /// `verify_seconds` are host-side split times.
     pub draft_seconds: f64,
+    /// Seconds in the teacher's tree forward, acceptance and KV compaction.
     pub verify_seconds: f64,
 }
 
@@ -336,10 +340,34 @@ pub fn accept_sampling(
     })
 }
 
-/// Speculative decoding of one prompt with any drafter, batch 1. Same stop rules and output as
-/// `generate::generate` (the stop id is not returned; `max_new` caps the answer), so at T = 0 the
-/// answers must be identical. It also ends (`stopped` false) when the next tree would run past
-/// `max_position_embeddings`, possibly a few tokens before plain decoding would.
+/// Which tree each step drafts and verifies.
+#[derive(Debug, Clone, Copy)]
+pub enum TreeMode<'t> {
+    /// The same tree every step.
+    Static(&'t Tree),
+    /// A tree grown from the draft's confidence every step (EAGLE-2).
+    Dynamic(DynamicTree),
+}
+
+impl TreeMode<'_> {
+    /// Deepest draft depth of any step's tree.
+    pub fn max_depth(&self) -> usize {
+        match self {
+            TreeMode::Static(tree) => tree.max_depth(),
+            TreeMode::Dynamic(shape) => shape.depth,
+        }
+    }
+
+    fn top_k(&self) -> usize {
+        match self {
+            TreeMode::Static(tree) => tree.top_k,
+            TreeMode::Dynamic(shape) => shape.top_k,
+        }
+    }
+}
+
+/// Speculative decoding of one prompt with any drafter and a static tree (see
+/// [`generate_with_mode`]).
 pub fn generate_with_drafter(
     teacher: &Teacher,
     drafter: &mut dyn Drafter,
@@ -349,8 +377,32 @@ pub fn generate_with_drafter(
     sampling: Sampling,
     stop_ids: &[i64],
 ) -> Result<(Timed, SpecStats)> {
+    generate_with_mode(
+        teacher,
+        drafter,
+        TreeMode::Static(tree),
+        prompt_ids,
+        max_new,
+        sampling,
+        stop_ids,
+    )
+}
+
+/// Speculative decoding of one prompt with any drafter, batch 1. Same stop rules and output as
+/// `generate::generate` (the stop id is not returned; `max_new` caps the answer), so at T = 0 the
+/// answers must be identical. It also ends (`stopped` false) when the next tree would run past
+/// `max_position_embeddings`, possibly a few tokens before plain decoding would.
+pub fn generate_with_mode(
+    teacher: &Teacher,
+    drafter: &mut dyn Drafter,
+    mode: TreeMode,
+    prompt_ids: &[i64],
+    max_new: usize,
+    sampling: Sampling,
+    stop_ids: &[i64],
+) -> Result<(Timed, SpecStats)> {
     let cap = teacher.config.max_position_embeddings;
-    let depth = tree.max_depth() as i64;
+    let depth = mode.max_depth() as i64;
     ensure!(
         !prompt_ids.is_empty(),
         "cannot generate from an empty prompt"
@@ -363,22 +415,30 @@ pub fn generate_with_drafter(
         prompt_ids.len()
     );
     ensure!(
-        tree.top_k as i64 <= teacher.config.vocab_size,
+        mode.top_k() as i64 <= teacher.config.vocab_size,
         "tree top-k {} exceeds the vocabulary ({})",
-        tree.top_k,
+        mode.top_k(),
         teacher.config.vocab_size
     );
-    ensure!(
-        sampling.is_greedy() || tree.children_are_contiguous(),
-        "sampling at T > 0 needs every node's children to be ranks 0..m-1 (a drawn but unverified \
-         draft token would break losslessness)"
-    );
+    if let TreeMode::Static(tree) = mode {
+        ensure!(
+            sampling.is_greedy() || tree.children_are_contiguous(),
+            "sampling at T > 0 needs every node's children to be ranks 0..m-1 (a drawn but \
+             unverified draft token would break losslessness)"
+        );
+    }
+    if let TreeMode::Dynamic(shape) = mode {
+        shape.check()?;
+    }
     crate::rng::seeded_if(!sampling.is_greedy(), sampling.seed, || {
         let _guard = tch::no_grad_guard();
         let device = teacher.device();
-        let plan = VerifyPlan::new(tree, device);
+        let static_plan = match mode {
+            TreeMode::Static(tree) => Some(VerifyPlan::new(tree, device)),
+            TreeMode::Dynamic(_) => None,
+        };
         let mut stats = SpecStats {
-            max_depth: tree.max_depth(),
+            max_depth: mode.max_depth(),
             ..Default::default()
         };
         drafter.reset();
@@ -400,28 +460,53 @@ pub fn generate_with_drafter(
             }
             let rest = prompt.narrow(0, 1, prompt_ids.len() as i64 - 1);
             let next_ids = Tensor::cat(&[rest, root.shallow_clone()], 0);
+            let t0 = Instant::now();
             let (mut logits0, mut state0) = drafter.extend(&u, &next_ids.unsqueeze(0))?;
+            stats.draft_seconds += t0.elapsed().as_secs_f64();
             loop {
                 let committed = cache.len();
                 if committed + depth >= cap {
                     break 'gen false;
                 }
                 let t0 = Instant::now();
-                let (draft_tokens, q_rows) =
-                    draft_tree(drafter, &logits0, &state0, &plan, &sampling)?;
-                let t1 = Instant::now();
-                let (accepted, u) = verify(
-                    teacher,
-                    &mut cache,
-                    &plan,
-                    &root,
-                    &draft_tokens,
-                    q_rows.as_ref(),
-                    &sampling,
-                )?;
+                let (accepted, u) = match (&static_plan, mode) {
+                    (Some(plan), _) => {
+                        let (draft_tokens, q_rows) =
+                            draft_tree(drafter, &logits0, &state0, plan, &sampling)?;
+                        stats.draft_seconds += t0.elapsed().as_secs_f64();
+                        let t1 = Instant::now();
+                        let out = verify(
+                            teacher,
+                            &mut cache,
+                            plan,
+                            &root,
+                            &draft_tokens,
+                            q_rows.as_ref(),
+                            &sampling,
+                        )?;
+                        stats.verify_seconds += t1.elapsed().as_secs_f64();
+                        out
+                    }
+                    (None, TreeMode::Dynamic(shape)) => {
+                        let drafted = draft_dynamic(drafter, &logits0, &state0, &shape, &sampling)?;
+                        let plan = VerifyPlan::new(&drafted.tree, device);
+                        stats.draft_seconds += t0.elapsed().as_secs_f64();
+                        let t1 = Instant::now();
+                        let out = verify(
+                            teacher,
+                            &mut cache,
+                            &plan,
+                            &root,
+                            &drafted.tokens,
+                            drafted.q.as_ref(),
+                            &sampling,
+                        )?;
+                        stats.verify_seconds += t1.elapsed().as_secs_f64();
+                        out
+                    }
+                    (None, TreeMode::Static(_)) => unreachable!("a static tree has its plan"),
+                };
                 stats.accepted.push(accepted.nodes.len() - 1);
-                stats.draft_seconds += (t1 - t0).as_secs_f64();
-                stats.verify_seconds += t1.elapsed().as_secs_f64();
                 tokens.extend_from_slice(&accepted.tokens[1..]);
                 tokens.push(accepted.bonus);
                 if let Some(stopped) = apply_stop_rules(&mut tokens, max_new, stop_ids) {
@@ -434,8 +519,10 @@ pub fn generate_with_drafter(
                 next.push(accepted.bonus);
                 let next = Tensor::from_slice(&next).to_device(device);
                 root = next.narrow(0, next.size()[0] - 1, 1);
+                let t0 = Instant::now();
                 (logits0, state0) =
                     drafter.extend(&u.index_select(0, &nodes).unsqueeze(0), &next.unsqueeze(0))?;
+                stats.draft_seconds += t0.elapsed().as_secs_f64();
             }
         };
         let timed = Timed {
@@ -492,10 +579,12 @@ fn verify(
 }
 
 /// The Clover-2 draft head as a [`Drafter`], with its own append-only KV cache (G9): it only ever
-/// sees committed positions, so it never needs rollback.
+/// sees committed positions, so it never needs rollback. With a [`DraftVocab`] its logits cover
+/// only that vocabulary's tokens (FR-Spec).
 pub struct HeadDrafter<'h> {
     head: &'h DraftHead,
     cache: KvCache,
+    vocab: Option<&'h DraftVocab>,
 }
 
 impl<'h> HeadDrafter<'h> {
@@ -503,7 +592,27 @@ impl<'h> HeadDrafter<'h> {
         Self {
             cache: head.new_cache(1),
             head,
+            vocab: None,
         }
+    }
+
+    /// Draft from the lm_head rows of `vocab` only.
+    pub fn with_vocab(mut self, vocab: Option<&'h DraftVocab>) -> Self {
+        self.vocab = vocab;
+        self
+    }
+
+    /// Draft logits of head outputs `o` [n,H] -> [n,V] (teacher ids; -inf outside a draft vocab).
+    pub fn logits(&self, o: &Tensor) -> Tensor {
+        match &self.vocab {
+            Some(v) => v.logits(o),
+            None => self.head.logits(o),
+        }
+    }
+
+    /// Forget the committed positions from `len` on (cost measurements reuse one prefix).
+    pub fn rewind(&mut self, len: i64) {
+        self.cache.truncate(len);
     }
 }
 
@@ -521,13 +630,69 @@ impl Drafter for HeadDrafter<'_> {
         let (o0, s0) = self
             .head
             .depth0(u, next_ids, &positions, None, Some(&mut self.cache));
-        let logits = self.head.logits(&o0.select(1, n - 1));
+        let logits = self.logits(&o0.select(1, n - 1));
         Ok((logits, s0.select(1, n - 1)))
     }
 
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
         let (o, s) = self.head.step(states, tokens);
-        Ok((self.head.logits(&o), s))
+        Ok((self.logits(&o), s))
+    }
+}
+
+/// A draft vocabulary (FR-Spec, EAGLE-3): the draft scores only these teacher token ids, with
+/// the matching lm_head rows in one [N,H] matrix. Its logits are scattered back to teacher ids
+/// (-inf elsewhere), so top-k, the draft distribution q and verification all stay in teacher
+/// ids and the sampler stays lossless (q is simply zero outside the vocabulary).
+pub struct DraftVocab {
+    ids: Tensor,
+    weight: Tensor,
+    vocab_size: i64,
+}
+
+impl DraftVocab {
+    /// `ids`: distinct teacher token ids, at least `min_len` of them (the tree's top-k).
+    pub fn new(head: &DraftHead, ids: &[i64], min_len: usize) -> Result<Self> {
+        let lm_head = head.lm_head_weight();
+        let vocab_size = lm_head.size()[0];
+        ensure!(
+            ids.len() >= min_len,
+            "a draft vocabulary of {} tokens is smaller than the tree's top-k {min_len}",
+            ids.len()
+        );
+        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= vocab_size) {
+            anyhow::bail!("draft vocabulary token {bad} is outside the teacher's {vocab_size} ids");
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = ids.iter().find(|&&i| !seen.insert(i)) {
+            anyhow::bail!("draft vocabulary lists token {dup} twice");
+        }
+        let ids = Tensor::from_slice(ids).to_device(lm_head.device());
+        Ok(Self {
+            weight: lm_head.index_select(0, &ids),
+            ids,
+            vocab_size,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.size()[0] as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// [n,H] -> [n,V]: one [n,N] matmul, scattered to the teacher ids.
+    pub fn logits(&self, o: &Tensor) -> Tensor {
+        let small = o.to_kind(self.weight.kind()).matmul(&self.weight.tr());
+        let rows = small.size()[0];
+        Tensor::full(
+            [rows, self.vocab_size],
+            f64::NEG_INFINITY,
+            (small.kind(), small.device()),
+        )
+        .index_copy(1, &self.ids, &small)
     }
 }
 
