@@ -195,6 +195,9 @@ pub struct EvalReport {
     pub verification_steps: usize,
     pub lossless_mismatches: usize,
     pub max_new_tokens: usize,
+    pub head: String,
+    pub head_parameters: i64,
+    pub draft_dir: String,
     /// Σ draft / Σ verify seconds of the speculative steps (see `TurnRecord`).
     pub draft_seconds: f64,
     pub verify_seconds: f64,
@@ -214,6 +217,11 @@ pub struct EvalSettings {
     pub dtype: String,
     pub n_prompts: usize,
     pub max_new_tokens: usize,
+    /// The draft head: its kind ("clover2", "eagle1", "medusa"), trainable parameters and
+    /// exported directory (`clover report` finds the training run's logs from it).
+    pub head: String,
+    pub head_parameters: i64,
+    pub draft_dir: String,
 }
 
 /// The whole report, built here from the per-turn records and the settings.
@@ -262,6 +270,9 @@ pub fn summarize(records: &[TurnRecord], settings: &EvalSettings) -> EvalReport 
         verification_steps: all.steps,
         lossless_mismatches: records.iter().filter(|r| r.mismatch).count(),
         max_new_tokens: settings.max_new_tokens,
+        head: settings.head.clone(),
+        head_parameters: settings.head_parameters,
+        draft_dir: settings.draft_dir.clone(),
         draft_seconds: records.iter().map(|r| r.draft_seconds).sum(),
         verify_seconds: records.iter().map(|r| r.verify_seconds).sum(),
         per_category,
@@ -284,6 +295,7 @@ pub fn run(args: &EvalOptions) -> Result<()> {
     let chat = ChatTokenizer::from_model_dir(&args.model, args.template.map(TemplateName::as_str))?
         .with_system_prompt(!args.no_system_prompt);
     let tree = Tree::load(args.tree.as_deref())?;
+    crate::decode::speculative::check_tree_for(&head, &tree)?;
     let mut questions = read_questions(&args.prompts)?;
     if let Some(n) = args.per_category {
         let mut seen = std::collections::HashMap::new();
@@ -314,6 +326,9 @@ pub fn run(args: &EvalOptions) -> Result<()> {
             dtype: format!("{kind:?}"),
             n_prompts: questions.len(),
             max_new_tokens: args.max_new_tokens,
+            head: setup.head.config().options.head.name().to_string(),
+            head_parameters: setup.head.num_parameters(),
+            draft_dir: args.draft.display().to_string(),
         },
     );
     print_table(&report);

@@ -17,7 +17,9 @@ use crate::decode::sampling::{
     apply_stop_rules, check_context, pick_next, sample_rows, Answer, Sampling, Timed,
 };
 use crate::decode::tree::{Tree, TreeTensors};
+use crate::decode::eagle_drafter::EagleDrafter;
 use crate::model::head::DraftHead;
+use crate::model::head_config::HeadKind;
 use crate::model::layers::KvCache;
 use crate::model::teacher::Teacher;
 
@@ -493,9 +495,12 @@ fn verify(
 
 /// The Clover-2 draft head as a [`Drafter`], with its own append-only KV cache (G9): it only ever
 /// sees committed positions, so it never needs rollback.
+/// Medusa drafts through it too (its "state" is h and its steps pick head `depth`).
 pub struct HeadDrafter<'h> {
     head: &'h DraftHead,
     cache: KvCache,
+    /// Depth of the next `step` (1 after `extend`).
+    depth: i64,
 }
 
 impl<'h> HeadDrafter<'h> {
@@ -503,8 +508,30 @@ impl<'h> HeadDrafter<'h> {
         Self {
             cache: head.new_cache(1),
             head,
+            depth: 1,
         }
     }
+}
+
+/// The drafter of any head kind: EAGLE-1 needs tree attention over its own drafts
+/// (`EagleDrafter`); Clover-2 and Medusa step each node from its parent alone (`HeadDrafter`).
+pub fn drafter_for(head: &DraftHead) -> Box<dyn Drafter + '_> {
+    match head.config().options.head {
+        HeadKind::Eagle1 => Box::new(EagleDrafter::new(head)),
+        HeadKind::Clover2 | HeadKind::Medusa => Box::new(HeadDrafter::new(head)),
+    }
+}
+
+/// Checks a tree can be drafted by `head`: Medusa has one head per depth.
+pub fn check_tree_for(head: &DraftHead, tree: &Tree) -> Result<()> {
+    let opts = &head.config().options;
+    ensure!(
+        opts.head != HeadKind::Medusa || tree.max_depth() as i64 <= opts.num_depths,
+        "the tree is {} deep but the Medusa head has only {} heads",
+        tree.max_depth(),
+        opts.num_depths
+    );
+    Ok(())
 }
 
 impl Drafter for HeadDrafter<'_> {
@@ -521,17 +548,26 @@ impl Drafter for HeadDrafter<'_> {
         let (o0, s0) = self
             .head
             .depth0(u, next_ids, &positions, None, Some(&mut self.cache));
-        let logits = self.head.logits(&o0.select(1, n - 1));
+        let logits = self.head.logits_at(0, &o0.select(1, n - 1));
+        self.depth = 1;
         Ok((logits, s0.select(1, n - 1)))
     }
 
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (o, s) = self.head.step(states, tokens);
-        Ok((self.head.logits(&o), s))
+        let depth = self.depth;
+        let opts = &self.head.config().options;
+        ensure!(
+            opts.head != HeadKind::Medusa || depth < opts.num_depths,
+            "Medusa head asked for depth {depth} but has {} heads",
+            opts.num_depths
+        );
+        let (o, s) = self.head.step_at(depth, states, tokens);
+        self.depth += 1;
+        Ok((self.head.logits_at(depth, &o), s))
     }
 }
 
-/// Speculative decoding of one prompt with a Clover-2 draft head (see [`generate_with_drafter`]).
+/// Speculative decoding of one prompt with a draft head of any kind (see [`generate_with_drafter`]).
 pub fn generate_speculative(
     teacher: &Teacher,
     head: &DraftHead,
@@ -541,10 +577,11 @@ pub fn generate_speculative(
     sampling: Sampling,
     stop_ids: &[i64],
 ) -> Result<(Timed, SpecStats)> {
-    let mut drafter = HeadDrafter::new(head);
+    check_tree_for(head, tree)?;
+    let mut drafter = drafter_for(head);
     generate_with_drafter(
         teacher,
-        &mut drafter,
+        drafter.as_mut(),
         tree,
         prompt_ids,
         max_new,

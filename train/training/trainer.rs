@@ -330,9 +330,16 @@ impl<'a> Run<'a> {
         let (cfg, teacher) = (self.cfg, self.teacher);
         let samples: Vec<&Sample> = idx.iter().map(|&i| &source.samples()[i]).collect();
         let batch = make_batch(teacher, &samples, states_for(source, idx)?, cfg.max_len)?;
-        let outs = self.head.depth_outputs(&batch.u, &batch.next_ids, None);
+        // EAGLE-1's input noise: one seed per (run, step, micro-batch), so a resumed run draws
+        // the same noise.
+        let noise_seed = (cfg.seed as i64)
+            .wrapping_mul(1_000_003)
+            .wrapping_add((step as i64) * 4096 + idx.first().copied().unwrap_or(0) as i64);
+        let outs = self
+            .head
+            .training_outputs(&batch.u, &batch.next_ids, noise_seed);
         let head = &self.head;
-        let lm_head = |o: &Tensor| head.logits(o);
+        let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
         let mut parts = batch_loss(
             teacher,
             &batch.u,
