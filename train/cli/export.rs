@@ -48,10 +48,31 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         None
     };
     export_head(&cfg, &tensors, &teacher_config, frozen.as_ref(), &args.out)?;
+    write_provenance(&checkpoint, &args.out)?;
     eprintln!(
         "exported {} to {}",
         checkpoint.display(),
         args.out.display()
     );
     Ok(())
+}
+
+/// Records which checkpoint and training run the export came from, so `clover report` can find
+/// the run's logs. A checkpoint lives at `<run>/checkpoints/step-N`.
+fn write_provenance(checkpoint: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let checkpoint = checkpoint
+        .canonicalize()
+        .with_context(|| format!("resolving {}", checkpoint.display()))?;
+    let run_dir = checkpoint
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let p = crate::training::report::Provenance {
+        checkpoint,
+        run_dir,
+    };
+    let file = out.join(crate::training::report::PROVENANCE_FILE);
+    std::fs::write(&file, serde_json::to_string_pretty(&p)?)
+        .with_context(|| format!("writing {}", file.display()))
 }

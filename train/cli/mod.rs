@@ -10,6 +10,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod import;
+pub mod report;
 pub mod init_random;
 pub mod train;
 use clap::{Parser, Subcommand};
@@ -39,12 +40,14 @@ enum Command {
     Data(DataCommand),
     /// Cache the teacher's pre-norm hidden states over prepared data (distillation targets).
     Distill(crate::cli::distill::DistillArgs),
-    /// Train the Clover-2 draft head (per-depth distillation loss) from a TOML config.
+    /// Train a draft head (Clover-2, or the EAGLE-1 / Medusa baselines) from a TOML config.
     Train(crate::cli::train::TrainArgs),
     /// Write a trained head as safetensors with the reference's tensor names, plus config.json.
     Export(crate::cli::export::ExportArgs),
     /// Speculative vs plain decoding on held-out prompts: tau, acceptance per depth, speed.
     Eval(crate::cli::eval::EvalArgs),
+    /// Compare eval reports: DIR/report.md (a table) and PNG plots.
+    Report(crate::cli::report::ReportArgs),
     /// Answer a prompt with the teacher (plain decoding).
     Generate(crate::cli::generate::GenerateArgs),
     /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
@@ -75,6 +78,7 @@ pub fn main() -> Result<()> {
         Command::Train(args) => crate::cli::train::run(&args),
         Command::Export(args) => crate::cli::export::run(&args),
         Command::Eval(args) => crate::cli::eval::run(&args),
+        Command::Report(args) => crate::cli::report::run(&args),
         Command::ImportGguf(args) => crate::cli::import::run(&args),
         Command::InitRandom(args) => crate::cli::init_random::run(&args),
         Command::Generate(args) => crate::cli::generate::run(&args),

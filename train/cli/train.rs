@@ -26,10 +26,14 @@ pub struct TrainArgs {
     /// applies it when the run lands on a CUDA device.
     #[arg(long, value_enum, default_value_t = Profile::Auto)]
     pub profile: Profile,
+    /// Override a config key, after the profile: `--set head="eagle1" --set max_steps=5
+    /// --set out_dir=/tmp/run` (VALUE is TOML, or a plain string). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::load(&args.config, args.profile)?;
+    let cfg = TrainConfig::load_with_overrides(&args.config, args.profile, &args.overrides)?;
     let device = parse_device(&cfg.device)?;
     // The frozen teacher runs in the autocast dtype (bf16 on CUDA by default), else in f32.
     let teacher_kind = cfg.autocast_kind(device).unwrap_or(Kind::Float);
