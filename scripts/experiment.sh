@@ -11,6 +11,7 @@
 #   EXPERIMENT_OUT=DIR       where runs, heads, eval reports and the report go (data/work/experiment)
 #   EXPERIMENT_WORK=DIR      the demo's work dir to read: prepared, distill, train (data/work)
 #   EXPERIMENT_PER_CATEGORY, EXPERIMENT_EVAL_TOKENS   the eval size (default: the demo's)
+#   EXPERIMENT_LIMIT=N       evaluate only the first N of those questions (a smoke run)
 # Every stage is resumable: rerunning continues interrupted training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ else
 fi
 PER_CATEGORY=${EXPERIMENT_PER_CATEGORY:-$PER_CATEGORY}
 EVAL_TOKENS=${EXPERIMENT_EVAL_TOKENS:-$EVAL_TOKENS}
+LIMIT=()
+[ -n "${EXPERIMENT_LIMIT:-}" ] && LIMIT=(--limit "$EXPERIMENT_LIMIT")
 
 for need in "$WORK/distill/distill.json" "$WORK/prepared" "$WORK/mt_bench_questions.jsonl"; do
   [ -e "$need" ] || { echo "missing $need: run \`make demo\` first" >&2; exit 1; }
@@ -60,7 +63,7 @@ for HEAD in clover2 eagle1 medusa; do
   [ "$HEAD" = clover2 ] && [ -z "$STEPS" ] && RUN=$WORK/train
   $CLOVER export --checkpoint "$RUN/latest" --out "$OUT/head-$HEAD"
   $CLOVER eval --model $TEACHER --draft "$OUT/head-$HEAD" --prompts $WORK/mt_bench_questions.jsonl \
-    --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE --report "$OUT/$HEAD.json"
+    --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE "${LIMIT[@]}" --report "$OUT/$HEAD.json"
 done
 
 step "report"

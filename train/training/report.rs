@@ -279,6 +279,15 @@ fn legend<'a, DB: DrawingBackend + 'a>(
         .draw()
 }
 
+/// The lower end of a y axis: padded below the data, but not below 0 when the data are not.
+fn y_floor(y_min: f64, pad: f64) -> f64 {
+    if y_min >= 0.0 {
+        (y_min - pad).max(0.0)
+    } else {
+        y_min - pad
+    }
+}
+
 /// Lines y(x) per run on one chart.
 fn plot_lines(
     file: &Path,
@@ -305,7 +314,8 @@ fn plot_lines(
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..x_max * 1.02, (y_min - pad).min(0f64.max(y_min - pad))..y_max + pad)
+        // Shares and top-1 rates never go below 0: do not draw negative space for them.
+        .build_cartesian_2d(0f64..x_max * 1.02, y_floor(y_min, pad)..y_max + pad)
         .map_err(&err)?;
     chart
         .configure_mesh()
