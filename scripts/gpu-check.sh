@@ -130,6 +130,7 @@ CHITCHAT=$BUNDLE/chitchat-sharegpt.json
 [ -f "$CHITCHAT" ] || CHITCHAT=data/work/chitchat-sharegpt.json
 
 export CLOVER_REPO_ROOT=$REPO CLOVER_BIN=$CLOVER CLOVER_SMOLLM2_DIR=$TEACHER
+if [ -n "$GGUF" ]; then export CLOVER_SMOLLM2_GGUF=$GGUF; fi
 if [ "$SMOKE" = 1 ]; then
   part tests 600 env CLOVER_TEST_DEVICE=cpu OMP_NUM_THREADS=1 "$TESTS" device::
   part bench-smollm2 120 "$CLOVER" bench --model "$TEACHER" --device cpu --prefill-tokens 32 \
