@@ -28,7 +28,11 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// The head's tensors with `edit` applied, rebuilt into a head.
-fn edited(teacher: &Teacher, head: &DraftHead, edit: impl Fn(&str, &Tensor) -> Tensor) -> DraftHead {
+fn edited(
+    teacher: &Teacher,
+    head: &DraftHead,
+    edit: impl Fn(&str, &Tensor) -> Tensor,
+) -> DraftHead {
     let tensors: BTreeMap<String, Tensor> = head
         .named_tensors()
         .iter()
@@ -113,7 +117,12 @@ fn eagle1_training_noise_is_eagles_uniform_and_seeded() {
     // 1024 uniform draws on [-0.8, 0.8]: the extremes come within 1% of the bounds with
     // probability 1 - 2·0.99^1024 > 0.9999.
     assert!(lo < -0.99 * bound && hi > 0.99 * bound);
-    assert!(max_abs(&noise, &clover::model::eagle::input_noise(&[2, 64, 8], 0.2, 7)) == 0.0);
+    assert!(
+        max_abs(
+            &noise,
+            &clover::model::eagle::input_noise(&[2, 64, 8], 0.2, 7)
+        ) == 0.0
+    );
     let teacher = tiny_teacher(Kind::Float);
     let eagle = head_of(&teacher, HeadKind::Eagle1, 1, 5);
     let clover2 = head_of(&teacher, HeadKind::Clover2, 2, 5);
@@ -163,7 +172,13 @@ fn medusa_forward_by_hand() {
     }
     // Reference init: zero block weights, projections copied from the lm_head.
     let init = base.named_tensors();
-    assert_eq!(init["1.0.linear.weight"].abs().sum(Kind::Float).double_value(&[]), 0.0);
+    assert_eq!(
+        init["1.0.linear.weight"]
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[]),
+        0.0
+    );
     assert_eq!(max_abs(&init["2.1.weight"], teacher.lm_head_weight()), 0.0);
 }
 
@@ -191,7 +206,10 @@ fn loss_weights_per_head_and_the_loss_they_give() {
         for (i, d) in parts.depths.iter().enumerate() {
             let want = (v_w * d.vloss + p_w * d.ploss) * 0.7f64.powi(i as i32);
             // f64 sums of three f32 values of size ~10: 1e-5 relative is generous.
-            assert!((d.loss - want).abs() <= 1e-5 * want.abs().max(1.0), "{kind:?} depth {i}");
+            assert!(
+                (d.loss - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{kind:?} depth {i}"
+            );
         }
         // Medusa distills against the teacher: a perfect copy of the teacher's head at depth 0
         // would score the teacher's entropy; here it must at least be finite and positive.
@@ -215,7 +233,14 @@ fn export_then_load_round_trip_for_eagle1_and_medusa() {
         let out = dir.join(kind.name());
         let frozen = teacher.weight("model.embed_tokens.weight").unwrap();
         let frozen = (kind == HeadKind::Eagle1).then_some(frozen);
-        export_head(head.config(), &head.named_tensors(), &teacher_config, frozen, &out).unwrap();
+        export_head(
+            head.config(),
+            &head.named_tensors(),
+            &teacher_config,
+            frozen,
+            &out,
+        )
+        .unwrap();
         let keys: Vec<String> = Tensor::read_safetensors(out.join(file))
             .unwrap()
             .into_iter()
@@ -274,7 +299,13 @@ fn eagle_tree_drafting_equals_causal_passes_along_each_path() {
         assert!(max_abs(&logits0, &head.logits(&f_last.squeeze_dim(1))) < 1e-4);
         let h = head.post_norm(&u);
         let chain = |feats: &[&Tensor], toks: &[i64]| {
-            let x = Tensor::cat(&[h.shallow_clone()].into_iter().chain(feats.iter().map(|t| t.shallow_clone())).collect::<Vec<_>>(), 1);
+            let x = Tensor::cat(
+                &[h.shallow_clone()]
+                    .into_iter()
+                    .chain(feats.iter().map(|t| t.shallow_clone()))
+                    .collect::<Vec<_>>(),
+                1,
+            );
             let mut ids: Vec<i64> = Vec::try_from(next.reshape([-1])).unwrap();
             ids.extend_from_slice(toks);
             let n = ids.len() as i64;
@@ -340,13 +371,27 @@ fn greedy_speculative_equals_plain_smollm2_random_eagle1_and_medusa() {
     let prompt = chat.encode_prompt(&messages).unwrap();
     let stop = chat.stop_ids();
     let plain = plain_greedy(&teacher, &prompt, 40, &stop);
-    assert!(plain.len() >= 20, "answer too short to be a meaningful test");
+    assert!(
+        plain.len() >= 20,
+        "answer too short to be a meaningful test"
+    );
     for kind in [HeadKind::Eagle1, HeadKind::Medusa] {
         let head = head_of(&teacher, kind, 5, 1);
-        let (spec, stats) =
-            generate_speculative(&teacher, &head, &tree, &prompt, 40, Sampling::greedy(), &stop)
-                .unwrap();
-        eprintln!("SmolLM2 random {kind:?}: tau {:.2}, accepted {:?}", stats.tau(), stats.accepted);
+        let (spec, stats) = generate_speculative(
+            &teacher,
+            &head,
+            &tree,
+            &prompt,
+            40,
+            Sampling::greedy(),
+            &stop,
+        )
+        .unwrap();
+        eprintln!(
+            "SmolLM2 random {kind:?}: tau {:.2}, accepted {:?}",
+            stats.tau(),
+            stats.accepted
+        );
         assert_eq!(spec.answer.token_ids, plain, "{kind:?}");
     }
 }
@@ -358,12 +403,18 @@ fn clover2_ablation_defaults_are_the_reference() {
     assert_eq!(o.head, HeadKind::Clover2);
     assert_eq!((o.num_depths, o.num_layers, o.decay), (5, 2, 0.7));
     assert!(o.regressive_connection);
-    assert_eq!((o.regression_weight(), o.distillation_weight()), (10.0, 1.0));
+    assert_eq!(
+        (o.regression_weight(), o.distillation_weight()),
+        (10.0, 1.0)
+    );
     assert_eq!(o.input_noise(), 0.0);
     let teacher = tiny_teacher(Kind::Float);
     let cfg = HeadConfig::from_teacher(&teacher.config);
     let w = LossWeights::reference(&cfg);
-    assert_eq!((w.v_w, w.p_w, w.decay, w.heads_coefficient), (10.0, 1.0, 0.7, 1.0));
+    assert_eq!(
+        (w.v_w, w.p_w, w.decay, w.heads_coefficient),
+        (10.0, 1.0, 0.7, 1.0)
+    );
     // A config that does not name the switches parses to the same options.
     let parsed: HeadOptions = toml::from_str("num_depths = 5").unwrap();
     assert_eq!(parsed, o);
@@ -380,19 +431,27 @@ fn clover2_ablation_switches_change_what_they_say() {
     assert_eq!((w.v_w, w.p_w), (0.0, 2.5));
     assert_eq!(w.depth_weight(2), 0.25);
     // Augmenting-Block layers: one layer fewer = nine tensors fewer.
-    let full = HeadConfig::from_teacher(&teacher.config).trainable_shapes().len();
+    let full = HeadConfig::from_teacher(&teacher.config)
+        .trainable_shapes()
+        .len();
     cfg.options.num_layers = 1;
     assert_eq!(cfg.trainable_shapes().len(), full - 9);
     // Regressive connection off: depths >= 1 ignore the chosen token; on, they do not.
     let state = clover::rng::seeded(3, || Tensor::randn([2, 64], (Kind::Float, Device::Cpu)));
-    let (a, b) = (Tensor::from_slice(&[5i64, 6]), Tensor::from_slice(&[40i64, 70]));
+    let (a, b) = (
+        Tensor::from_slice(&[5i64, 6]),
+        Tensor::from_slice(&[40i64, 70]),
+    );
     let on = head_of(&teacher, HeadKind::Clover2, 3, 2);
     let mut off_cfg = on.config().clone();
     off_cfg.options.regressive_connection = false;
     let off = DraftHead::from_tensors(&teacher, off_cfg, &on.named_tensors()).unwrap();
     tch::no_grad(|| {
         assert!(max_abs(&on.step(&state, &a).0, &on.step(&state, &b).0) > 1e-4);
-        assert_eq!(max_abs(&off.step(&state, &a).0, &off.step(&state, &b).0), 0.0);
+        assert_eq!(
+            max_abs(&off.step(&state, &a).0, &off.step(&state, &b).0),
+            0.0
+        );
         assert!(max_abs(&off.step(&state, &a).0, &on.step(&state, &a).0) > 1e-4);
     });
 }
@@ -416,10 +475,21 @@ fn trainer_trains_and_resumes_eagle1_and_medusa_exactly() {
             cfg
         };
         let run = |cfg: &clover::training::config::TrainConfig, resume, opts: &TrainOptions| {
-            train(cfg, &teacher, Source::Online(train_set.clone()), eval_set.clone(), resume, opts)
-                .unwrap()
+            train(
+                cfg,
+                &teacher,
+                Source::Online(train_set.clone()),
+                eval_set.clone(),
+                resume,
+                opts,
+            )
+            .unwrap()
         };
-        let full = run(&config(&format!("{}-a", kind.name())), false, &TrainOptions::default());
+        let full = run(
+            &config(&format!("{}-a", kind.name())),
+            false,
+            &TrainOptions::default(),
+        );
         assert_eq!(full.steps.len(), 6);
         let depths = if kind == HeadKind::Eagle1 { 1 } else { 3 };
         assert_eq!(full.steps[0].depth_loss.len(), depths, "{kind:?}");
@@ -440,7 +510,10 @@ fn trainer_trains_and_resumes_eagle1_and_medusa_exactly() {
         let (_, wb) = read_checkpoint_head(rest.last_checkpoint.as_ref().unwrap()).unwrap();
         assert_eq!(cfg_a.options.head, kind);
         for (n, t) in &wa {
-            assert!(max_abs(t, &wb[n]) <= 1e-6, "{kind:?}: {n} differs after resume");
+            assert!(
+                max_abs(t, &wb[n]) <= 1e-6,
+                "{kind:?}: {n} differs after resume"
+            );
         }
     }
 }
@@ -471,8 +544,11 @@ fn report_writes_table_from_inputs_and_decodable_pngs() {
             r#"{{"step":{s},"loss":{loss},"forced_top1":[0.5],"chained_top1":[{c},0.1],"starts":9,"unigram_top1":0.1}}"#
         )
     };
-    std::fs::write(run.join("eval.jsonl"), [eval(0, 9.0, 0.1), eval(3, 4.5, 0.4)].join("\n"))
-        .unwrap();
+    std::fs::write(
+        run.join("eval.jsonl"),
+        [eval(0, 9.0, 0.1), eval(3, 4.5, 0.4)].join("\n"),
+    )
+    .unwrap();
     std::fs::write(
         head_dir.join(PROVENANCE_FILE),
         serde_json::json!({"checkpoint": run.join("checkpoints/step-00000003"), "run_dir": run})
@@ -490,11 +566,22 @@ fn report_writes_table_from_inputs_and_decodable_pngs() {
         std::fs::write(&file, v.to_string()).unwrap();
         file
     };
-    let evals = vec![report("eagle1", 2.5, Some(&head_dir)), report("medusa", 1.75, None)];
+    let evals = vec![
+        report("eagle1", 2.5, Some(&head_dir)),
+        report("medusa", 1.75, None),
+    ];
     let out = dir.join("out");
-    let runs = write_report(&ReportOptions { evals, out: out.clone() }).unwrap();
+    let runs = write_report(&ReportOptions {
+        evals,
+        out: out.clone(),
+    })
+    .unwrap();
     assert_eq!(runs[0].training_tokens, Some(500));
-    let curve: Vec<(u64, f64)> = runs[0].curve.iter().map(|p| (p.tokens, p.chained_top1)).collect();
+    let curve: Vec<(u64, f64)> = runs[0]
+        .curve
+        .iter()
+        .map(|p| (p.tokens, p.chained_top1))
+        .collect();
     assert_eq!(curve, vec![(0, 0.1), (500, 0.4)]);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for row in [
@@ -505,12 +592,17 @@ fn report_writes_table_from_inputs_and_decodable_pngs() {
     }
     for plot in PLOTS {
         let file = std::fs::File::open(out.join(plot)).unwrap();
-        let mut reader = png::Decoder::new(std::io::BufReader::new(file)).read_info().unwrap();
+        let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+            .read_info()
+            .unwrap();
         let mut buf = vec![0; reader.output_buffer_size()];
         let frame = reader.next_frame(&mut buf).unwrap();
         assert_eq!((frame.width, frame.height), (960, 600), "{plot}");
         // Not a blank canvas: some pixels differ from the white background.
-        assert!(buf[..frame.buffer_size()].iter().any(|&b| b < 200), "{plot} is blank");
+        assert!(
+            buf[..frame.buffer_size()].iter().any(|&b| b < 200),
+            "{plot} is blank"
+        );
         assert!(md.contains(&format!("]({plot})")));
     }
 }
@@ -522,15 +614,23 @@ fn train_set_overrides_keys() {
     use clover::training::config::{Profile, TrainConfig};
     let base = "model_dir = \"m\"\ndata_dir = \"d\"\nout_dir = \"o\"\nmax_steps = 100\n\
                 [cuda]\nmax_steps = 4000\n";
-    let sets = ["head=\"medusa\"", "max_steps=5", "out_dir=/tmp/run-x", "decay=0.8"]
-        .map(String::from);
+    let sets = [
+        "head=\"medusa\"",
+        "max_steps=5",
+        "out_dir=/tmp/run-x",
+        "decay=0.8",
+    ]
+    .map(String::from);
     let cfg = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cuda, &sets).unwrap();
     assert_eq!(cfg.head.head, HeadKind::Medusa);
     assert_eq!(cfg.max_steps, Some(5), "after the [cuda] table");
     assert_eq!(cfg.out_dir, std::path::PathBuf::from("/tmp/run-x"));
     assert_eq!(cfg.head.decay, 0.8);
     let plain = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cpu, &[]).unwrap();
-    assert_eq!((plain.head.head, plain.max_steps), (HeadKind::Clover2, Some(100)));
+    assert_eq!(
+        (plain.head.head, plain.max_steps),
+        (HeadKind::Clover2, Some(100))
+    );
     let err = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cpu, &["max_steps".into()])
         .unwrap_err()
         .to_string();

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use tch::Kind;
 
-use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
 use crate::model::head_config::HeadKind;
+use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
 use crate::training::export::export_head;
 
 #[derive(clap::Args, Debug)]

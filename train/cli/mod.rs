@@ -10,8 +10,8 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod import;
-pub mod report;
 pub mod init_random;
+pub mod report;
 pub mod train;
 use clap::{Parser, Subcommand};
 

@@ -25,7 +25,9 @@ pub fn run(args: &ReportArgs) -> Result<()> {
     eprintln!(
         "wrote {} and {}",
         args.out.join("report.md").display(),
-        PLOTS.map(|p| args.out.join(p).display().to_string()).join(", ")
+        PLOTS
+            .map(|p| args.out.join(p).display().to_string())
+            .join(", ")
     );
     Ok(())
 }

@@ -54,9 +54,17 @@ impl Drafter for EagleDrafter<'_> {
         let device = u.device();
         // Forget the last step's tree rows: only committed positions stay (G9).
         self.cache.truncate(self.committed);
-        let positions = Tensor::arange_start(self.committed, self.committed + n, (Kind::Int64, device))
-            .unsqueeze(0);
-        let (f, _) = eagle::depth0(self.head, u, next_ids, &positions, None, Some(&mut self.cache));
+        let positions =
+            Tensor::arange_start(self.committed, self.committed + n, (Kind::Int64, device))
+                .unsqueeze(0);
+        let (f, _) = eagle::depth0(
+            self.head,
+            u,
+            next_ids,
+            &positions,
+            None,
+            Some(&mut self.cache),
+        );
         self.committed += n;
         let last = f.select(1, n - 1);
         self.features = last.shallow_clone();
@@ -88,7 +96,11 @@ impl Drafter for EagleDrafter<'_> {
             1,
         )
         .view([1, 1, n, -1]);
-        let positions = Tensor::full([1, n], self.committed + self.depth - 1, (Kind::Int64, device));
+        let positions = Tensor::full(
+            [1, n],
+            self.committed + self.depth - 1,
+            (Kind::Int64, device),
+        );
         let parents = self.features.index_select(0, states).unsqueeze(0);
         let f = eagle::forward(
             self.head,

@@ -13,11 +13,11 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::decode::eagle_drafter::EagleDrafter;
 use crate::decode::sampling::{
     apply_stop_rules, check_context, pick_next, sample_rows, Answer, Sampling, Timed,
 };
 use crate::decode::tree::{Tree, TreeTensors};
-use crate::decode::eagle_drafter::EagleDrafter;
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadKind;
 use crate::model::layers::KvCache;
@@ -33,7 +33,8 @@ pub trait Drafter {
     /// at the last position.
     fn extend(&mut self, u: &Tensor, next_ids: &Tensor) -> Result<(Tensor, Tensor)>;
     /// One depth >= 1 step on parent `states` [n,H] and the chosen tokens [n]:
-    /// (logits [n,V], states [n,H]).
+    /// (logits [n,V], states [n,H]). States are opaque to the caller, which only gathers their
+    /// rows by parent (`EagleDrafter`'s are draft-row ids [n]).
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)>;
 }
 

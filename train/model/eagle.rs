@@ -111,7 +111,14 @@ pub fn noisy_forward(
     let positions = Tensor::arange(t, (Kind::Int64, head.device()))
         .unsqueeze(0)
         .expand([b, t], true);
-    forward(head, &(h + noise.to_kind(head.stream_kind())), next_ids, &positions, None, None)
+    forward(
+        head,
+        &(h + noise.to_kind(head.stream_kind())),
+        next_ids,
+        &positions,
+        None,
+        None,
+    )
 }
 
 /// One step for rows with no context: state [n,H] (a predicted feature), tokens [n]; each row

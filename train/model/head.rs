@@ -110,7 +110,9 @@ impl DraftHead {
     pub fn load(dir: &Path, teacher: &Teacher) -> Result<Self> {
         let cfg = HeadConfig::from_export_json(&dir.join("config.json"))?;
         cfg.check_against(&teacher.config)?;
-        let file = dir.join(crate::model::head_config::head_weights_file(cfg.options.head));
+        let file = dir.join(crate::model::head_config::head_weights_file(
+            cfg.options.head,
+        ));
         let tensors = read_head_tensors(&file, &cfg)?;
         Self::from_tensors(teacher, cfg, &tensors)
     }
@@ -265,7 +267,11 @@ impl DraftHead {
     /// The teacher's post-norm features h = final_norm(u), in the stream's kind.
     pub fn post_norm(&self, u: &Tensor) -> Tensor {
         let u = u.to_kind(self.stream_kind());
-        rms_norm(&u, &self.final_norm.to_kind(u.kind()), self.cfg.rms_norm_eps)
+        rms_norm(
+            &u,
+            &self.final_norm.to_kind(u.kind()),
+            self.cfg.rms_norm_eps,
+        )
     }
 
     /// The draft's rotary embedding.
@@ -435,7 +441,9 @@ impl DraftHead {
         let amplitude = self.cfg.options.input_noise();
         match self.cfg.options.head {
             HeadKind::Eagle1 if amplitude > 0.0 => {
-                vec![crate::model::eagle::noisy_forward(self, u, next_ids, amplitude, noise_seed)]
+                vec![crate::model::eagle::noisy_forward(
+                    self, u, next_ids, amplitude, noise_seed,
+                )]
             }
             _ => self.depth_outputs(u, next_ids, None),
         }

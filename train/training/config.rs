@@ -356,7 +356,11 @@ impl TrainConfig {
     }
 
     /// `load`, then `KEY=VALUE` overrides (see `from_toml_with_overrides`).
-    pub fn load_with_overrides(path: &Path, profile: Profile, overrides: &[String]) -> Result<Self> {
+    pub fn load_with_overrides(
+        path: &Path,
+        profile: Profile,
+        overrides: &[String],
+    ) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_toml_with_overrides(&text, &path.display().to_string(), profile, overrides)

@@ -13,8 +13,8 @@ use tch::{Kind, Tensor};
 use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
 use crate::model::head::check_head_tensors;
-use crate::model::head_config::{HeadConfig, HeadKind};
 pub use crate::model::head_config::head_weights_file;
+use crate::model::head_config::{HeadConfig, HeadKind};
 
 /// The frozen tensors a full state dict of `kind` holds, all copies of one teacher tensor: the
 /// lm_head for Clover-2 (`lm_head.weight`, `clover_embed_tokens.weight`), the teacher's

@@ -91,7 +91,10 @@ fn read_jsonl<T: for<'de> Deserialize<'de>>(file: &Path) -> Result<Vec<T>> {
 fn find_run_dir(draft_dir: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string(draft_dir.join(PROVENANCE_FILE)).ok()?;
     let p: Provenance = serde_json::from_str(&text).ok()?;
-    p.run_dir.join("metrics.jsonl").is_file().then_some(p.run_dir)
+    p.run_dir
+        .join("metrics.jsonl")
+        .is_file()
+        .then_some(p.run_dir)
 }
 
 /// Training tokens and the held-out curve of a run dir. The tokens at an eval of step s are
@@ -126,7 +129,10 @@ pub fn load_run(eval_file: &Path) -> Result<RunSummary> {
     let text = std::fs::read_to_string(eval_file)
         .with_context(|| format!("reading {}", eval_file.display()))?;
     let e: EvalFile = serde_json::from_str(&text).with_context(|| {
-        format!("{} is not a `clover eval --report` file", eval_file.display())
+        format!(
+            "{} is not a `clover eval --report` file",
+            eval_file.display()
+        )
     })?;
     let label = eval_file
         .file_stem()
@@ -155,7 +161,10 @@ pub fn load_run(eval_file: &Path) -> Result<RunSummary> {
 }
 
 fn categories(runs: &[RunSummary]) -> Vec<String> {
-    let set: BTreeSet<&String> = runs.iter().flat_map(|r| r.tau_per_category.keys()).collect();
+    let set: BTreeSet<&String> = runs
+        .iter()
+        .flat_map(|r| r.tau_per_category.keys())
+        .collect();
     set.into_iter().cloned().collect()
 }
 
@@ -173,7 +182,11 @@ pub fn markdown_table(runs: &[RunSummary]) -> String {
         .collect::<Vec<_>>();
     header.extend(cats.iter().map(|c| format!("τ {c}")));
     header.extend(["acceptance per depth", "speedup", "device"].map(String::from));
-    let mut out = format!("| {} |\n|{}\n", header.join(" | "), "---|".repeat(header.len()));
+    let mut out = format!(
+        "| {} |\n|{}\n",
+        header.join(" | "),
+        "---|".repeat(header.len())
+    );
     for r in runs {
         let mut row = vec![
             r.label.clone(),
@@ -182,8 +195,15 @@ pub fn markdown_table(runs: &[RunSummary]) -> String {
             or_dash(r.training_tokens),
             format!("{:.3}", r.tau),
         ];
-        row.extend(cats.iter().map(|c| or_dash(r.tau_per_category.get(c).map(|t| format!("{t:.3}")))));
-        let acc: Vec<String> = r.acceptance_per_depth.iter().map(|a| format!("{a:.3}")).collect();
+        row.extend(
+            cats.iter()
+                .map(|c| or_dash(r.tau_per_category.get(c).map(|t| format!("{t:.3}")))),
+        );
+        let acc: Vec<String> = r
+            .acceptance_per_depth
+            .iter()
+            .map(|a| format!("{a:.3}"))
+            .collect();
         row.push(acc.join(" / "));
         row.push(format!("{:.2}x", r.speedup));
         row.push(r.device.clone());
@@ -251,7 +271,10 @@ fn plot_tau_per_category(runs: &[RunSummary], file: &Path) -> Result<()> {
         let bars = cats.iter().enumerate().filter_map(|(i, c)| {
             let tau = *r.tau_per_category.get(c)?;
             let x0 = i as f64 + 0.1 + j as f64 * width;
-            Some(Rectangle::new([(x0, 0.0), (x0 + width, tau)], color.filled()))
+            Some(Rectangle::new(
+                [(x0, 0.0), (x0 + width, tau)],
+                color.filled(),
+            ))
         });
         chart
             .draw_series(bars)
@@ -350,9 +373,16 @@ pub const PLOTS: [&str; 4] = [
 
 /// Writes `out/report.md` and the PNGs of `PLOTS`. Returns the runs as read.
 pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
-    ensure!(!opts.evals.is_empty(), "clover report needs at least one eval report");
+    ensure!(
+        !opts.evals.is_empty(),
+        "clover report needs at least one eval report"
+    );
     register_font()?;
-    let runs: Vec<RunSummary> = opts.evals.iter().map(|f| load_run(f)).collect::<Result<_>>()?;
+    let runs: Vec<RunSummary> = opts
+        .evals
+        .iter()
+        .map(|f| load_run(f))
+        .collect::<Result<_>>()?;
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     plot_tau_per_category(&runs, &opts.out.join(PLOTS[0]))?;
@@ -360,7 +390,10 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
         .iter()
         .map(|r| {
             let pts = r.acceptance_per_depth.iter().enumerate();
-            (r.label.clone(), pts.map(|(d, &a)| ((d + 1) as f64, a)).collect())
+            (
+                r.label.clone(),
+                pts.map(|(d, &a)| ((d + 1) as f64, a)).collect(),
+            )
         })
         .collect();
     plot_lines(
@@ -371,7 +404,12 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
     )?;
     let curve = |f: fn(&CurvePoint) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
         runs.iter()
-            .map(|r| (r.label.clone(), r.curve.iter().map(|p| (p.tokens as f64, f(p))).collect()))
+            .map(|r| {
+                (
+                    r.label.clone(),
+                    r.curve.iter().map(|p| (p.tokens as f64, f(p))).collect(),
+                )
+            })
             .collect()
     };
     plot_lines(
@@ -389,7 +427,11 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
     let mut md = String::from("# Draft-head comparison\n\n");
     md.push_str(&format!(
         "Eval reports: {}.\n\n",
-        opts.evals.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
+        opts.evals
+            .iter()
+            .map(|p| format!("`{}`", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     md.push_str(&markdown_table(&runs));
     md.push_str(
