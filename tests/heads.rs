@@ -635,4 +635,9 @@ fn train_set_overrides_keys() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("KEY=VALUE"), "{err}");
+    // An unknown head kind is refused, listing the kinds.
+    let bad = ["head=\"gpt\"".to_string()];
+    let err = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cpu, &bad).unwrap_err();
+    let err = format!("{err:#}");
+    assert!(err.contains("gpt") && err.contains("eagle1") && err.contains("medusa"), "{err}");
 }
