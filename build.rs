@@ -2,7 +2,9 @@
 //! - link libtorch_cuda even though nothing references it by symbol, so CUDA works where present;
 //! - bake an rpath to torch's lib dir so the binary runs without LD_LIBRARY_PATH;
 //! - compile the native shims in `train/native/*.cpp` against torch's own headers (what tch does
-//!   not wrap: allocator statistics, and later c10d), with torch's C++ ABI.
+//!   not wrap: allocator statistics and the c10d binding), with torch's C++ ABI; c10d's Gloo
+//!   backend when gloo's headers are found, its NCCL backend when torch has CUDA and the venv
+//!   holds nccl.h and the CUDA runtime headers (see train/native/c10d.cpp).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -47,6 +49,56 @@ fn native_sources() -> Vec<PathBuf> {
     sources
 }
 
+/// gloo's headers (`$GLOO_INCLUDE`, else Debian's libgloo-dev unpacked into .gloo-headers by
+/// `make setup`, else the system's): c10d's ProcessGroupGloo.hpp includes them, torch wheels do
+/// not ship them.
+fn gloo_include() -> Option<PathBuf> {
+    println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
+    let candidates = match std::env::var("GLOO_INCLUDE") {
+        Ok(dir) => vec![PathBuf::from(dir)],
+        Err(_) => vec![
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".gloo-headers/usr/include"),
+            PathBuf::from("/usr/include"),
+            PathBuf::from("/usr/local/include"),
+        ],
+    };
+    candidates
+        .into_iter()
+        .find(|dir| dir.join("gloo/rendezvous/store.h").exists())
+}
+
+/// The include dir under `nvidia/` (a site-packages layout: nvidia/cu13/include, ...) that
+/// holds `header`.
+fn nvidia_include(nvidia: &Path, header: &str) -> Option<PathBuf> {
+    std::fs::read_dir(nvidia)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path().join("include")))
+        .find(|dir| dir.join(header).exists())
+}
+
+/// The include dirs c10d's ProcessGroupNCCL.hpp needs, when torch has CUDA: NCCL's and the CUDA
+/// runtime's (pip dependencies of a CUDA torch, next to it under site-packages/nvidia), plus the
+/// runtime headers' crt/ and nv/ parts that those wheels lack (`make setup` unpacks them into
+/// .cuda-headers/nvidia/cu*/include).
+fn nccl_includes(root: &Path) -> Option<Vec<PathBuf>> {
+    if !root.join("lib/libtorch_cuda.so").exists() {
+        return None;
+    }
+    let nvidia = root.parent()?.join("nvidia");
+    let nccl = nvidia.join("nccl/include");
+    let cuda = nvidia_include(&nvidia, "cuda_runtime.h")?;
+    let extra = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cuda-headers/nvidia");
+    // Watched so that `make setup` unpacking the headers rebuilds with NCCL; created empty when
+    // absent, because cargo reruns a build script every time a watched path is missing.
+    let _ = std::fs::create_dir_all(&extra);
+    println!("cargo:rerun-if-changed={}", extra.display());
+    let crt = nvidia_include(&extra, "crt/host_config.h")?;
+    let cccl = nvidia_include(&extra, "nv/target")?;
+    nccl.join("nccl.h")
+        .exists()
+        .then(|| vec![nccl, cuda, crt, cccl])
+}
+
 fn compile_native(root: &Path) {
     let include = root.join("include");
     assert!(
@@ -64,7 +116,28 @@ fn compile_native(root: &Path) {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
+        // c10's CUDA headers align by the cache-line size; torch is built with the same value.
+        .flag_if_supported("-Wno-interference-size")
         .opt_level(2);
+    match gloo_include() {
+        Some(dir) => {
+            build.include(dir).define("USE_C10D_GLOO", None);
+        }
+        None => println!(
+            "cargo:warning=gloo headers not found (install libgloo-dev or set GLOO_INCLUDE): \
+             building without c10d's Gloo backend"
+        ),
+    }
+    match nccl_includes(root) {
+        Some(dirs) => {
+            build.includes(dirs).define("USE_C10D_NCCL", None);
+        }
+        None if root.join("lib/libtorch_cuda.so").exists() => println!(
+            "cargo:warning=NCCL or CUDA headers not found (run `make setup`): building without \
+             c10d's NCCL backend"
+        ),
+        None => {}
+    }
     for source in native_sources() {
         build.file(source);
     }

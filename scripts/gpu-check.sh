@@ -14,6 +14,7 @@
 #   train-*        `bench-train`: offline at Vicuna-7B 4 x 2048 and LLaMA3-8B 2 x 2048, online at
 #                  Vicuna-7B 4 x 2048 (the issue's anchor shapes)
 #   demo           regenerate, prepare, distill, train, export, eval on MT-bench, shortened
+#   train-dp-1rank `clover train` as a one-rank data-parallel launch (NCCL on CUDA, Gloo here)
 # FILE.json is rewritten after every part, so a timeout keeps what finished; a summary table is
 # printed at the end. The full run is sized for about 8 minutes on an H100.
 set -uo pipefail
@@ -192,6 +193,14 @@ part demo 300 bash -c "set -e
   '$CLOVER' eval --model '$TEACHER' --draft '$DEMO/head' --prompts '$QUESTIONS' --per-category $PER_CATEGORY \
     --limit $LIMIT --max-new-tokens $EVAL_TOKENS --device $DEVICE --report '$DEMO/eval.json'"
 attach demo "$DEMO/eval.json"
+
+# The data-parallel path with one rank (NCCL on CUDA, Gloo in the CPU smoke): world size 1 runs
+# the rendezvous, rank 0's broadcast, the bucketed gradient all-reduce and the replica check.
+sed -e "s#^out_dir = .*#out_dir = \"$DEMO/train-dp\"#" -e "s#^max_steps = .*#max_steps = 10#" \
+  -e "s#^eval_every = .*#eval_every = 10#" -e "s#^save_every = .*#save_every = 10#" \
+  "$DEMO/train.toml" > "$DEMO/train-dp.toml"
+part train-dp-1rank 120 env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 \
+  MASTER_PORT=29517 "$CLOVER" train --config "$DEMO/train-dp.toml"
 
 # The summary table.
 python3 - "$OUT" <<'PY'

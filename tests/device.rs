@@ -222,6 +222,7 @@ fn bf16_training_on_the_test_device_resumes_exactly() {
             eval_set.clone(),
             resume,
             &opts,
+            None,
         )
         .unwrap()
     };

@@ -482,6 +482,7 @@ fn trainer_trains_and_resumes_eagle1_and_medusa_exactly() {
                 eval_set.clone(),
                 resume,
                 opts,
+                None,
             )
             .unwrap()
         };

@@ -490,6 +490,7 @@ fn training_with_loss_chunk_matches_unchunked() {
             eval_set.clone(),
             false,
             &TrainOptions::default(),
+            None,
         )
         .unwrap();
         runs.push((out, cfg, dir));

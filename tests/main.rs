@@ -5,6 +5,7 @@ mod chat;
 mod common;
 mod data;
 mod device;
+mod distributed;
 mod eval;
 mod generate;
 mod gguf;

@@ -27,6 +27,7 @@ fn args(data: &Path, out: &Path, max_batches: Option<usize>) -> RegenerateOption
         run_on: clover::model::device::RunOn::cpu(),
         max_batches,
         max_prompt_tokens: 1536,
+        shard: "0/1".into(),
     }
 }
 
@@ -52,6 +53,18 @@ fn regenerated_answers_replace_the_assistant_turns_and_resume_exactly() {
     };
     let err = run(&changed).unwrap_err();
     assert!(format!("{err:#}").contains("other inputs"), "{err:#}");
+
+    // Two workers (--shard 0/2 and 1/2) into one dir: the same file as one worker's.
+    let sharded = root.join("sharded");
+    for shard in ["1/2", "0/2"] {
+        run(&RegenerateOptions {
+            shard: shard.into(),
+            ..args(&input, &sharded, None)
+        })
+        .unwrap();
+    }
+    let c = std::fs::read_to_string(sharded.join(OUTPUT_FILE)).unwrap();
+    assert_eq!(a, c, "two workers' output differs from one worker's");
 
     let rows: Vec<serde_json::Value> = a
         .lines()

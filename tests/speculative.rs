@@ -740,6 +740,7 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         vec![],
         false,
         &clover::training::config::TrainOptions::default(),
+        None,
     )
     .unwrap();
     let ck = outcome

@@ -28,6 +28,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         eval_set.clone(),
         false,
         &TrainOptions::default(),
+        None,
     )
     .unwrap();
     assert_eq!(full.steps.len(), 6);
@@ -48,6 +49,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         eval_set.clone(),
         false,
         &halt,
+        None,
     )
     .unwrap();
     assert_eq!(first.steps.len(), 3);
@@ -58,6 +60,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         eval_set,
         true,
         &TrainOptions::default(),
+        None,
     )
     .unwrap();
     assert_eq!(
@@ -117,6 +120,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
         vec![],
         false,
         &opts,
+        None,
     )
     .unwrap_err()
     .to_string();
@@ -148,6 +152,7 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
         vec![],
         false,
         &TrainOptions::default(),
+        None,
     )
     .unwrap();
     let ck = out.last_checkpoint.unwrap();
@@ -224,6 +229,7 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
         vec![],
         false,
         &TrainOptions::default(),
+        None,
     )
     .unwrap();
     let (_, after) = read_checkpoint_head(out2.last_checkpoint.as_ref().unwrap()).unwrap();
@@ -355,6 +361,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         vec![],
         false,
         &TrainOptions::default(),
+        None,
     )
     .unwrap();
     // The same run through the CLI entry point, offline, from a TOML file.
@@ -373,6 +380,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         resume: false,
         profile: clover::training::config::Profile::Auto,
         overrides: vec![],
+        dist_backend: clover::distributed::Backend::Auto,
     })
     .unwrap();
     let lines = std::fs::read_to_string(root.join("offline/metrics.jsonl")).unwrap();
@@ -420,6 +428,7 @@ fn conversation_batching_averages_micro_batch_gradients() {
                 vec![],
                 false,
                 &TrainOptions::default(),
+                None,
             )
             .unwrap()
         };
@@ -478,6 +487,7 @@ fn conversation_batching_keys_are_checked() {
         vec![],
         false,
         &TrainOptions::default(),
+        None,
     )
     .err()
     .expect("rows longer than the micro-batch")

@@ -18,7 +18,9 @@
 //! 6. [`cli`]: the `clover` command line on top: parses options and hands them to the wings.
 //!
 //! Leaves every wing may use: [`checks`] (valid ranges of settings), [`progress`] (bars on a
-//! terminal, plain lines in a log) and [`rng`] (seeded, exclusive draws from libtorch's generator).
+//! terminal, plain lines in a log), [`rng`] (seeded, exclusive draws from libtorch's generator),
+//! [`native`] (C++ shims into libtorch) and [`distributed`] (torchrun/Slurm launches and c10d
+//! process groups for data-parallel runs).
 //!
 //! A training step: `data::shards` (samples) -> `training::targets` (cached states, offline) or
 //! `model::teacher` (online) -> `training::batches` -> `model::head` -> `training::loss` ->
@@ -29,6 +31,7 @@ pub mod checks;
 pub mod cli;
 pub mod data;
 pub mod decode;
+pub mod distributed;
 pub mod formats;
 pub mod model;
 pub mod native;

@@ -113,6 +113,10 @@ pub struct RegenerateArgs {
     /// their own system message either way).
     #[arg(long)]
     pub no_system_prompt: bool,
+    /// Which of the batches this worker answers, as i/N (default: RANK/WORLD_SIZE when launched
+    /// by torchrun or srun, else all of them).
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
 }
 
 impl RegenerateArgs {
@@ -133,10 +137,13 @@ impl RegenerateArgs {
             max_batches: self.max_batches,
             max_prompt_tokens: self.max_prompt_tokens,
             no_system_prompt: self.no_system_prompt,
+            shard: self.shard.clone(),
         }
     }
 }
 
 pub fn run_regenerate(args: &RegenerateArgs) -> Result<()> {
-    crate::data::regenerate::run(&args.options())
+    let mut options = args.options();
+    options.shard = crate::distributed::shard_or_launch(&options.shard)?;
+    crate::data::regenerate::run(&options)
 }

@@ -21,7 +21,8 @@ pub struct DistillArgs {
     /// dtype on CUDA and in f32 on the CPU (where 16-bit matmuls are slow).
     #[command(flatten)]
     pub run_on: RunOn,
-    /// Which part of the shards this worker computes, as i/N.
+    /// Which part of the shards this worker computes, as i/N (default: RANK/WORLD_SIZE when
+    /// launched by torchrun or srun, else all of them).
     #[arg(long, default_value = "0/1")]
     pub shard: String,
     /// Tokens per teacher forward pass (samples are batched by length up to this budget).
@@ -48,5 +49,8 @@ impl DistillArgs {
 }
 
 pub fn run(args: &DistillArgs) -> Result<()> {
-    crate::training::targets::run(&args.options())
+    let mut options = args.options();
+    // Under torchrun or srun each rank computes its part: RANK/WORLD_SIZE.
+    options.shard = crate::distributed::shard_or_launch(&options.shard)?;
+    crate::training::targets::run(&options)
 }

@@ -6,6 +6,7 @@ use anyhow::Result;
 use tch::Kind;
 
 use crate::data::shards::{read_split, Split};
+use crate::distributed::{Backend, Launch};
 use crate::model::device::{parse_device, RunOn};
 use crate::model::random::TeacherSource;
 use crate::model::teacher::Teacher;
@@ -30,11 +31,24 @@ pub struct TrainArgs {
     /// --set out_dir=/tmp/run` (VALUE is TOML, or a plain string). Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// The c10d backend of a data-parallel run (launched by torchrun or srun): NCCL on CUDA and
+    /// Gloo on the CPU by default.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub dist_backend: Backend,
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = TrainConfig::load_with_overrides(&args.config, args.profile, &args.overrides)?;
-    let device = parse_device(&cfg.device)?;
+    let launch = Launch::from_env()?;
+    let device = match (parse_device(&cfg.device)?, &launch) {
+        // One device per rank: cuda:LOCAL_RANK.
+        (tch::Device::Cuda(_), Some(launch)) => tch::Device::Cuda(launch.local_rank),
+        (device, _) => device,
+    };
+    let group = match &launch {
+        Some(launch) => Some(launch.join(args.dist_backend.resolve(device.is_cuda()))?),
+        None => None,
+    };
     // The frozen teacher runs in the autocast dtype (bf16 on CUDA by default), else in f32.
     let teacher_kind = cfg.autocast_kind(device).unwrap_or(Kind::Float);
     let teacher = Teacher::load(&cfg.model_dir, device, teacher_kind)?;
@@ -50,6 +64,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eval,
         args.resume,
         &TrainOptions::default(),
+        group.as_ref(),
     )?;
     if let Some(last) = outcome.evals.last() {
         eprintln!(

@@ -9,6 +9,9 @@
 //! conversations and samples with seed `seed + k`, and is written as its own part file (temp +
 //! rename). An interrupted run therefore resumes at the first missing part and produces exactly
 //! what an uninterrupted run would; the final file lists the conversations in input order.
+//! `--shard i/N` makes this worker answer the batches k with k % N == i (RANK/WORLD_SIZE under
+//! torchrun or srun), so many devices share one output dir; whichever worker finds every part
+//! written merges them.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +46,8 @@ pub struct RegenerateOptions {
     pub run_on: crate::model::device::RunOn,
     /// Stop after this many batches in this run (the rest is left for a rerun).
     pub max_batches: Option<usize>,
+    /// Which of the batches this worker answers, as i/N.
+    pub shard: String,
     /// Conversations whose first prompt is longer are left out; a later turn whose prompt would
     /// be longer ends its conversation there.
     pub max_prompt_tokens: usize,
@@ -66,6 +71,7 @@ fn inputs_of(args: &RegenerateOptions) -> serde_json::Value {
 }
 
 pub fn run(args: &RegenerateOptions) -> Result<()> {
+    let (worker, workers) = crate::distributed::parse_shard(&args.shard)?;
     let (device, kind) = args.run_on.resolve()?;
     let teacher = Teacher::load(&args.model, device, kind)?;
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?
@@ -106,16 +112,17 @@ pub fn run(args: &RegenerateOptions) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
-    let _lock = DirLock::acquire(&args.out, "regenerate")?;
+    let _lock = DirLock::acquire(&args.out, &format!("regenerate-{worker}-of-{workers}"))?;
     pin_inputs(&args.out.join(MANIFEST), &inputs_of(args))?;
     let batch_size = args.batch_size.max(1);
     let batches = order.len().div_ceil(batch_size);
+    let mine = (0..batches).filter(|k| k % workers == worker).count();
     let todo: Vec<usize> = (0..batches)
-        .filter(|k| !part_path(&args.out, *k).exists())
+        .filter(|k| k % workers == worker && !part_path(&args.out, *k).exists())
         .take(args.max_batches.unwrap_or(usize::MAX))
         .collect();
-    let mut bar = Progress::new("regenerate (batches)", batches as u64);
-    bar.resume_from((batches - todo.len().min(batches)) as u64);
+    let mut bar = Progress::new("regenerate (batches)", mine as u64);
+    bar.resume_from((mine - todo.len().min(mine)) as u64);
     let started = std::time::Instant::now();
     let mut new_tokens = 0;
     for k in todo {
@@ -150,6 +157,8 @@ pub fn run(args: &RegenerateOptions) -> Result<()> {
             "wrote {written} conversations to {}",
             args.out.join(OUTPUT_FILE).display()
         );
+    } else if workers > 1 {
+        println!("this worker's part is done; the last worker to finish merges the parts");
     } else {
         println!("stopped early; rerun the same command to continue");
     }

@@ -61,3 +61,171 @@ pub fn cuda_reset_peak(index: usize) -> Result<()> {
         },
     )
 }
+
+/// A c10d process group (train/native/c10d.cpp): the TCPStore rendezvous and a Gloo or NCCL
+/// backend. Collectives block until done, fail or time out.
+pub struct ProcessGroup {
+    raw: *mut CloverPg,
+}
+
+#[repr(C)]
+struct CloverPg {
+    _opaque: [u8; 0],
+}
+
+extern "C" {
+    fn clover_pg_new(
+        backend: *const c_char,
+        host: *const c_char,
+        port: c_int,
+        serve: c_int,
+        prefix: *const c_char,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        out: *mut *mut CloverPg,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn clover_pg_free(pg: *mut CloverPg);
+    fn clover_pg_allreduce(
+        pg: *mut CloverPg,
+        tensors: *const *mut std::ffi::c_void,
+        n: usize,
+        average: c_int,
+        bucket_bytes: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn clover_pg_broadcast(
+        pg: *mut CloverPg,
+        tensors: *const *mut std::ffi::c_void,
+        n: usize,
+        root: c_int,
+        bucket_bytes: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn clover_pg_barrier(pg: *mut CloverPg, err: *mut c_char, err_len: usize) -> c_int;
+}
+
+/// How a group is joined: rank `rank` of `world`, rendezvous at rank 0's `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSpec<'a> {
+    /// "gloo" or "nccl".
+    pub backend: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+    /// Some(prefix) when a launcher's agent serves the store (torchrun): every rank is a
+    /// client and keys live under the prefix. None: rank 0 serves it.
+    pub agent_store: Option<&'a str>,
+    pub rank: usize,
+    pub world: usize,
+    pub timeout: std::time::Duration,
+}
+
+/// The raw `at::Tensor*` of each tensor, as the C side takes them.
+fn raw_tensors(tensors: &[&tch::Tensor]) -> Vec<*mut std::ffi::c_void> {
+    tensors
+        .iter()
+        .map(|t| t.as_ptr() as *mut std::ffi::c_void)
+        .collect()
+}
+
+impl ProcessGroup {
+    /// Joins the group (blocks until every rank has joined, or fails after the timeout).
+    pub fn join(spec: &GroupSpec) -> Result<Self> {
+        let backend = std::ffi::CString::new(spec.backend)?;
+        let host = std::ffi::CString::new(spec.host)?;
+        let prefix = std::ffi::CString::new(spec.agent_store.unwrap_or(""))?;
+        let serve = spec.agent_store.is_none() && spec.rank == 0;
+        let mut raw = std::ptr::null_mut();
+        let what = format!(
+            "rank {} of {}: joining the {} process group at {}:{}",
+            spec.rank, spec.world, spec.backend, spec.host, spec.port
+        );
+        checked(&what, |err, len| {
+            // SAFETY: the strings and the out pointer are valid for the call.
+            unsafe {
+                clover_pg_new(
+                    backend.as_ptr(),
+                    host.as_ptr(),
+                    c_int::from(spec.port),
+                    c_int::from(serve),
+                    prefix.as_ptr(),
+                    spec.rank as c_int,
+                    spec.world as c_int,
+                    spec.timeout.as_millis() as i64,
+                    &mut raw,
+                    err,
+                    len,
+                )
+            }
+        })?;
+        Ok(ProcessGroup { raw })
+    }
+
+    /// Sums `tensors` over all ranks in place (`average`: then divides by the world size), one
+    /// reduction per bucket of at most `bucket_bytes`.
+    pub fn all_reduce(
+        &self,
+        tensors: &[&tch::Tensor],
+        average: bool,
+        bucket_bytes: usize,
+    ) -> Result<()> {
+        let raw = raw_tensors(tensors);
+        checked("data-parallel run", |err, len| {
+            // SAFETY: `raw` holds live at::Tensor pointers owned by `tensors` for the call.
+            unsafe {
+                clover_pg_allreduce(
+                    self.raw,
+                    raw.as_ptr(),
+                    raw.len(),
+                    c_int::from(average),
+                    bucket_bytes as i64,
+                    err,
+                    len,
+                )
+            }
+        })
+    }
+
+    /// Overwrites `tensors` with rank `root`'s, one broadcast per bucket of at most `bucket_bytes`.
+    pub fn broadcast(
+        &self,
+        tensors: &[&tch::Tensor],
+        root: usize,
+        bucket_bytes: usize,
+    ) -> Result<()> {
+        let raw = raw_tensors(tensors);
+        checked("data-parallel run", |err, len| {
+            // SAFETY: as in `all_reduce`.
+            unsafe {
+                clover_pg_broadcast(
+                    self.raw,
+                    raw.as_ptr(),
+                    raw.len(),
+                    root as c_int,
+                    bucket_bytes as i64,
+                    err,
+                    len,
+                )
+            }
+        })
+    }
+
+    /// Returns once every rank has reached it.
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: the buffer is valid for the call.
+        checked("data-parallel run", |err, len| unsafe {
+            clover_pg_barrier(self.raw, err, len)
+        })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from clover_pg_new and is freed once.
+        unsafe { clover_pg_free(self.raw) }
+    }
+}

@@ -136,6 +136,62 @@ fn truncated(s: &Sample, max_len: usize) -> (&[i64], &[u8]) {
     (&s.input_ids[..n], &s.loss_mask[..s.loss_mask.len().min(n)])
 }
 
+/// N_i of §2.2 for a batch of `samples` and depths 0..`depths`: the masked positions t' >= i
+/// under the shifted loss mask, exactly as `make_batch` builds it. Data-parallel ranks compute it
+/// for a whole batch of which each holds a share (`loss::batch_loss_of_share`).
+pub fn depth_counts(samples: &[&Sample], max_len: usize, depths: usize) -> Vec<i64> {
+    let mut counts = vec![0i64; depths];
+    for s in samples {
+        let (ids, mask) = truncated(s, max_len);
+        let (_, shifted) = shift_for_training(ids, mask);
+        for (t, _) in shifted.iter().enumerate().filter(|(_, &m)| m != 0.0) {
+            for count in counts.iter_mut().take((t + 1).min(depths)) {
+                *count += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// One rank's part of an optimizer step under data parallelism.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Share {
+    /// Which of the step's micro-batches this part belongs to.
+    pub micro_batch: usize,
+    /// The sample indices this rank computes.
+    pub rows: Vec<usize>,
+    /// Whether `rows` is only part of the micro-batch (its normaliser then counts all its rows).
+    pub partial: bool,
+}
+
+/// Rank `rank`'s shares of `step` among `world` ranks, a pure function of the step (so of seed,
+/// epoch and step), disjoint and covering the step: with at least `world` micro-batches each rank
+/// takes whole micro-batches in turn; with fewer (token batching has one) each micro-batch's rows
+/// are dealt out in turn (they are length-sorted, so the shares are alike in size).
+pub fn rank_shares(step: &Step, rank: usize, world: usize) -> Vec<Share> {
+    if world <= 1 || step.len() >= world {
+        return step
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| j % world.max(1) == rank)
+            .map(|(j, rows)| Share {
+                micro_batch: j,
+                rows: rows.clone(),
+                partial: false,
+            })
+            .collect();
+    }
+    step.iter()
+        .enumerate()
+        .map(|(j, rows)| Share {
+            micro_batch: j,
+            rows: rows.iter().skip(rank).step_by(world).copied().collect(),
+            partial: true,
+        })
+        .filter(|share| !share.rows.is_empty())
+        .collect()
+}
+
 /// Right-pads samples into tensors; `states` (offline) are their cached [T,H] teacher states,
 /// otherwise the teacher runs under no_grad.
 pub fn make_batch(
@@ -234,6 +290,58 @@ mod tests {
             epoch_batches(&lengths, 120, 16, 9, 3),
             "reshuffled each epoch"
         );
+    }
+
+    #[test]
+    fn rank_shares_are_disjoint_cover_the_step_and_deal_whole_micro_batches_when_enough() {
+        let step: Step = vec![vec![4, 1, 7], vec![0, 2], vec![3, 5, 6, 8, 9]];
+        for world in 1..=5 {
+            let shares: Vec<Vec<Share>> =
+                (0..world).map(|r| rank_shares(&step, r, world)).collect();
+            let mut seen: Vec<usize> = shares
+                .iter()
+                .flatten()
+                .flat_map(|s| s.rows.clone())
+                .collect();
+            seen.sort();
+            assert_eq!(seen, (0..10).collect::<Vec<_>>(), "world {world}");
+            for share in shares.iter().flatten() {
+                assert_eq!(share.partial, world > step.len(), "world {world}");
+                assert!(share
+                    .rows
+                    .iter()
+                    .all(|i| step[share.micro_batch].contains(i)));
+            }
+        }
+        assert_eq!(
+            rank_shares(&step, 1, 2)[0].rows,
+            vec![0, 2],
+            "whole micro-batch 1"
+        );
+        let last = Share {
+            micro_batch: 2,
+            rows: vec![8],
+            partial: true,
+        };
+        assert_eq!(
+            rank_shares(&step, 3, 4),
+            vec![last],
+            "rows dealt in turn, empty shares left out"
+        );
+    }
+
+    #[test]
+    fn depth_counts_are_the_masked_positions_at_or_after_each_depth() {
+        let sample = |mask: Vec<u8>| Sample {
+            id: String::new(),
+            input_ids: (0..mask.len() as i64).collect(),
+            loss_mask: mask,
+        };
+        let (a, b) = (sample(vec![0, 1, 1, 0, 1, 1]), sample(vec![1, 1, 1]));
+        // Shifted (last position off): a at t' = 1, 2, 4; b at t' = 0, 1. Truncation to 5
+        // drops a's t' = 4 (it becomes the last position).
+        assert_eq!(depth_counts(&[&a, &b], 10, 3), vec![5, 4, 2]);
+        assert_eq!(depth_counts(&[&a, &b], 5, 3), vec![4, 3, 1]);
     }
 
     #[test]

@@ -204,13 +204,47 @@ pub fn batch_loss(
     weights: &LossWeights,
     chunk: usize,
 ) -> Result<LossParts> {
+    batch_loss_of_share(teacher, u, mask, outs, lm_head, weights, chunk, None)
+}
+
+/// `batch_loss` of a share of a batch whose other rows are on other data-parallel ranks:
+/// `counts` are the whole batch's N_i (`training::batches::depth_counts`), so each depth's sums
+/// are divided by the batch's N_i + 1 and the shares' losses and gradients add up to the batch's.
+/// `None`: the rows here are the whole batch. `DepthLoss::count` stays this share's rows.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_loss_of_share(
+    teacher: &Teacher,
+    u: &Tensor,
+    mask: &Tensor,
+    outs: &[Tensor],
+    lm_head: DepthLogits,
+    weights: &LossWeights,
+    chunk: usize,
+    counts: Option<&[i64]>,
+) -> Result<LossParts> {
+    if let Some(counts) = counts {
+        ensure!(
+            counts.len() == outs.len(),
+            "{} normaliser counts for {} depths",
+            counts.len(),
+            outs.len()
+        );
+    }
     if chunk == 0 {
         let targets = teacher_targets(teacher, u, mask);
-        return Ok(clover_loss(outs, &targets, lm_head, weights));
+        return Ok(clover_loss_over(outs, &targets, lm_head, weights, counts));
     }
     let rows = target_rows(teacher, u, mask);
     let teacher_logits = |h: &Tensor| teacher_lm_head(teacher, h);
-    clover_loss_chunked(outs, &rows, &teacher_logits, lm_head, weights, chunk)
+    chunked_loss_over(
+        outs,
+        &rows,
+        &teacher_logits,
+        lm_head,
+        weights,
+        chunk,
+        counts,
+    )
 }
 
 /// The per-depth loss of `outs` (o_i with T-i rows, from `DraftHead::depth_outputs`). `lm_head`
@@ -221,10 +255,21 @@ pub fn clover_loss(
     lm_head: DepthLogits,
     weights: &LossWeights,
 ) -> LossParts {
+    clover_loss_over(outs, targets, lm_head, weights, None)
+}
+
+/// `clover_loss` with the normaliser counts of `batch_loss_of_share`.
+fn clover_loss_over(
+    outs: &[Tensor],
+    targets: &DistillTargets,
+    lm_head: DepthLogits,
+    weights: &LossWeights,
+    counts: Option<&[i64]>,
+) -> LossParts {
     let mut terms = Vec::with_capacity(outs.len());
     let mut depths = Vec::with_capacity(outs.len());
     for (i, o) in outs.iter().enumerate() {
-        let (term, parts) = depth_loss(i, o, targets, lm_head, weights);
+        let (term, parts) = depth_loss(i, o, targets, lm_head, weights, counts.map(|c| c[i]));
         terms.push(term);
         depths.push(parts);
     }
@@ -250,9 +295,18 @@ struct DepthRows {
     o: Tensor,
     h: Tensor,
     n: i64,
+    /// N_i of the normaliser N_i + 1: `n`, or the whole batch's when this is a share of it.
+    batch_n: i64,
 }
 
-fn depth_rows(i: usize, o: &Tensor, batch: &Tensor, pos: &Tensor, h: &Tensor, t: i64) -> DepthRows {
+fn depth_rows(
+    (i, o): (usize, &Tensor),
+    batch: &Tensor,
+    pos: &Tensor,
+    h: &Tensor,
+    t: i64,
+    batch_n: Option<i64>,
+) -> DepthRows {
     let d = i as i64;
     let sel = pos.ge(d).nonzero().squeeze_dim(1);
     let n = sel.size()[0];
@@ -265,12 +319,13 @@ fn depth_rows(i: usize, o: &Tensor, batch: &Tensor, pos: &Tensor, h: &Tensor, t:
         o: o_sel,
         h,
         n,
+        batch_n: batch_n.unwrap_or(n),
     }
 }
 
 impl DepthRows {
     fn denom(&self) -> f64 {
-        self.n as f64 + 1.0
+        self.batch_n as f64 + 1.0
     }
 
     /// The regression term Σ mean_H SmoothL1(o, h) / (n + 1), on plain autograd ([n,H] only).
@@ -315,14 +370,15 @@ fn depth_loss(
     targets: &DistillTargets,
     lm_head: DepthLogits,
     weights: &LossWeights,
+    batch_n: Option<i64>,
 ) -> (Tensor, DepthLoss) {
     let r = depth_rows(
-        i,
-        o,
+        (i, o),
         &targets.batch,
         &targets.pos,
         &targets.h,
         targets.seq_len,
+        batch_n,
     );
     let k = r.o.kind();
     let logits = at_least_f32(&lm_head(i, &r.o)).to_kind(k);
@@ -354,6 +410,19 @@ pub fn clover_loss_chunked(
     weights: &LossWeights,
     chunk: usize,
 ) -> Result<LossParts> {
+    chunked_loss_over(outs, rows, teacher_logits, lm_head, weights, chunk, None)
+}
+
+/// `clover_loss_chunked` with the normaliser counts of `batch_loss_of_share`.
+fn chunked_loss_over(
+    outs: &[Tensor],
+    rows: &TargetRows,
+    teacher_logits: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
+    weights: &LossWeights,
+    chunk: usize,
+    counts: Option<&[i64]>,
+) -> Result<LossParts> {
     ensure!(chunk > 0, "clover_loss_chunked: chunk must be >= 1");
     let chunk = i64::try_from(chunk)?;
     let pos: Vec<i64> = Vec::try_from(&rows.pos.to_device(Device::Cpu))?;
@@ -361,7 +430,17 @@ pub fn clover_loss_chunked(
     let depths: Vec<DepthRows> = outs
         .iter()
         .enumerate()
-        .map(|(i, o)| depth_rows(i, o, &rows.batch, &rows.pos, &rows.h, rows.seq_len))
+        .map(|(i, o)| {
+            let batch_n = counts.map(|c| c[i]);
+            depth_rows(
+                (i, o),
+                &rows.batch,
+                &rows.pos,
+                &rows.h,
+                rows.seq_len,
+                batch_n,
+            )
+        })
         .collect();
     let device = rows.h.device();
     let mut ce: Vec<Tensor> = depths

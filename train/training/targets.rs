@@ -63,7 +63,7 @@ struct Manifest {
 }
 
 pub fn run(args: &DistillOptions) -> Result<()> {
-    let (worker, workers) = parse_shard(&args.shard)?;
+    let (worker, workers) = crate::distributed::parse_shard(&args.shard)?;
     let kind = match args.run_on.dtype {
         DtypeChoice::Auto | DtypeChoice::Bf16 => Kind::BFloat16,
         DtypeChoice::F16 => Kind::Half,
@@ -123,16 +123,6 @@ pub fn run(args: &DistillOptions) -> Result<()> {
         2 * teacher.config.hidden_size
     );
     Ok(())
-}
-
-fn parse_shard(spec: &str) -> Result<(usize, usize)> {
-    let parsed = spec
-        .split_once('/')
-        .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)));
-    match parsed {
-        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
-        _ => bail!("--shard must be i/N with 0 <= i < N, got {spec:?}"),
-    }
 }
 
 fn shard_path(out: &Path, k: usize) -> PathBuf {

@@ -4,6 +4,12 @@
 //! states from a `targets::DistillCache`. Batches are bucketed by length. Checkpoints hold the
 //! head, the AdamW moments, the step, the RNG seed and the data position, so `--resume` replays
 //! the uninterrupted run exactly.
+//!
+//! Data parallel (a `distributed::Group`): every rank starts from rank 0's weights, computes its
+//! share of each step (`batches::rank_shares`, a function of seed, epoch and step) with the loss
+//! normalised over the whole micro-batch, the gradients are summed over the ranks in buckets,
+//! and every rank clips and steps the same summed gradient. Rank 0 alone evaluates and writes
+//! checkpoints, metrics and TensorBoard; every rank shows its progress.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,17 +20,18 @@ use tch::Tensor;
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::data::shards::Sample;
+use crate::distributed::Group;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::teacher::Teacher;
 use crate::progress::Progress;
-use crate::training::batches::{epoch_steps, make_batch, Step};
+use crate::training::batches::{depth_counts, epoch_steps, make_batch, rank_shares, Step};
 use crate::training::checkpoint::{
     checkpoints_dir, list_checkpoints, load_state, save_checkpoint, CheckpointState, CK_HEAD,
     CK_OPTIM,
 };
 use crate::training::config::{TrainConfig, TrainOptions};
 use crate::training::evaluate::evaluate;
-use crate::training::loss::{batch_loss, DepthLoss, LossWeights};
+use crate::training::loss::{batch_loss_of_share, DepthLoss, LossWeights};
 use crate::training::metrics::{
     append_jsonl, check_finite, log_eval, log_step, EvalRecord, StepRecord,
 };
@@ -74,17 +81,72 @@ struct StepSums {
     tokens: usize,
 }
 
-impl StepSums {
-    fn add(&mut self, (depths, tokens): &(Vec<DepthLoss>, usize)) {
-        self.loss.resize(depths.len(), 0.0);
-        self.top1.resize(depths.len(), 0.0);
-        for (i, d) in depths.iter().enumerate() {
-            self.loss[i] += d.loss;
-            self.top1[i] += d.top1;
+/// Columns of a `MicroFigures` row: a depth's loss, its top-1 hits, its rows.
+const LOSS: i64 = 0;
+const HITS: i64 = 1;
+const ROWS: i64 = 2;
+
+/// Each micro-batch's per-depth (loss, top-1 hits, rows) [micro-batches, depths, 3] and real
+/// tokens [micro-batches], f64 on the CPU. Shares of one micro-batch add up (their losses are
+/// normalised over the whole micro-batch), so summing this over data-parallel ranks gives the
+/// figures of the whole step.
+struct MicroFigures {
+    depths: Tensor,
+    tokens: Tensor,
+}
+
+impl MicroFigures {
+    fn new(micro_batches: usize, depths: usize) -> Self {
+        let opts = (tch::Kind::Double, tch::Device::Cpu);
+        MicroFigures {
+            depths: Tensor::zeros([micro_batches as i64, depths as i64, 3], opts),
+            tokens: Tensor::zeros([micro_batches as i64], opts),
         }
-        self.tokens += tokens;
     }
 
+    fn add(&mut self, micro_batch: usize, depths: &[DepthLoss], tokens: usize) {
+        let row = self.depths.get(micro_batch as i64);
+        for (i, d) in depths.iter().enumerate() {
+            let cell = row.get(i as i64);
+            let hits = (d.top1 * d.count as f64).round();
+            for (col, value) in [(LOSS, d.loss), (HITS, hits), (ROWS, d.count as f64)] {
+                let _ = cell.get(col).g_add_scalar_(value);
+            }
+        }
+        let _ = self
+            .tokens
+            .get(micro_batch as i64)
+            .g_add_scalar_(tokens as f64);
+    }
+
+    /// The step's sums: per micro-batch, its loss and its top-1 fraction (0 without rows, as
+    /// `DepthLoss::top1`).
+    fn sums(&self) -> Result<StepSums> {
+        let table: Vec<f64> = Vec::try_from(self.depths.flatten(0, -1))?;
+        let tokens: Vec<f64> = Vec::try_from(&self.tokens)?;
+        let depths = self.depths.size()[1] as usize;
+        let mut sums = StepSums {
+            loss: vec![0.0; depths],
+            top1: vec![0.0; depths],
+            tokens: 0,
+        };
+        for (micro, cells) in table.chunks(depths * 3).enumerate() {
+            for (i, cell) in cells.chunks(3).enumerate() {
+                sums.loss[i] += cell[LOSS as usize];
+                let rows = cell[ROWS as usize];
+                sums.top1[i] += if rows > 0.0 {
+                    cell[HITS as usize] / rows
+                } else {
+                    0.0
+                };
+            }
+            sums.tokens += tokens[micro] as usize;
+        }
+        Ok(sums)
+    }
+}
+
+impl StepSums {
     /// The step's record: losses and top-1 as means over the micro-batches, the same average
     /// the accumulated gradient takes.
     fn record(&self, step: u64, lr: f64, grad_norm: f64, micro_batches: usize) -> StepRecord {
@@ -110,9 +172,10 @@ pub fn train(
     eval: Vec<Sample>,
     resume: bool,
     opts: &TrainOptions,
+    group: Option<&Group>,
 ) -> Result<TrainOutcome> {
     let eval = &eval[..eval.len().min(cfg.eval_samples)];
-    let mut run = Run::set_up(cfg, teacher, &source)?;
+    let mut run = Run::set_up(cfg, teacher, &source, group)?;
     if resume {
         run.resume()?;
     }
@@ -132,8 +195,23 @@ pub fn train(
             break;
         }
     }
+    if let Some(group) = group {
+        run.check_replicas(group)?;
+    }
     run.bar.finish();
     Ok(run.outcome)
+}
+
+/// FNV-1a over the f32 bits of every parameter, in name order: equal weights, equal value.
+fn weights_fingerprint(params: &BTreeMap<String, Tensor>) -> Result<u64> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in params.values() {
+        let values: Vec<f32> = Vec::try_from(p.to_kind(tch::Kind::Float).flatten(0, -1))?;
+        for byte in values.iter().flat_map(|v| v.to_bits().to_le_bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(hash)
 }
 
 /// One training run's state: the head and optimizer, the data position, the logs.
@@ -153,15 +231,22 @@ struct Run<'a> {
     batch_in_epoch: usize,
     total_steps: u64,
     schedule_steps: u64,
-    tb: SummaryWriter,
+    /// TensorBoard, on the rank that writes (the only one, or rank 0).
+    tb: Option<SummaryWriter>,
     bar: Progress,
     outcome: TrainOutcome,
+    group: Option<&'a Group>,
 }
 
 impl<'a> Run<'a> {
     /// Checks the data against the config, builds the head (reference init or `init_from`) and
     /// its optimizer, and opens the logs.
-    fn set_up(cfg: &'a TrainConfig, teacher: &'a Teacher, source: &Source) -> Result<Self> {
+    fn set_up(
+        cfg: &'a TrainConfig,
+        teacher: &'a Teacher,
+        source: &Source,
+        group: Option<&'a Group>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(&cfg.out_dir)
             .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
         let n_train = source
@@ -209,12 +294,21 @@ impl<'a> Run<'a> {
             head.set_compute_kind(kind);
         }
         let params = head.named_tensors();
+        if let Some(group) = group {
+            // `init_from` or the seeded init: either way every rank starts from rank 0's.
+            group.broadcast_from_first(&params.values().collect::<Vec<_>>())?;
+        }
         let opt = AdamW::new(&params, cfg.betas, cfg.adam_eps, cfg.weight_decay);
-        let bar = if cfg.progress {
-            Progress::new("train", total_steps)
-        } else {
-            Progress::hidden("train")
+        let label = match group {
+            Some(g) => format!("train rank {}/{}", g.rank, g.world),
+            None => "train".to_string(),
         };
+        let bar = if cfg.progress {
+            Progress::new(&label, total_steps)
+        } else {
+            Progress::hidden(&label)
+        };
+        let writes = group.is_none_or(Group::is_first);
         Ok(Run {
             weights: LossWeights::reference(head.config()),
             cfg,
@@ -229,9 +323,10 @@ impl<'a> Run<'a> {
             batch_in_epoch: 0,
             total_steps,
             schedule_steps: cfg.schedule_steps.unwrap_or(total_steps),
-            tb: SummaryWriter::new(cfg.out_dir.join("tensorboard")),
+            tb: writes.then(|| SummaryWriter::new(cfg.out_dir.join("tensorboard"))),
             bar,
             outcome: TrainOutcome::default(),
+            group,
         })
     }
 
@@ -287,18 +382,60 @@ impl<'a> Run<'a> {
         epoch_steps(&self.lengths, self.cfg.batching(), self.cfg.seed, epoch)
     }
 
+    /// Every rank must end with rank 0's weights: each prints its weights' fingerprint and
+    /// compares it with rank 0's.
+    fn check_replicas(&self, group: &Group) -> Result<()> {
+        let mine = weights_fingerprint(&self.params)?;
+        let first = Tensor::from_slice(&[mine as i64]);
+        group.broadcast_host_from_first(&[&first])?;
+        let first = first.int64_value(&[0]) as u64;
+        self.bar.println(format!(
+            "rank {}: weights fingerprint {mine:016x} after step {}",
+            group.rank, self.step
+        ));
+        ensure!(
+            mine == first,
+            "rank {}: weights differ from rank 0's after step {} (fingerprint {mine:016x} vs \
+             {first:016x})",
+            group.rank,
+            self.step
+        );
+        Ok(())
+    }
+
+    /// Whether this process writes checkpoints, metrics and TensorBoard (rank 0 of a group).
+    fn writes(&self) -> bool {
+        self.tb.is_some()
+    }
+
     /// One optimizer step: each micro-batch's loss (own normaliser, NaN check) and backward,
-    /// gradients averaged over the micro-batches, then clip, AdamW, logs.
+    /// gradients averaged over the micro-batches (and summed over the ranks, each of which
+    /// computed its share), then clip, AdamW, logs.
     fn train_step(&mut self, source: &Source, opts: &TrainOptions) -> Result<()> {
         let started = Instant::now();
         let micro_batches = self.next_step();
         let step = self.step + 1;
         zero_grads(&self.params);
-        let mut sums = StepSums::default();
-        for idx in &micro_batches {
-            let depths = self.accumulate(source, idx, step, micro_batches.len(), opts)?;
-            sums.add(&depths);
+        // The depths the loss sees (EAGLE-1: one).
+        let depths = self.head.config().options.trained_depths() as usize;
+        let mut figures = MicroFigures::new(micro_batches.len(), depths);
+        let (rank, world) = self.group.map_or((0, 1), |g| (g.rank, g.world));
+        for share in rank_shares(&micro_batches, rank, world) {
+            let counts = share.partial.then(|| {
+                let whole = &micro_batches[share.micro_batch];
+                let samples: Vec<&Sample> = whole.iter().map(|&i| &source.samples()[i]).collect();
+                depth_counts(&samples, self.cfg.max_len, depths)
+            });
+            let of = micro_batches.len();
+            let (parts, tokens) =
+                self.accumulate(source, &share.rows, (step, of), counts.as_deref(), opts)?;
+            figures.add(share.micro_batch, &parts, tokens);
         }
+        if let Some(group) = self.group {
+            self.sum_gradients(group)?;
+            group.sum_host(&[&figures.depths, &figures.tokens])?;
+        }
+        let sums = figures.sums()?;
         let lr = self.cfg.lr * lr_factor(self.step, self.cfg.warmup_steps, self.schedule_steps);
         let gnorm = grad_norm(&self.params);
         clip_grads_by_value(&self.params, self.cfg.clip_value);
@@ -306,25 +443,45 @@ impl<'a> Run<'a> {
         self.step = step;
         let tokens_per_s = sums.tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let rec = sums.record(step, lr, gnorm, micro_batches.len());
-        log_step(&mut self.tb, &rec, tokens_per_s);
-        append_jsonl(&self.cfg.out_dir.join("metrics.jsonl"), &rec)?;
+        if let Some(tb) = self.tb.as_mut() {
+            log_step(tb, &rec, tokens_per_s);
+            tb.flush();
+            append_jsonl(&self.cfg.out_dir.join("metrics.jsonl"), &rec)?;
+        }
         self.bar
             .set_message(format!("loss {:.4} | {tokens_per_s:.0} tok/s", rec.loss));
         self.bar.set_position(step);
         self.outcome.steps.push(rec);
-        self.tb.flush();
         Ok(())
     }
 
-    /// Forward, loss and backward of one micro-batch, its loss scaled by 1/`of` so the
-    /// accumulated gradient is the mean over the step's micro-batches. Returns its per-depth
-    /// figures and its real token count.
+    /// Sums the gradients over the ranks (in buckets). A rank without rows this step has none
+    /// yet: a zero backward gives it zeros to contribute.
+    fn sum_gradients(&self, group: &Group) -> Result<()> {
+        if self.params.values().any(|p| !p.grad().defined()) {
+            let zero = self
+                .params
+                .values()
+                .map(|p| p.sum(p.kind()) * 0.0)
+                .reduce(|a, b| a + b);
+            if let Some(zero) = zero {
+                zero.backward();
+            }
+        }
+        let grads: Vec<Tensor> = self.params.values().map(|p| p.grad()).collect();
+        group.sum(&grads.iter().collect::<Vec<_>>())
+    }
+
+    /// Forward, loss and backward of one micro-batch (or this rank's share of it, normalised by
+    /// the whole micro-batch's `counts`), its loss scaled by 1/`of` so the accumulated gradient
+    /// is the mean over the step's `of` micro-batches. Returns its per-depth figures and its real
+    /// token count.
     fn accumulate(
         &mut self,
         source: &Source,
         idx: &[usize],
-        step: u64,
-        of: usize,
+        (step, of): (u64, usize),
+        counts: Option<&[i64]>,
         opts: &TrainOptions,
     ) -> Result<(Vec<DepthLoss>, usize)> {
         let (cfg, teacher) = (self.cfg, self.teacher);
@@ -340,7 +497,7 @@ impl<'a> Run<'a> {
             .training_outputs(&batch.u, &batch.next_ids, noise_seed);
         let head = &self.head;
         let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
-        let mut parts = batch_loss(
+        let mut parts = batch_loss_of_share(
             teacher,
             &batch.u,
             &batch.mask,
@@ -348,6 +505,7 @@ impl<'a> Run<'a> {
             &lm_head,
             &self.weights,
             cfg.loss_chunk,
+            counts,
         )?;
         if opts.inject_nan_at_step == Some(step) {
             parts.depths[0].loss = f64::NAN;
@@ -368,13 +526,17 @@ impl<'a> Run<'a> {
     }
 
     /// Held-out figures at this step (nothing when evaluation is off or there is no eval split).
+    /// Only the writing rank evaluates; the others go on to the next step and wait for it there.
     fn evaluate(&mut self, eval: &[Sample]) -> Result<()> {
+        let Some(tb) = self.tb.as_mut() else {
+            return Ok(());
+        };
         if self.cfg.eval_every == 0 || eval.is_empty() {
             return Ok(());
         }
         let ev = evaluate(&self.head, self.teacher, eval, self.cfg, self.step)?;
-        log_eval(&mut self.tb, &ev);
-        self.tb.flush();
+        log_eval(tb, &ev);
+        tb.flush();
         append_jsonl(&self.cfg.out_dir.join("eval.jsonl"), &ev)?;
         if self.step > 0 {
             self.bar.println(format!(
@@ -392,7 +554,11 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Rank 0 of a group alone writes it (every rank holds the same weights and moments).
     fn checkpoint(&mut self) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let state = CheckpointState {
             step: self.step,
             epoch: self.epoch,
