@@ -640,5 +640,8 @@ fn train_set_overrides_keys() {
     let bad = ["head=\"gpt\"".to_string()];
     let err = TrainConfig::from_toml_with_overrides(base, "t", Profile::Cpu, &bad).unwrap_err();
     let err = format!("{err:#}");
-    assert!(err.contains("gpt") && err.contains("eagle1") && err.contains("medusa"), "{err}");
+    assert!(
+        err.contains("gpt") && err.contains("eagle1") && err.contains("medusa"),
+        "{err}"
+    );
 }
