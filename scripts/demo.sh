@@ -22,27 +22,30 @@ echo "== clover demo on $DEVICE: $CONVERSATIONS conversations, $PER_CATEGORY MT-
 
 step() { echo; echo "== $*"; }
 
-step "1/6 self-distillation: the teacher answers the chitchat prompts"
+step "1/7 self-distillation: the teacher answers the chitchat prompts"
 $CLOVER data regenerate --data $WORK/chitchat-sharegpt.json --model $TEACHER --out $WORK/regen \
   --limit $CONVERSATIONS --max-turns $TURNS --max-new-tokens $NEW_TOKENS --batch-size 32 --device $DEVICE
 
-step "2/6 prepare: tokenize with the model's chat template and mask the assistant turns"
+step "2/7 prepare: tokenize with the model's chat template and mask the assistant turns"
 $CLOVER data prepare --input $WORK/regen/conversations.jsonl --model $TEACHER --template auto \
   --out $WORK/prepared --max-len 1024 --eval-fraction 0.05
 
-step "3/6 distill: cache the teacher's pre-norm hidden states"
+step "3/7 distill: cache the teacher's pre-norm hidden states"
 $CLOVER distill --data $WORK/prepared --model $TEACHER --out $WORK/distill --device $DEVICE
 
-step "4/6 train the Clover-2 head"
+step "4/7 train the Clover-2 head"
 RESUME=""; [ -n "$(ls -A $WORK/train/checkpoints 2>/dev/null)" ] && RESUME=--resume
 $CLOVER train --config configs/smollm2-135m.toml --profile $PROFILE $RESUME
 
-step "5/6 export"
+step "5/7 export"
 $CLOVER export --checkpoint $WORK/train/latest --out $HEAD_OUT
 
-step "6/6 evaluate: speculative vs plain decoding on MT-bench (auto tree, then the default tree)"
+step "6/7 evaluate: speculative vs plain decoding on MT-bench (auto tree, then the default tree)"
 # auto calibrates the head and this device on the prepared eval split, then searches the fastest
 # tree (plain decoding included); the default mc_sim_7b_63 row is kept for comparison.
 $CLOVER eval --model $TEACHER --draft $HEAD_OUT --prompts $WORK/mt_bench_questions.jsonl \
   --tree auto,default --data $WORK/prepared \
   --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE --report $WORK/eval.json
+
+step "7/7 report: table and plots of this run (data/work/report)"
+$CLOVER report $WORK/eval.json --out $WORK/report

@@ -299,7 +299,7 @@ fn loss_weights_and_denominators_by_hand() {
         decay: 0.7,
         heads_coefficient: 1.0,
     };
-    let ident = |o: &Tensor| o.shallow_clone();
+    let ident = |_: usize, o: &Tensor| o.shallow_clone();
     let parts = clover_loss(&outs, &targets, &ident, &w);
     // Depth 0: rows 0,1 vs targets at positions 0,1; denominators Σm+1 = 3.
     let v0 =
@@ -415,7 +415,7 @@ fn gradient_matches_finite_differences_in_f64() {
     let w = LossWeights::reference(head.config());
     let loss = |head: &DraftHead| {
         let outs = head.depth_outputs(&u, &next, None);
-        clover_loss(&outs, &targets, &|o: &Tensor| head.logits(o), &w).total
+        clover_loss(&outs, &targets, &|_, o: &Tensor| head.logits(o), &w).total
     };
     let params: BTreeMap<String, Tensor> = head.named_tensors();
     for p in params.values() {

@@ -67,7 +67,7 @@ fn run(
     chunk: usize,
 ) -> Run {
     let w = LossWeights::reference(head.config());
-    let lm_head = |o: &Tensor| head.logits(o);
+    let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
     let parts = batch_loss(teacher, u, mask, outs, &lm_head, &w, chunk).unwrap();
     let params = head.named_tensors();
     let mut inputs: Vec<&Tensor> = outs.iter().collect();

@@ -10,6 +10,7 @@ mod eval;
 mod generate;
 mod gguf;
 mod head;
+mod heads;
 mod hostile;
 mod loss;
 mod native;

@@ -379,6 +379,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         config: root.join("offline.toml"),
         resume: false,
         profile: clover::training::config::Profile::Auto,
+        overrides: vec![],
         dist_backend: clover::distributed::Backend::Auto,
     })
     .unwrap();

@@ -4,15 +4,17 @@
 //!
 //! 1. [`formats`]: files in and out. GGUF reading and dequantisation, `import-gguf` to an
 //!    HF-style model dir, chat templates (rendering with an assistant loss mask), safetensors.
-//! 2. [`model`]: the LLaMA config and layers, the frozen [`model::teacher::Teacher`], the Clover-2
-//!    [`model::head::DraftHead`] and its config, and the device/dtype policy.
+//! 2. [`model`]: the LLaMA config and layers, the frozen [`model::teacher::Teacher`], the draft
+//!    [`model::head::DraftHead`] (Clover-2, or the EAGLE-1 / Medusa-1 baselines of
+//!    `docs/heads.md`) and its config, and the device/dtype policy.
 //! 3. [`decode`]: sampling rules, plain generation, static trees, tree-attention speculative
 //!    decoding with a draft head, and `eval` (tau and speed on held-out prompts).
 //! 4. [`data`]: ShareGPT input -> conversations -> tokenized parquet shards (`prepare`), the chitchat
 //!    import, and self-distillation (`regenerate`, which answers with `decode`).
 //! 5. [`training`]: distillation targets (the teacher's cached states), the training config,
 //!    batches, the per-depth loss, AdamW and schedule, checkpoints, metrics, held-out evaluation,
-//!    the trainer loop, and `export` of a checkpoint as the reference's safetensors layout.
+//!    the trainer loop, `export` of a checkpoint as the reference's safetensors layout, and
+//!    `report` (eval reports as a table and PNG plots).
 //! 6. [`cli`]: the `clover` command line on top: parses options and hands them to the wings.
 //!
 //! Leaves every wing may use: [`checks`] (valid ranges of settings), [`progress`] (bars on a

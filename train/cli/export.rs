@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use tch::Kind;
 
+use crate::model::head_config::HeadKind;
 use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
 use crate::training::export::export_head;
 
@@ -17,9 +18,10 @@ pub struct ExportArgs {
     /// Output dir (created).
     #[arg(long)]
     pub out: PathBuf,
-    /// Also write the frozen `lm_head.weight` and `clover_embed_tokens.weight` (the reference's
-    /// full state dict has them; its loader uses strict=False and takes them from the base model,
-    /// so they are optional, and large: 2·V·H values).
+    /// Also write the frozen tensors of the head's full state dict: Clover-2's `lm_head.weight`
+    /// and `clover_embed_tokens.weight` (optional: the reference's loader is strict=False and
+    /// takes them from the base model; large, 2·V·H values), EAGLE-1's `embed_tokens.weight`
+    /// (EAGLE's loader is strict, so its repository needs it); nothing for Medusa.
     #[arg(long)]
     pub with_frozen: bool,
     /// Teacher dir, needed only with --with-frozen (its lm_head weight).
@@ -37,15 +39,40 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             .as_ref()
             .context("--with-frozen needs --model <teacher dir>")?;
         let teacher = crate::model::teacher::Teacher::load(model, tch::Device::Cpu, Kind::Float)?;
-        Some(teacher.lm_head_weight().shallow_clone())
+        let frozen = match cfg.options.head {
+            HeadKind::Eagle1 => teacher.weight("model.embed_tokens.weight")?,
+            HeadKind::Clover2 | HeadKind::Medusa => teacher.lm_head_weight(),
+        };
+        Some(frozen.shallow_clone())
     } else {
         None
     };
     export_head(&cfg, &tensors, &teacher_config, frozen.as_ref(), &args.out)?;
+    write_provenance(&checkpoint, &args.out)?;
     eprintln!(
         "exported {} to {}",
         checkpoint.display(),
         args.out.display()
     );
     Ok(())
+}
+
+/// Records which checkpoint and training run the export came from, so `clover report` can find
+/// the run's logs. A checkpoint lives at `<run>/checkpoints/step-N`.
+fn write_provenance(checkpoint: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    let checkpoint = checkpoint
+        .canonicalize()
+        .with_context(|| format!("resolving {}", checkpoint.display()))?;
+    let run_dir = checkpoint
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let p = crate::training::report::Provenance {
+        checkpoint,
+        run_dir,
+    };
+    let file = out.join(crate::training::report::PROVENANCE_FILE);
+    std::fs::write(&file, serde_json::to_string_pretty(&p)?)
+        .with_context(|| format!("writing {}", file.display()))
 }

@@ -11,6 +11,7 @@ pub mod export;
 pub mod generate;
 pub mod import;
 pub mod init_random;
+pub mod report;
 pub mod train;
 use clap::{Parser, Subcommand};
 
@@ -39,7 +40,7 @@ enum Command {
     Data(DataCommand),
     /// Cache the teacher's pre-norm hidden states over prepared data (distillation targets).
     Distill(crate::cli::distill::DistillArgs),
-    /// Train the Clover-2 draft head (per-depth distillation loss) from a TOML config.
+    /// Train a draft head (Clover-2, or the EAGLE-1 / Medusa baselines) from a TOML config.
     Train(crate::cli::train::TrainArgs),
     /// Write a trained head as safetensors with the reference's tensor names, plus config.json.
     Export(crate::cli::export::ExportArgs),
@@ -48,6 +49,8 @@ enum Command {
     /// Measure a head's acceptance per depth and rank and this device's decoding costs, for
     /// `eval --tree auto --calib`.
     Calibrate(crate::cli::eval::CalibrateArgs),
+    /// Compare eval reports: DIR/report.md (a table) and PNG plots.
+    Report(crate::cli::report::ReportArgs),
     /// Answer a prompt with the teacher (plain decoding).
     Generate(crate::cli::generate::GenerateArgs),
     /// Measure teacher prefill and decode tokens/s (CPU, and CUDA when present) as JSON.
@@ -79,6 +82,7 @@ pub fn main() -> Result<()> {
         Command::Export(args) => crate::cli::export::run(&args),
         Command::Eval(args) => crate::cli::eval::run(&args),
         Command::Calibrate(args) => crate::cli::eval::run_calibrate(&args),
+        Command::Report(args) => crate::cli::report::run(&args),
         Command::ImportGguf(args) => crate::cli::import::run(&args),
         Command::InitRandom(args) => crate::cli::init_random::run(&args),
         Command::Generate(args) => crate::cli::generate::run(&args),

@@ -27,6 +27,10 @@ pub struct TrainArgs {
     /// applies it when the run lands on a CUDA device.
     #[arg(long, value_enum, default_value_t = Profile::Auto)]
     pub profile: Profile,
+    /// Override a config key, after the profile: `--set head="eagle1" --set max_steps=5
+    /// --set out_dir=/tmp/run` (VALUE is TOML, or a plain string). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
     /// The c10d backend of a data-parallel run (launched by torchrun or srun): NCCL on CUDA and
     /// Gloo on the CPU by default.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
@@ -34,7 +38,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::load(&args.config, args.profile)?;
+    let cfg = TrainConfig::load_with_overrides(&args.config, args.profile, &args.overrides)?;
     let launch = Launch::from_env()?;
     let device = match (parse_device(&cfg.device)?, &launch) {
         // One device per rank: cuda:LOCAL_RANK.

@@ -208,7 +208,7 @@ fn measure_acceptance(
                 .to_device(device);
             let o = out.index_select(0, &idx);
             let s = state.index_select(0, &idx);
-            let top = drafter.logits(&o).topk(k as i64, -1, true, true).1;
+            let top = drafter.logits(d as i64, &o).topk(k as i64, -1, true, true).1;
             let top = Vec::<i64>::try_from(top.to_device(tch::Device::Cpu).view([-1]))?;
             let mut accepted = Vec::new();
             for (i, &t) in rows.iter().enumerate() {

@@ -34,11 +34,14 @@ use crate::decode::calibrate::{calibrate, CalibrateOptions, Calibration, Calibra
 use crate::decode::dynamic::DynamicTree;
 use crate::decode::generate::{generate, GenerationConfig};
 use crate::decode::sampling::{Sampling, Timed};
-use crate::decode::speculative::{generate_with_mode, DraftVocab, HeadDrafter, SpecStats, TreeMode};
+use crate::decode::speculative::{
+    drafter_for, generate_with_mode, DraftVocab, Drafter, HeadDrafter, SpecStats, TreeMode,
+};
 use crate::decode::tree::{Tree, DEFAULT_TREE};
 use crate::decode::tree_search::{best_tree, SearchLimits, SearchResult};
 use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
 use crate::model::head::{load_head, DraftHead};
+use crate::model::head_config::HeadKind;
 use crate::model::teacher::Teacher;
 use crate::progress::Progress;
 
@@ -221,6 +224,9 @@ pub struct EvalReport {
     pub verification_steps: usize,
     pub lossless_mismatches: usize,
     pub max_new_tokens: usize,
+    pub head: String,
+    pub head_parameters: i64,
+    pub draft_dir: String,
     /// Σ draft / Σ verify seconds of the speculative steps (see `TurnRecord`).
     pub draft_seconds: f64,
     pub verify_seconds: f64,
@@ -248,6 +254,11 @@ pub struct EvalSettings {
     pub dtype: String,
     pub n_prompts: usize,
     pub max_new_tokens: usize,
+    /// The draft head: its kind ("clover2", "eagle1", "medusa"), trainable parameters and
+    /// exported directory (`clover report` finds the training run's logs from it).
+    pub head: String,
+    pub head_parameters: i64,
+    pub draft_dir: String,
 }
 
 /// The whole report, built here from the per-turn records and the settings.
@@ -303,6 +314,9 @@ pub fn summarize(records: &[TurnRecord], settings: &EvalSettings) -> EvalReport 
         verification_steps: all.steps,
         lossless_mismatches: records.iter().filter(|r| r.mismatch).count(),
         max_new_tokens: settings.max_new_tokens,
+        head: settings.head.clone(),
+        head_parameters: settings.head_parameters,
+        draft_dir: settings.draft_dir.clone(),
         draft_seconds: records.iter().map(|r| r.draft_seconds).sum(),
         verify_seconds: records.iter().map(|r| r.verify_seconds).sum(),
         draft_ms_per_step: per_step(records.iter().map(|r| r.draft_seconds).sum()),
@@ -487,6 +501,13 @@ fn tree_settings(
                 name: spec.clone(),
                 kind: TreeKind::Static(Tree::load(None)?),
             },
+            "dynamic" | "auto" if head.config().options.head != HeadKind::Clover2 => {
+                anyhow::bail!(
+                    "--tree {spec} works with Clover-2 heads (calibration and dynamic drafting \
+                     step its regressive cell); this head is {}: use a static tree",
+                    head.config().options.head.name()
+                )
+            }
             "dynamic" => {
                 args.dynamic.check()?;
                 TreeSetting {
@@ -516,11 +537,22 @@ pub fn run(args: &EvalOptions) -> Result<()> {
     let chat = ChatTokenizer::from_model_dir(&args.model, args.template.map(TemplateName::as_str))?
         .with_system_prompt(!args.no_system_prompt);
     let max_top_k = crate::decode::tree::DEFAULT_TOP_K.max(args.dynamic.top_k);
+    let kind_of_head = head.config().options.head;
+    ensure!(
+        kind_of_head == HeadKind::Clover2 || args.draft_vocab.is_none(),
+        "--draft-vocab works with Clover-2 heads; this head is {}",
+        kind_of_head.name()
+    );
     let vocab = match &args.draft_vocab {
         Some(ids) => Some(DraftVocab::new(&head, ids, max_top_k)?),
         None => None,
     };
     let (settings, auto) = tree_settings(args, &teacher, &head, vocab.as_ref())?;
+    for setting in &settings {
+        if let TreeKind::Static(tree) = &setting.kind {
+            crate::decode::speculative::check_tree_for(&head, tree)?;
+        }
+    }
     let mut questions = read_questions(&args.prompts)?;
     if let Some(n) = args.per_category {
         let mut seen = std::collections::HashMap::new();
@@ -557,6 +589,9 @@ pub fn run(args: &EvalOptions) -> Result<()> {
                     dtype: format!("{kind:?}"),
                     n_prompts: questions.len(),
                     max_new_tokens: args.max_new_tokens,
+                    head: setup.head.config().options.head.name().to_string(),
+                    head_parameters: setup.head.num_parameters(),
+                    draft_dir: args.draft.display().to_string(),
                 },
             )
         })
@@ -613,10 +648,15 @@ fn decode_with(
             Ok((timed, stats))
         }
         Some(mode) => {
-            let mut drafter = HeadDrafter::new(&setup.head).with_vocab(setup.vocab.as_ref());
+            let mut drafter: Box<dyn Drafter + '_> = match setup.head.config().options.head {
+                HeadKind::Clover2 => {
+                    Box::new(HeadDrafter::new(&setup.head).with_vocab(setup.vocab.as_ref()))
+                }
+                _ => drafter_for(&setup.head),
+            };
             generate_with_mode(
                 &setup.teacher,
-                &mut drafter,
+                drafter.as_mut(),
                 mode,
                 prompt,
                 cfg.max_new_tokens,

@@ -4,6 +4,7 @@
 
 pub mod calibrate;
 pub mod dynamic;
+pub mod eagle_drafter;
 pub mod eval;
 pub mod generate;
 pub mod sampling;

@@ -13,12 +13,14 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::decode::eagle_drafter::EagleDrafter;
 use crate::decode::sampling::{
     apply_stop_rules, check_context, pick_next, sample_rows, Answer, Sampling, Timed,
 };
 use crate::decode::dynamic::{draft_dynamic, DynamicTree};
 use crate::decode::tree::{Tree, TreeTensors};
 use crate::model::head::DraftHead;
+use crate::model::head_config::HeadKind;
 use crate::model::layers::KvCache;
 use crate::model::teacher::Teacher;
 
@@ -32,7 +34,8 @@ pub trait Drafter {
     /// at the last position.
     fn extend(&mut self, u: &Tensor, next_ids: &Tensor) -> Result<(Tensor, Tensor)>;
     /// One depth >= 1 step on parent `states` [n,H] and the chosen tokens [n]:
-    /// (logits [n,V], states [n,H]).
+    /// (logits [n,V], states [n,H]). States are opaque to the caller, which only gathers their
+    /// rows by parent (`EagleDrafter`'s are draft-row ids [n]).
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)>;
 }
 
@@ -580,11 +583,14 @@ fn verify(
 
 /// The Clover-2 draft head as a [`Drafter`], with its own append-only KV cache (G9): it only ever
 /// sees committed positions, so it never needs rollback. With a [`DraftVocab`] its logits cover
-/// only that vocabulary's tokens (FR-Spec).
+/// only that vocabulary's tokens (FR-Spec). Medusa drafts through it too (its "state" is h and
+/// its steps pick head `depth`).
 pub struct HeadDrafter<'h> {
     head: &'h DraftHead,
     cache: KvCache,
     vocab: Option<&'h DraftVocab>,
+    /// Depth of the next `step` (1 after `extend`).
+    depth: i64,
 }
 
 impl<'h> HeadDrafter<'h> {
@@ -593,6 +599,7 @@ impl<'h> HeadDrafter<'h> {
             cache: head.new_cache(1),
             head,
             vocab: None,
+            depth: 1,
         }
     }
 
@@ -602,11 +609,12 @@ impl<'h> HeadDrafter<'h> {
         self
     }
 
-    /// Draft logits of head outputs `o` [n,H] -> [n,V] (teacher ids; -inf outside a draft vocab).
-    pub fn logits(&self, o: &Tensor) -> Tensor {
+    /// Draft logits of depth `depth`'s outputs `o` [n,H] -> [n,V] (teacher ids; -inf outside a
+    /// draft vocab).
+    pub fn logits(&self, depth: i64, o: &Tensor) -> Tensor {
         match &self.vocab {
             Some(v) => v.logits(o),
-            None => self.head.logits(o),
+            None => self.head.logits_at(depth, o),
         }
     }
 
@@ -614,6 +622,27 @@ impl<'h> HeadDrafter<'h> {
     pub fn rewind(&mut self, len: i64) {
         self.cache.truncate(len);
     }
+}
+
+/// The drafter of any head kind: EAGLE-1 needs tree attention over its own drafts
+/// (`EagleDrafter`); Clover-2 and Medusa step each node from its parent alone (`HeadDrafter`).
+pub fn drafter_for(head: &DraftHead) -> Box<dyn Drafter + '_> {
+    match head.config().options.head {
+        HeadKind::Eagle1 => Box::new(EagleDrafter::new(head)),
+        HeadKind::Clover2 | HeadKind::Medusa => Box::new(HeadDrafter::new(head)),
+    }
+}
+
+/// Checks a tree can be drafted by `head`: Medusa has one head per depth.
+pub fn check_tree_for(head: &DraftHead, tree: &Tree) -> Result<()> {
+    let opts = &head.config().options;
+    ensure!(
+        opts.head != HeadKind::Medusa || tree.max_depth() as i64 <= opts.num_depths,
+        "the tree is {} deep but the Medusa head has only {} heads",
+        tree.max_depth(),
+        opts.num_depths
+    );
+    Ok(())
 }
 
 impl Drafter for HeadDrafter<'_> {
@@ -630,13 +659,22 @@ impl Drafter for HeadDrafter<'_> {
         let (o0, s0) = self
             .head
             .depth0(u, next_ids, &positions, None, Some(&mut self.cache));
-        let logits = self.logits(&o0.select(1, n - 1));
+        let logits = self.logits(0, &o0.select(1, n - 1));
+        self.depth = 1;
         Ok((logits, s0.select(1, n - 1)))
     }
 
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (o, s) = self.head.step(states, tokens);
-        Ok((self.logits(&o), s))
+        let depth = self.depth;
+        let opts = &self.head.config().options;
+        ensure!(
+            opts.head != HeadKind::Medusa || depth < opts.num_depths,
+            "Medusa head asked for depth {depth} but has {} heads",
+            opts.num_depths
+        );
+        let (o, s) = self.head.step_at(depth, states, tokens);
+        self.depth += 1;
+        Ok((self.logits(depth, &o), s))
     }
 }
 
@@ -653,6 +691,10 @@ pub struct DraftVocab {
 impl DraftVocab {
     /// `ids`: distinct teacher token ids, at least `min_len` of them (the tree's top-k).
     pub fn new(head: &DraftHead, ids: &[i64], min_len: usize) -> Result<Self> {
+        ensure!(
+            head.config().options.head != HeadKind::Medusa,
+            "a draft vocabulary slices the shared lm_head; a Medusa head projects with its own"
+        );
         let lm_head = head.lm_head_weight();
         let vocab_size = lm_head.size()[0];
         ensure!(
@@ -696,7 +738,7 @@ impl DraftVocab {
     }
 }
 
-/// Speculative decoding of one prompt with a Clover-2 draft head (see [`generate_with_drafter`]).
+/// Speculative decoding of one prompt with a draft head of any kind (see [`generate_with_drafter`]).
 pub fn generate_speculative(
     teacher: &Teacher,
     head: &DraftHead,
@@ -706,10 +748,11 @@ pub fn generate_speculative(
     sampling: Sampling,
     stop_ids: &[i64],
 ) -> Result<(Timed, SpecStats)> {
-    let mut drafter = HeadDrafter::new(head);
+    check_tree_for(head, tree)?;
+    let mut drafter = drafter_for(head);
     generate_with_drafter(
         teacher,
-        &mut drafter,
+        drafter.as_mut(),
         tree,
         prompt_ids,
         max_new,

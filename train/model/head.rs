@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::config::LlamaConfig;
-use crate::model::head_config::HeadConfig;
+use crate::model::head_config::{HeadConfig, HeadKind};
 use crate::model::layers::{linear_cast, rms_norm, DecoderLayer, KvCache, Rope};
 use crate::model::teacher::Teacher;
 
@@ -83,6 +83,11 @@ pub struct DraftHead {
     /// The teacher's lm_head weight [V,H]: the same tensor (no copy). It is also the draft's token
     /// embedding table (row v = embedding of token v, G8). Frozen.
     lm_head: Tensor,
+    /// The draft's token-embedding table: the lm_head (Clover-2, G8) or the teacher's own
+    /// `embed_tokens` (EAGLE-1). Frozen.
+    embed_table: Tensor,
+    /// The teacher's final RMSNorm weight: EAGLE-1 and Medusa read post-norm features h. Frozen.
+    final_norm: Tensor,
     rope: Rope,
     compute_kind: Kind,
     /// Shallow clones of the store's variables by name (they share storage and autograd with it).
@@ -93,7 +98,11 @@ impl DraftHead {
     /// A head with the reference initialisation (§1.1) from the teacher, seeded.
     pub fn new(teacher: &Teacher, cfg: HeadConfig, seed: i64) -> Result<Self> {
         cfg.check_against(&teacher.config)?;
-        let init = crate::rng::seeded(seed, || reference_init(teacher, &cfg))?;
+        let init = crate::rng::seeded(seed, || match cfg.options.head {
+            HeadKind::Clover2 => reference_init(teacher, &cfg),
+            HeadKind::Eagle1 => crate::model::eagle::init(&cfg),
+            HeadKind::Medusa => crate::model::medusa::init(teacher, &cfg),
+        })?;
         Self::from_tensors(teacher, cfg, &init)
     }
 
@@ -101,7 +110,9 @@ impl DraftHead {
     pub fn load(dir: &Path, teacher: &Teacher) -> Result<Self> {
         let cfg = HeadConfig::from_export_json(&dir.join("config.json"))?;
         cfg.check_against(&teacher.config)?;
-        let file = dir.join("model.safetensors");
+        let file = dir.join(crate::model::head_config::head_weights_file(
+            cfg.options.head,
+        ));
         let tensors = read_head_tensors(&file, &cfg)?;
         Self::from_tensors(teacher, cfg, &tensors)
     }
@@ -124,11 +135,18 @@ impl DraftHead {
         }
         let draft_llama = cfg.draft_llama_config(&teacher.config);
         let rope = Rope::new(&draft_llama, device);
+        let lm_head = teacher.lm_head_weight().shallow_clone();
+        let embed_table = match cfg.options.head {
+            HeadKind::Eagle1 => teacher.weight("model.embed_tokens.weight")?.shallow_clone(),
+            HeadKind::Clover2 | HeadKind::Medusa => lm_head.shallow_clone(),
+        };
         Ok(DraftHead {
+            final_norm: teacher.weight("model.norm.weight")?.shallow_clone(),
             cfg,
             draft_llama,
             vs,
-            lm_head: teacher.lm_head_weight().shallow_clone(),
+            lm_head,
+            embed_table,
             rope,
             compute_kind: Kind::Float,
             vars: BTreeMap::new(),
@@ -191,7 +209,7 @@ impl DraftHead {
 
     /// A trainable tensor by reference name: weight matrices cast to the compute kind (they
     /// enter matrix products), vectors (norm weights, biases) as the master copy.
-    fn w(&self, name: &str) -> Result<Tensor> {
+    pub(crate) fn w(&self, name: &str) -> Result<Tensor> {
         let var = self
             .vars
             .get(name)
@@ -203,17 +221,18 @@ impl DraftHead {
         })
     }
 
-    fn wu(&self, name: &str) -> Tensor {
+    pub(crate) fn wu(&self, name: &str) -> Tensor {
         // Names come from `trainable_shapes`, all created in `from_tensors`: absence is a bug.
         self.w(name).unwrap_or_else(|e| panic!("draft head: {e}"))
     }
 
-    /// Token embeddings: rows of the frozen lm_head weight (G8).
+    /// Token embeddings: rows of the frozen lm_head weight (G8; EAGLE-1: the teacher's
+    /// embed_tokens).
     pub fn embed(&self, ids: &Tensor) -> Tensor {
         let flat = ids.reshape([-1]);
         let mut shape = ids.size();
         shape.push(self.cfg.hidden_size);
-        self.lm_head
+        self.embed_table
             .index_select(0, &flat)
             .reshape(shape.as_slice())
             .to_kind(self.stream_kind())
@@ -245,6 +264,26 @@ impl DraftHead {
         rms_norm(x, &self.wu(name), self.cfg.rms_norm_eps)
     }
 
+    /// The teacher's post-norm features h = final_norm(u), in the stream's kind.
+    pub fn post_norm(&self, u: &Tensor) -> Tensor {
+        let u = u.to_kind(self.stream_kind());
+        rms_norm(
+            &u,
+            &self.final_norm.to_kind(u.kind()),
+            self.cfg.rms_norm_eps,
+        )
+    }
+
+    /// The draft's rotary embedding.
+    pub(crate) fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// The draft's LLaMA shape (layer count and RoPE of its own decoder layers).
+    pub(crate) fn draft_llama(&self) -> &LlamaConfig {
+        &self.draft_llama
+    }
+
     /// The Augmenting-Block layers, rebuilt per call from the (possibly cast) trainable weights so
     /// autograd reaches the master variables.
     fn augmenting_layers(&self) -> Vec<DecoderLayer> {
@@ -260,7 +299,25 @@ impl DraftHead {
     /// Depth 0 (§1.3): u = teacher pre-norm states [B,S,H], next_ids = x_{t+1} [B,S] (G4 shift done
     /// by the caller), positions [B,S]; mask as `Teacher::forward` (None = causal); optional draft
     /// KV cache (num_layers layers). Returns (o0 after clover_head_norm, s0 = clover_norm(block)).
+    /// EAGLE-1 and Medusa: see `model::eagle::depth0`, `model::medusa::depth0`.
     pub fn depth0(
+        &self,
+        u: &Tensor,
+        next_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> (Tensor, Tensor) {
+        match self.cfg.options.head {
+            HeadKind::Clover2 => self.clover_depth0(u, next_ids, positions, mask, cache),
+            HeadKind::Eagle1 => {
+                crate::model::eagle::depth0(self, u, next_ids, positions, mask, cache)
+            }
+            HeadKind::Medusa => crate::model::medusa::depth0(self, u),
+        }
+    }
+
+    fn clover_depth0(
         &self,
         u: &Tensor,
         next_ids: &Tensor,
@@ -290,8 +347,28 @@ impl DraftHead {
     /// Depth k >= 1 RNN step (weight-tied): state [..,H], token ids [..] -> (o, s) where s is the
     /// new carried state (the cell output, not the FC output: G7).
     pub fn step(&self, state: &Tensor, token_ids: &Tensor) -> (Tensor, Tensor) {
+        self.step_at(1, state, token_ids)
+    }
+
+    /// The step to depth `depth` >= 1: Clover-2's weight-tied step (any depth), Medusa's block
+    /// `depth` on the carried h, or EAGLE-1's layer on each row alone (no context: the tree
+    /// drafter in `decode::eagle_drafter` gives it the context; see docs/heads.md §1.3).
+    pub fn step_at(&self, depth: i64, state: &Tensor, token_ids: &Tensor) -> (Tensor, Tensor) {
+        match self.cfg.options.head {
+            HeadKind::Clover2 => self.clover_step(state, token_ids),
+            HeadKind::Eagle1 => crate::model::eagle::step_alone(self, state, token_ids),
+            HeadKind::Medusa => crate::model::medusa::step(self, depth, state),
+        }
+    }
+
+    fn clover_step(&self, state: &Tensor, token_ids: &Tensor) -> (Tensor, Tensor) {
         let state = state.to_kind(self.stream_kind());
         let emb = self.embed(token_ids);
+        // The regressive-connection ablation: depths >= 1 do not see the chosen token.
+        let emb = match self.cfg.options.regressive_connection {
+            true => emb,
+            false => emb.zeros_like(),
+        };
         let s = self.cell("clover_head_mlp_rnn2", &state, &emb);
         let fc_in = Tensor::cat(&[&s, &emb], -1);
         let fc = linear_cast(
@@ -307,6 +384,15 @@ impl DraftHead {
         o.to_kind(self.lm_head.kind()).matmul(&self.lm_head.tr())
     }
 
+    /// Logits of depth `depth`'s outputs: the frozen lm_head (Clover-2, EAGLE-1) or Medusa's
+    /// own trainable projection of that depth.
+    pub fn logits_at(&self, depth: i64, o: &Tensor) -> Tensor {
+        match self.cfg.options.head {
+            HeadKind::Medusa => crate::model::medusa::logits(self, depth, o),
+            HeadKind::Clover2 | HeadKind::Eagle1 => self.logits(o),
+        }
+    }
+
     /// The frozen lm_head weight [V,H] (shared with the teacher).
     pub fn lm_head_weight(&self) -> &Tensor {
         &self.lm_head
@@ -319,6 +405,7 @@ impl DraftHead {
 
     /// Training forward, all depths teacher-forced as the reference's `get_all_head` (§1.3, G5):
     /// depth i gets state[:, :T-i] and emb[:, i:]; returns o_i with T-i rows each.
+    /// EAGLE-1 returns its one trained depth, Medusa its `num_depths` blocks on h[:, :T-i].
     pub fn depth_outputs(
         &self,
         u: &Tensor,
@@ -329,6 +416,13 @@ impl DraftHead {
         let positions = Tensor::arange(t, (Kind::Int64, self.device()))
             .unsqueeze(0)
             .expand([b, t], true);
+        match self.cfg.options.head {
+            HeadKind::Clover2 => {}
+            HeadKind::Eagle1 => {
+                return vec![self.depth0(u, next_ids, &positions, mask, None).0];
+            }
+            HeadKind::Medusa => return crate::model::medusa::depth_outputs(self, u),
+        }
         let (o0, mut state) = self.depth0(u, next_ids, &positions, mask, None);
         let mut outs = vec![o0];
         for i in 1..self.cfg.options.num_depths.min(t) {
@@ -338,6 +432,21 @@ impl DraftHead {
             state = s;
         }
         outs
+    }
+
+    /// The training forward with the head's recipe noise: EAGLE-1's uniform noise on its input
+    /// features, drawn from its own generator seeded with `noise_seed` (so a resumed run draws
+    /// the same); the others train on `depth_outputs` as they are.
+    pub fn training_outputs(&self, u: &Tensor, next_ids: &Tensor, noise_seed: i64) -> Vec<Tensor> {
+        let amplitude = self.cfg.options.input_noise();
+        match self.cfg.options.head {
+            HeadKind::Eagle1 if amplitude > 0.0 => {
+                vec![crate::model::eagle::noisy_forward(
+                    self, u, next_ids, amplitude, noise_seed,
+                )]
+            }
+            _ => self.depth_outputs(u, next_ids, None),
+        }
     }
 
     /// The trainable tensors by reference name (shallow clones of the variables).

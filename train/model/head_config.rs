@@ -13,12 +13,47 @@ use crate::model::config::LlamaConfig;
 /// `rope_theta`, so the draft always uses 10000 even for LLaMA3 (θ=500000). G2.
 pub const REFERENCE_DRAFT_ROPE_THETA: f64 = 10000.0;
 
+/// Which draft architecture a head is (docs/heads.md): the project's Clover-2, or one of the two
+/// baselines the paper compares against, trained and decoded by the same code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    /// Clover-2 (docs/clover2.md).
+    #[default]
+    Clover2,
+    /// EAGLE-1: feature-level autoregression with one decoder layer (docs/heads.md §1).
+    Eagle1,
+    /// Medusa-1: one residual SiLU block and vocabulary projection per depth (docs/heads.md §2).
+    Medusa,
+}
+
+impl HeadKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadKind::Clover2 => "clover2",
+            HeadKind::Eagle1 => "eagle1",
+            HeadKind::Medusa => "medusa",
+        }
+    }
+}
+
+/// The weights file of an exported head: Medusa's loader reads `medusa_lm_head.safetensors`,
+/// EAGLE-1's and Clover-2's read `model.safetensors` (docs/heads.md §1.4, §2.4).
+pub fn head_weights_file(kind: HeadKind) -> &'static str {
+    match kind {
+        HeadKind::Medusa => "medusa_lm_head.safetensors",
+        HeadKind::Clover2 | HeadKind::Eagle1 => "model.safetensors",
+    }
+}
+
 /// The Clover-2 hyper-parameters of a head, defined once: the training config and the head
 /// config flatten this struct (the same keys, the same reference defaults), and export writes it
 /// as the reference's `"clover"` section plus our `"clover_rs"` extras.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HeadOptions {
+    /// The architecture (`head = "clover2" | "eagle1" | "medusa"`).
+    pub head: HeadKind,
     /// Unrolled draft depths ("num_heads" in the reference): depth 0 + weight-tied depths 1..
     pub num_depths: i64,
     /// Augmenting-Block layers.
@@ -34,6 +69,22 @@ pub struct HeadOptions {
     /// reads `model.layers.{draft_config.num_hidden_layers-1}` with the draft config's
     /// num_hidden_layers = 1, i.e. base layer 0 (G1), although its comments suggest the last layer.
     pub init_from_layer: i64,
+    /// Weight of the feature-regression term; None = the head's reference (Clover-2 10, EAGLE-1
+    /// 1, Medusa 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regression_weight: Option<f64>,
+    /// Weight of the distillation term; None = the head's reference (Clover-2 1, EAGLE-1 0.1,
+    /// Medusa 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub distillation_weight: Option<f64>,
+    /// Clover-2's regressive connection: depths >= 1 see the embedding of the token chosen at
+    /// the depth before. Off (an ablation), they see a zero embedding, so every depth >= 1
+    /// predicts from the carried state alone. Clover-2 only.
+    pub regressive_connection: bool,
+    /// Amplitude of EAGLE's uniform input-feature noise in training, U(-a/2, a/2) * 512 / T;
+    /// None = the head's reference (EAGLE-1 0.2, others 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_noise: Option<f64>,
 }
 
 impl Default for HeadOptions {
@@ -41,19 +92,71 @@ impl Default for HeadOptions {
     /// both layers from teacher layer 0.
     fn default() -> Self {
         HeadOptions {
+            head: HeadKind::Clover2,
             num_depths: 5,
             num_layers: 2,
             decay: 0.7,
             heads_coefficient: 1.0,
             draft_rope_theta: REFERENCE_DRAFT_ROPE_THETA,
             init_from_layer: 0,
+            regression_weight: None,
+            distillation_weight: None,
+            regressive_connection: true,
+            input_noise: None,
         }
     }
 }
 
 impl HeadOptions {
+    /// The regression weight in force (docs/heads.md §3).
+    pub fn regression_weight(&self) -> f64 {
+        self.regression_weight.unwrap_or(match self.head {
+            HeadKind::Clover2 => 10.0,
+            HeadKind::Eagle1 => 1.0,
+            HeadKind::Medusa => 0.0,
+        })
+    }
+
+    /// The distillation weight in force (docs/heads.md §3).
+    pub fn distillation_weight(&self) -> f64 {
+        self.distillation_weight.unwrap_or(match self.head {
+            HeadKind::Clover2 | HeadKind::Medusa => 1.0,
+            HeadKind::Eagle1 => 0.1,
+        })
+    }
+
+    /// The input-feature noise amplitude in force (EAGLE-1: 0.2).
+    pub fn input_noise(&self) -> f64 {
+        self.input_noise.unwrap_or(match self.head {
+            HeadKind::Eagle1 => 0.2,
+            HeadKind::Clover2 | HeadKind::Medusa => 0.0,
+        })
+    }
+
+    /// Depths the training loss sees: EAGLE-1 trains its single step only (its noise stands in
+    /// for the drift of later steps); the others unroll `num_depths`.
+    pub fn trained_depths(&self) -> i64 {
+        match self.head {
+            HeadKind::Eagle1 => 1,
+            HeadKind::Clover2 | HeadKind::Medusa => self.num_depths,
+        }
+    }
+
     /// Records every out-of-range option.
     pub fn check(&self, p: &mut Problems) {
+        for (name, value) in [
+            ("regression_weight", self.regression_weight),
+            ("distillation_weight", self.distillation_weight),
+            ("input_noise", self.input_noise),
+        ] {
+            if let Some(v) = value {
+                p.require(
+                    v.is_finite() && v >= 0.0,
+                    name,
+                    format!("{v} is not a finite number >= 0"),
+                );
+            }
+        }
         p.require(
             self.num_depths >= 1,
             "num_depths",
@@ -104,6 +207,8 @@ struct CloverSection {
 struct CloverRsSection {
     draft_rope_theta: f64,
     init_from_layer: i64,
+    head: HeadKind,
+    regressive_connection: bool,
 }
 
 impl From<&HeadOptions> for CloverSection {
@@ -122,6 +227,8 @@ impl From<&HeadOptions> for CloverRsSection {
         CloverRsSection {
             draft_rope_theta: o.draft_rope_theta,
             init_from_layer: o.init_from_layer,
+            head: o.head,
+            regressive_connection: o.regressive_connection,
         }
     }
 }
@@ -245,7 +352,12 @@ impl HeadConfig {
     /// The teacher's LlamaConfig reshaped for the draft's Augmenting Block (layer count, RoPE).
     pub fn draft_llama_config(&self, teacher: &LlamaConfig) -> LlamaConfig {
         let mut cfg = teacher.clone();
-        cfg.num_hidden_layers = self.options.num_layers;
+        cfg.num_hidden_layers = match self.options.head {
+            HeadKind::Clover2 => self.options.num_layers,
+            // EAGLE-1's one decoder layer; Medusa has none (its KV cache is empty).
+            HeadKind::Eagle1 => 1,
+            HeadKind::Medusa => 0,
+        };
         cfg.rope_theta = self.options.draft_rope_theta;
         cfg.rope_scaling = None;
         cfg
@@ -253,21 +365,68 @@ impl HeadConfig {
 
     /// Every trainable tensor of the head with its reference name and shape (docs/clover2.md §1.4).
     pub fn trainable_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        match self.options.head {
+            HeadKind::Clover2 => self.clover2_shapes(),
+            HeadKind::Eagle1 => self.eagle1_shapes(),
+            HeadKind::Medusa => self.medusa_shapes(),
+        }
+    }
+
+    /// One LLaMA decoder layer's tensors under `prefix` (`input_norm` false: EAGLE-1's layer 0,
+    /// which has no input_layernorm).
+    fn decoder_layer_shapes(&self, prefix: &str, input_norm: bool) -> Vec<(String, Vec<i64>)> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let q_out = self.num_attention_heads * self.head_dim;
         let kv_out = self.num_key_value_heads * self.head_dim;
+        let p = prefix;
+        let mut out = vec![
+            (format!("{p}.self_attn.q_proj.weight"), vec![q_out, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv_out, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv_out, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q_out]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ];
+        if input_norm {
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        out
+    }
+
+    /// EAGLE-1's state dict (docs/heads.md §1.4): `fc` [H, 2H] + bias over concat[emb, feature]
+    /// and decoder layer 0 without its input norm.
+    fn eagle1_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let h = self.hidden_size;
+        let mut out = vec![
+            ("fc.weight".to_string(), vec![h, 2 * h]),
+            ("fc.bias".to_string(), vec![h]),
+        ];
+        out.extend(self.decoder_layer_shapes("layers.0", false));
+        out
+    }
+
+    /// Medusa-1's `medusa_head` state dict (docs/heads.md §2.4): per depth k an
+    /// `nn.Sequential(ResBlock, Linear)`, i.e. `{k}.0.linear.{weight,bias}` and `{k}.1.weight`.
+    fn medusa_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (h, v) = (self.hidden_size, self.vocab_size);
+        (0..self.options.num_depths)
+            .flat_map(|k| {
+                [
+                    (format!("{k}.0.linear.weight"), vec![h, h]),
+                    (format!("{k}.0.linear.bias"), vec![h]),
+                    (format!("{k}.1.weight"), vec![v, h]),
+                ]
+            })
+            .collect()
+    }
+
+    fn clover2_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let h = self.hidden_size;
         let mut out: Vec<(String, Vec<i64>)> = Vec::new();
         for l in 0..self.options.num_layers {
-            let p = format!("layers.{l}");
-            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q_out, h]));
-            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv_out, h]));
-            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv_out, h]));
-            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q_out]));
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
-            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            out.extend(self.decoder_layer_shapes(&format!("layers.{l}"), true));
         }
         out.push(("clover_norm.weight".into(), vec![h]));
         out.push(("clover_head_norm.weight".into(), vec![h]));
@@ -317,12 +476,15 @@ impl HeadConfig {
             vocab_size: c.vocab_size,
             rms_norm_eps: c.rms_norm_eps,
             options: HeadOptions {
+                head: c.clover_rs.head,
+                regressive_connection: c.clover_rs.regressive_connection,
                 num_depths: c.clover.num_heads,
                 num_layers: c.clover.num_layers,
                 decay: c.clover.decay_coefficient,
                 heads_coefficient: c.clover.heads_coefficient,
                 draft_rope_theta: c.clover_rs.draft_rope_theta,
                 init_from_layer: c.clover_rs.init_from_layer,
+                ..HeadOptions::default()
             },
         })
     }

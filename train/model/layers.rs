@@ -200,7 +200,8 @@ pub struct DecoderLayer {
     gate_proj: Tensor,
     up_proj: Tensor,
     down_proj: Tensor,
-    input_layernorm: Tensor,
+    /// None: the layer feeds its input to attention un-normalised (EAGLE-1's layer 0).
+    input_layernorm: Option<Tensor>,
     post_attention_layernorm: Tensor,
     num_heads: i64,
     num_kv_heads: i64,
@@ -212,6 +213,16 @@ impl DecoderLayer {
     /// `get` returns a tensor by its name relative to the layer ("self_attn.q_proj.weight", ...).
     /// Tensors are used as given, so shallow clones of trainable variables keep autograd working.
     pub fn from_weights(cfg: &LlamaConfig, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<Self> {
+        Self::from_weights_with(cfg, get, true)
+    }
+
+    /// As `from_weights`; with `input_norm` false the layer has no input RMSNorm (and `get` is
+    /// not asked for one), as EAGLE-1's first draft layer.
+    pub fn from_weights_with(
+        cfg: &LlamaConfig,
+        get: &dyn Fn(&str) -> Result<Tensor>,
+        input_norm: bool,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let q_out = cfg.num_attention_heads * cfg.head_dim;
         let kv_out = cfg.num_key_value_heads * cfg.head_dim;
@@ -233,7 +244,10 @@ impl DecoderLayer {
             gate_proj: shaped("mlp.gate_proj.weight", &[i, h])?,
             up_proj: shaped("mlp.up_proj.weight", &[i, h])?,
             down_proj: shaped("mlp.down_proj.weight", &[h, i])?,
-            input_layernorm: shaped("input_layernorm.weight", &[h])?,
+            input_layernorm: match input_norm {
+                true => Some(shaped("input_layernorm.weight", &[h])?),
+                false => None,
+            },
             post_attention_layernorm: shaped("post_attention_layernorm.weight", &[h])?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -253,7 +267,10 @@ impl DecoderLayer {
         cache: Option<&mut KvCache>,
         layer_idx: usize,
     ) -> Tensor {
-        let normed = rms_norm(x, &self.input_layernorm, self.eps);
+        let normed = match &self.input_layernorm {
+            Some(w) => rms_norm(x, w, self.eps),
+            None => x.shallow_clone(),
+        };
         let attn = self.attention(&normed, cos, sin, mask, cache, layer_idx);
         let x = x + attn;
         let normed = rms_norm(&x, &self.post_attention_layernorm, self.eps);

@@ -174,6 +174,18 @@ impl TrainConfig {
 
     /// As `from_toml`; `profile` = cuda | cpu | auto says whether the `[cuda]` table applies.
     pub fn from_toml_with_profile(text: &str, origin: &str, profile: Profile) -> Result<Self> {
+        Self::from_toml_with_overrides(text, origin, profile, &[])
+    }
+
+    /// As `from_toml_with_profile`, then `KEY=VALUE` overrides (`clover train --set`) replace
+    /// top-level keys after the profile: VALUE is TOML (`max_steps=5`, `head="eagle1"`), or a
+    /// bare string when it does not parse as TOML (`out_dir=/tmp/run`).
+    pub fn from_toml_with_overrides(
+        text: &str,
+        origin: &str,
+        profile: Profile,
+        overrides: &[String],
+    ) -> Result<Self> {
         let mut table: toml::Table =
             toml::from_str(text).with_context(|| format!("parsing {origin}"))?;
         let cuda = table.remove("cuda");
@@ -193,6 +205,10 @@ impl TrainConfig {
                     table.insert(k, v);
                 }
             }
+        }
+        for item in overrides {
+            let (key, value) = parse_override(item)?;
+            table.insert(key, value);
         }
         let cfg: Self = toml::Value::Table(table)
             .try_into()
@@ -336,9 +352,18 @@ impl TrainConfig {
     }
 
     pub fn load(path: &Path, profile: Profile) -> Result<Self> {
+        Self::load_with_overrides(path, profile, &[])
+    }
+
+    /// `load`, then `KEY=VALUE` overrides (see `from_toml_with_overrides`).
+    pub fn load_with_overrides(
+        path: &Path,
+        profile: Profile,
+        overrides: &[String],
+    ) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_toml_with_profile(&text, &path.display().to_string(), profile)
+        Self::from_toml_with_overrides(&text, &path.display().to_string(), profile, overrides)
     }
 
     /// The autocast dtype of the head's matrix products on `device`, if any.
@@ -384,4 +409,18 @@ pub struct TrainOptions {
     pub halt_after_step: Option<u64>,
     /// Fault injection: make the loss of this step NaN.
     pub inject_nan_at_step: Option<u64>,
+}
+
+/// One `KEY=VALUE` override: VALUE as TOML, else as a plain string.
+fn parse_override(item: &str) -> Result<(String, toml::Value)> {
+    let (key, raw) = item
+        .split_once('=')
+        .with_context(|| format!("--set {item:?}: expected KEY=VALUE"))?;
+    let key = key.trim().to_string();
+    anyhow::ensure!(!key.is_empty(), "--set {item:?}: empty key");
+    let parsed: Option<toml::Table> = toml::from_str(&format!("v = {}", raw.trim())).ok();
+    let value = parsed
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    Ok((key, value))
 }

@@ -28,8 +28,9 @@ pub fn evaluate(
 ) -> Result<EvalRecord> {
     tch::no_grad(|| {
         let k_depths = head.config().options.num_depths as usize;
+        let trained = head.config().options.trained_depths() as usize;
         let weights = LossWeights::reference(head.config());
-        let lm_head = |o: &Tensor| head.logits(o);
+        let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
         let lengths: Vec<usize> = eval
             .iter()
             .map(|s| s.input_ids.len().min(cfg.max_len))
@@ -37,7 +38,7 @@ pub fn evaluate(
         let mut order: Vec<usize> = (0..eval.len()).collect();
         order.sort_by_key(|&i| lengths[i]);
         let (mut loss_sum, mut loss_weight) = (0.0, 0.0);
-        let mut forced = vec![(0.0, 0i64); k_depths];
+        let mut forced = vec![(0.0, 0i64); trained];
         let mut chained = vec![0i64; k_depths];
         let mut starts = 0usize;
         let mut unigram: BTreeMap<i64, i64> = BTreeMap::new();
@@ -136,13 +137,13 @@ fn chained_hits(
     let mut alive = Tensor::ones([rows.len() as i64], (Kind::Bool, batch.u.device()));
     let mut hits = Vec::with_capacity(k_depths);
     for d in 0..k {
-        let y = head.logits(&o).argmax(-1, false);
+        let y = head.logits_at(d, &o).argmax(-1, false);
         // Depth d at row p predicts x_{p+2+d}: the teacher's greedy token after position p+1+d.
         let want = greedy_flat.index_select(0, &(&rows_t + 1 + d));
         alive = alive.logical_and(&y.eq_tensor(&want));
         hits.push(alive.sum(Kind::Int64).int64_value(&[]));
         if d + 1 < k {
-            let (on, sn) = head.step(&s, &y);
+            let (on, sn) = head.step_at(d + 1, &s, &y);
             o = on;
             s = sn;
         }

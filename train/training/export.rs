@@ -13,7 +13,19 @@ use tch::{Kind, Tensor};
 use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
 use crate::model::head::check_head_tensors;
-use crate::model::head_config::HeadConfig;
+pub use crate::model::head_config::head_weights_file;
+use crate::model::head_config::{HeadConfig, HeadKind};
+
+/// The frozen tensors a full state dict of `kind` holds, all copies of one teacher tensor: the
+/// lm_head for Clover-2 (`lm_head.weight`, `clover_embed_tokens.weight`), the teacher's
+/// `embed_tokens` for EAGLE-1 (its loader is strict), none for Medusa.
+pub fn frozen_names(kind: HeadKind) -> &'static [&'static str] {
+    match kind {
+        HeadKind::Clover2 => &["lm_head.weight", "clover_embed_tokens.weight"],
+        HeadKind::Eagle1 => &["embed_tokens.weight"],
+        HeadKind::Medusa => &[],
+    }
+}
 
 /// The reference draft config: the teacher's config.json with num_hidden_layers = 1 and the
 /// `"clover"` section; our extras go under `"clover_rs"`.
@@ -34,11 +46,25 @@ pub fn export_config(cfg: &HeadConfig, teacher_config: &Path) -> Result<serde_js
     obj.insert("rope_theta".into(), cfg.options.draft_rope_theta.into());
     obj.insert("clover".into(), cfg.clover_section());
     obj.insert("clover_rs".into(), cfg.clover_rs_section());
+    match cfg.options.head {
+        HeadKind::Clover2 => {}
+        // EAGLE-1's EConfig: `fc` has a bias.
+        HeadKind::Eagle1 => {
+            obj.insert("bias".into(), true.into());
+        }
+        // Medusa's MedusaConfig keys (its `base_model_name_or_path` names the teacher's hub id
+        // or path, which clover does not know: the user adds it for Medusa's own loader).
+        HeadKind::Medusa => {
+            obj.insert("medusa_num_heads".into(), cfg.options.num_depths.into());
+            obj.insert("medusa_num_layers".into(), 1.into());
+        }
+    }
     Ok(v)
 }
 
 /// Writes `out/model.safetensors` + `out/config.json` after checking every required key and shape;
-/// `frozen` = the teacher lm_head weight to include as lm_head.weight and clover_embed_tokens.weight.
+/// `frozen` = the teacher tensor of `frozen_names` (Clover-2: the lm_head weight, written as
+/// lm_head.weight and clover_embed_tokens.weight; EAGLE-1: embed_tokens; Medusa: none).
 pub fn export_head(
     cfg: &HeadConfig,
     tensors: &BTreeMap<String, Tensor>,
@@ -56,21 +82,25 @@ pub fn export_head(
     if let Some(w) = frozen {
         ensure!(
             w.size() == [cfg.vocab_size, cfg.hidden_size],
-            "lm_head weight has shape {:?}",
-            w.size()
+            "frozen teacher weight has shape {:?}, expected [{}, {}]",
+            w.size(),
+            cfg.vocab_size,
+            cfg.hidden_size
         );
-        all.insert("lm_head.weight".into(), w.to_kind(Kind::Float));
-        all.insert("clover_embed_tokens.weight".into(), w.to_kind(Kind::Float));
+        for name in frozen_names(cfg.options.head) {
+            all.insert((*name).into(), w.to_kind(Kind::Float));
+        }
     }
+    let weights_file = head_weights_file(cfg.options.head);
     // All or nothing: the head is written into a temporary directory, read back as a head, and
     // only then renamed to `out`, so a full disk never leaves half an export.
     publish_dir(out, |dir| {
-        write_tensors(&dir.join("model.safetensors"), &all)?;
+        write_tensors(&dir.join(weights_file), &all)?;
         let cfg_path = dir.join("config.json");
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)
             .with_context(|| format!("writing {}", cfg_path.display()))?;
         let back = crate::model::head::read_head_tensors(
-            &dir.join("model.safetensors"),
+            &dir.join(weights_file),
             &HeadConfig::from_export_json(&cfg_path)?,
         )?;
         ensure!(

@@ -33,10 +33,14 @@ pub fn at_least_f32(t: &Tensor) -> Tensor {
     }
 }
 
-/// Regression weight v_w of the reference.
+/// Regression weight v_w of the reference (Clover-2's; `HeadOptions::regression_weight`).
 pub const VLOSS_WEIGHT: f64 = 10.0;
-/// Distillation weight p_w of the reference.
+/// Distillation weight p_w of the reference (Clover-2's; `HeadOptions::distillation_weight`).
 pub const PLOSS_WEIGHT: f64 = 1.0;
+
+/// Logits of depth i's output rows: `(i, o [n,H]) -> [n,V]` (the frozen lm_head for Clover-2
+/// and EAGLE-1, Medusa's own projection of head i).
+pub type DepthLogits<'a> = &'a dyn Fn(usize, &Tensor) -> Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossWeights {
@@ -47,10 +51,12 @@ pub struct LossWeights {
 }
 
 impl LossWeights {
+    /// The weights the head's options ask for: each head's reference recipe unless a weight is
+    /// set (docs/heads.md §3).
     pub fn reference(cfg: &HeadConfig) -> Self {
         LossWeights {
-            v_w: VLOSS_WEIGHT,
-            p_w: PLOSS_WEIGHT,
+            v_w: cfg.options.regression_weight(),
+            p_w: cfg.options.distillation_weight(),
             decay: cfg.options.decay,
             heads_coefficient: cfg.options.heads_coefficient,
         }
@@ -194,7 +200,7 @@ pub fn batch_loss(
     u: &Tensor,
     mask: &Tensor,
     outs: &[Tensor],
-    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
     weights: &LossWeights,
     chunk: usize,
 ) -> Result<LossParts> {
@@ -211,7 +217,7 @@ pub fn batch_loss_of_share(
     u: &Tensor,
     mask: &Tensor,
     outs: &[Tensor],
-    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
     weights: &LossWeights,
     chunk: usize,
     counts: Option<&[i64]>,
@@ -246,7 +252,7 @@ pub fn batch_loss_of_share(
 pub fn clover_loss(
     outs: &[Tensor],
     targets: &DistillTargets,
-    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
     weights: &LossWeights,
 ) -> LossParts {
     clover_loss_over(outs, targets, lm_head, weights, None)
@@ -256,7 +262,7 @@ pub fn clover_loss(
 fn clover_loss_over(
     outs: &[Tensor],
     targets: &DistillTargets,
-    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
     weights: &LossWeights,
     counts: Option<&[i64]>,
 ) -> LossParts {
@@ -362,7 +368,7 @@ fn depth_loss(
     i: usize,
     o: &Tensor,
     targets: &DistillTargets,
-    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
     weights: &LossWeights,
     batch_n: Option<i64>,
 ) -> (Tensor, DepthLoss) {
@@ -375,7 +381,7 @@ fn depth_loss(
         batch_n,
     );
     let k = r.o.kind();
-    let logits = at_least_f32(&lm_head(&r.o)).to_kind(k);
+    let logits = at_least_f32(&lm_head(i, &r.o)).to_kind(k);
     let logq = logits.log_softmax(-1, k);
     let probs = targets.probs.index_select(0, &r.sel).to_kind(k);
     let ploss = -(probs * &logq).sum(k) / r.denom();
@@ -400,7 +406,7 @@ pub fn clover_loss_chunked(
     outs: &[Tensor],
     rows: &TargetRows,
     teacher_logits: &dyn Fn(&Tensor) -> Tensor,
-    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
     weights: &LossWeights,
     chunk: usize,
 ) -> Result<LossParts> {
@@ -412,7 +418,7 @@ fn chunked_loss_over(
     outs: &[Tensor],
     rows: &TargetRows,
     teacher_logits: &dyn Fn(&Tensor) -> Tensor,
-    lm_head: &dyn Fn(&Tensor) -> Tensor,
+    lm_head: DepthLogits,
     weights: &LossWeights,
     chunk: usize,
     counts: Option<&[i64]>,
@@ -469,7 +475,8 @@ fn chunked_loss_over(
             };
             let oc = r.o.narrow(0, done[i], cnt).detach();
             done[i] += cnt;
-            let (c, h, g) = soft_ce(&oc, &p, &t1, lm_head, r.o.requires_grad());
+            let depth_head = |o: &Tensor| lm_head(i, o);
+            let (c, h, g) = soft_ce(&oc, &p, &t1, &depth_head, r.o.requires_grad());
             ce[i] = &ce[i] + c;
             hits[i] = &hits[i] + h;
             grads[i].extend(g);

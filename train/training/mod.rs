@@ -10,5 +10,6 @@ pub mod export;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
+pub mod report;
 pub mod targets;
 pub mod trainer;

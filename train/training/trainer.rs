@@ -416,7 +416,8 @@ impl<'a> Run<'a> {
         let micro_batches = self.next_step();
         let step = self.step + 1;
         zero_grads(&self.params);
-        let depths = self.head.config().options.num_depths as usize;
+        // The depths the loss sees (EAGLE-1: one).
+        let depths = self.head.config().options.trained_depths() as usize;
         let mut figures = MicroFigures::new(micro_batches.len(), depths);
         let (rank, world) = self.group.map_or((0, 1), |g| (g.rank, g.world));
         for share in rank_shares(&micro_batches, rank, world) {
@@ -486,9 +487,16 @@ impl<'a> Run<'a> {
         let (cfg, teacher) = (self.cfg, self.teacher);
         let samples: Vec<&Sample> = idx.iter().map(|&i| &source.samples()[i]).collect();
         let batch = make_batch(teacher, &samples, states_for(source, idx)?, cfg.max_len)?;
-        let outs = self.head.depth_outputs(&batch.u, &batch.next_ids, None);
+        // EAGLE-1's input noise: one seed per (run, step, micro-batch), so a resumed run draws
+        // the same noise.
+        let noise_seed = (cfg.seed as i64)
+            .wrapping_mul(1_000_003)
+            .wrapping_add((step as i64) * 4096 + idx.first().copied().unwrap_or(0) as i64);
+        let outs = self
+            .head
+            .training_outputs(&batch.u, &batch.next_ids, noise_seed);
         let head = &self.head;
-        let lm_head = |o: &Tensor| head.logits(o);
+        let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
         let mut parts = batch_loss_of_share(
             teacher,
             &batch.u,
