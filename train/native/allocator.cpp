@@ -3,8 +3,10 @@
 // Only c10 headers that need no CUDA toolkit are included: the CUDA allocator registers itself
 // with c10 when libc10_cuda loads, and c10::getDeviceAllocator reaches it through the generic
 // DeviceAllocator interface. Every function returns 0 on success, or 1 with a message in `err`
-// (C++ exceptions must not cross into Rust).
+// (guarded.h).
 #include <c10/core/CachingDeviceAllocator.h>
+
+#include "guarded.h"
 
 #include <cstdint>
 #include <cstring>
@@ -12,24 +14,7 @@
 
 namespace {
 
-void copy_message(const char* message, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, message, err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(F&& body, char* err, size_t err_len) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    copy_message(e.what(), err, err_len);
-  } catch (...) {
-    copy_message("unknown C++ exception", err, err_len);
-  }
-  return 1;
-}
+using clover_native::guarded;
 
 c10::DeviceAllocator* cuda_allocator() {
   return c10::getDeviceAllocator(c10::DeviceType::CUDA);

@@ -7,8 +7,9 @@
 // only to *parse* (ProcessGroupGloo holds every gloo type behind a shared_ptr, and this file never
 // constructs a gloo object or calls a gloo function), so the distribution's libgloo-dev headers
 // serve, whatever gloo commit torch pinned. build.rs defines USE_C10D_GLOO when it finds them
-// (`make setup` installs them) and USE_C10D_NCCL when torch has CUDA and the venv has nccl.h and
-// the CUDA runtime headers; without them the backend is refused at run time with a clear error.
+// (`make setup` unpacks them into .gloo-headers) and USE_C10D_NCCL when torch has CUDA and the
+// venv has nccl.h and the CUDA runtime headers; without them the backend is refused at run time
+// with a clear error.
 //
 // Every function returns 0 on success, or 1 with a message in `err` (C++ exceptions must not
 // cross into Rust). Tensors come in as the `at::Tensor*` that a tch Tensor wraps.
@@ -23,6 +24,8 @@
 #endif
 #include <ATen/ATen.h>
 
+#include "guarded.h"
+
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
@@ -33,27 +36,7 @@
 
 namespace {
 
-void copy_message(const std::string& message, char* err, size_t err_len) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, message.c_str(), err_len - 1);
-  err[err_len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(F&& body, char* err, size_t err_len) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    // what() of a c10::Error carries a C++ backtrace; the message alone is what a user needs.
-    copy_message(e.msg(), err, err_len);
-  } catch (const std::exception& e) {
-    copy_message(e.what(), err, err_len);
-  } catch (...) {
-    copy_message("unknown C++ exception", err, err_len);
-  }
-  return 1;
-}
+using clover_native::guarded;
 
 }  // namespace
 
@@ -79,7 +62,7 @@ c10::intrusive_ptr<c10d::Backend> gloo_backend(const c10::intrusive_ptr<c10d::St
 #else
   throw std::runtime_error(
       "clover was built without the Gloo backend (gloo's headers were not found at build time: "
-      "run `make setup`, or install libgloo-dev, and rebuild)");
+      "run `make setup` (or set GLOO_INCLUDE) and rebuild)");
 #endif
 }
 
