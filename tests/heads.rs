@@ -363,13 +363,7 @@ fn greedy_speculative_equals_plain_smollm2_random_eagle1_and_medusa() {
     let dir = crate::common::smollm2_dir();
     let teacher = load(&dir);
     let tree = Tree::load(None).unwrap();
-    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
-    let messages = [clover::formats::chat::Message::new(
-        clover::formats::chat::Role::User,
-        "Name three primary colors and explain why they are called primary.".to_string(),
-    )];
-    let prompt = chat.encode_prompt(&messages).unwrap();
-    let stop = chat.stop_ids();
+    let (prompt, stop) = crate::speculative::smollm2_chat_prompt(&dir);
     let plain = plain_greedy(&teacher, &prompt, 40, &stop);
     assert!(
         plain.len() >= 20,

@@ -80,6 +80,16 @@ pub fn plain_greedy(
     generate(teacher, prompt, &cfg).unwrap().answer.token_ids
 }
 
+/// The SmolLM2 tests' chat prompt (one user turn, SmolLM2's own template) and stop ids.
+pub fn smollm2_chat_prompt(dir: &Path) -> (Vec<i64>, Vec<i64>) {
+    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(dir, None).unwrap();
+    let messages = [clover::formats::chat::Message::new(
+        clover::formats::chat::Role::User,
+        "Name three primary colors and explain why they are called primary.".to_string(),
+    )];
+    (chat.encode_prompt(&messages).unwrap(), chat.stop_ids())
+}
+
 pub fn load(dir: &Path) -> Teacher {
     Teacher::load(dir, Device::Cpu, Kind::Float).unwrap()
 }
@@ -659,13 +669,7 @@ fn greedy_speculative_equals_plain_smollm2_random_head() {
     let teacher = load(&dir);
     let head = random_head(&teacher, 1);
     let tree = Tree::load(None).unwrap();
-    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
-    let messages = [clover::formats::chat::Message::new(
-        clover::formats::chat::Role::User,
-        "Name three primary colors and explain why they are called primary.".to_string(),
-    )];
-    let prompt = chat.encode_prompt(&messages).unwrap();
-    let stop = chat.stop_ids();
+    let (prompt, stop) = crate::speculative::smollm2_chat_prompt(&dir);
     let plain = plain_greedy(&teacher, &prompt, 40, &stop);
     let (spec, stats) = generate_speculative(
         &teacher,
@@ -865,13 +869,7 @@ fn greedy_dynamic_and_draft_vocab_equal_plain_smollm2() {
     let dir = crate::common::smollm2_dir();
     let teacher = load(&dir);
     let head = random_head(&teacher, 1);
-    let chat = clover::formats::chat::ChatTokenizer::from_model_dir(&dir, None).unwrap();
-    let messages = [clover::formats::chat::Message::new(
-        clover::formats::chat::Role::User,
-        "Name three primary colors and explain why they are called primary.".to_string(),
-    )];
-    let prompt = chat.encode_prompt(&messages).unwrap();
-    let stop = chat.stop_ids();
+    let (prompt, stop) = crate::speculative::smollm2_chat_prompt(&dir);
     let plain = plain_greedy(&teacher, &prompt, 32, &stop);
     let ids: Vec<i64> = (0..4096).collect();
     let vocab = DraftVocab::new(&head, &ids, 10).unwrap();
