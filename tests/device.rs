@@ -387,13 +387,24 @@ fn bf16_distill_train_eval_pipeline_on_the_test_device() {
     let metrics = std::fs::read_to_string(train_dir.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(losses.len(), 2);
-    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
     let head = root.join("head").display().to_string();
     let (code, out) = crate::common::run_clover(&[
-        "export", "--checkpoint", &train_dir.display().to_string(), "--out", &head,
+        "export",
+        "--checkpoint",
+        &train_dir.display().to_string(),
+        "--out",
+        &head,
     ]);
     assert_eq!(code, 0, "export: {out}");
     let prompts = root.join("q.jsonl");
@@ -404,9 +415,21 @@ fn bf16_distill_train_eval_pipeline_on_the_test_device() {
     .unwrap();
     let report = root.join("eval.json");
     let (code, out) = crate::common::run_clover(&[
-        "eval", "--model", &model_s, "--draft", &head, "--prompts",
-        &prompts.display().to_string(), "--device", &device, "--dtype", "bf16",
-        "--max-new-tokens", "8", "--report", &report.display().to_string(),
+        "eval",
+        "--model",
+        &model_s,
+        "--draft",
+        &head,
+        "--prompts",
+        &prompts.display().to_string(),
+        "--device",
+        &device,
+        "--dtype",
+        "bf16",
+        "--max-new-tokens",
+        "8",
+        "--report",
+        &report.display().to_string(),
     ]);
     assert_eq!(code, 0, "eval: {out}");
     let json: serde_json::Value =

@@ -169,17 +169,28 @@ fn eval_end_to_end_smollm2_random_head() {
     let names: Vec<&str> = trees.iter().map(|t| t["tree"].as_str().unwrap()).collect();
     assert_eq!(names, ["default", "auto", "dynamic"]);
     assert_eq!(trees[0]["tau"], json["tau"]);
-    assert_eq!(trees[1]["tree_tokens"], 1, "auto must choose plain decoding here");
+    assert_eq!(
+        trees[1]["tree_tokens"], 1,
+        "auto must choose plain decoding here"
+    );
     assert_eq!(trees[1]["tau"], 1.0);
     assert_eq!(trees[2]["tree_tokens"], 10);
     for t in trees {
         assert_eq!(t["lossless_mismatches"], 0, "{}", t["tree"]);
-        for key in ["draft_ms_per_step", "verify_ms_per_step", "other_ms_per_step", "speedup"] {
+        for key in [
+            "draft_ms_per_step",
+            "verify_ms_per_step",
+            "other_ms_per_step",
+            "speedup",
+        ] {
             assert!(t[key].as_f64().is_some(), "{} lacks {key}", t["tree"]);
         }
     }
     assert_eq!(json["draft_vocab"], 4096);
-    assert!(json["auto"]["search"]["paths"].as_array().unwrap().is_empty());
+    assert!(json["auto"]["search"]["paths"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     // `clover generate --draft` runs the same head speculatively.
     let gen = clover::cli::generate::GenerateArgs {
         model: model.clone(),

@@ -1,8 +1,8 @@
 //! Speculative decoding: lossless greedy output, lossless sampling (chi-square), KV compaction.
 use crate::common::{scratch_dir, Scratch};
+use clover::decode::dynamic::DynamicTree;
 use clover::decode::generate::{generate, GenerationConfig};
 use clover::decode::sampling::Sampling;
-use clover::decode::dynamic::DynamicTree;
 use clover::decode::speculative::{
     accept_greedy, accept_sampling, draft_topk, generate_speculative, generate_with_drafter,
     generate_with_mode, DraftVocab, Drafter, HeadDrafter, TreeMode, VerifyPlan,
@@ -809,15 +809,25 @@ fn greedy_dynamic_tree_equals_plain_with_noisy_oracle() {
         ] {
             let _rng = clover::rng::hold(100 + i as i64);
             let mut drafter = oracle(&teacher, prompt, 1.5);
-            let (spec, stats) =
-                generate_with_mode(&teacher, &mut drafter, mode, prompt, 48, Sampling::greedy(), &[])
-                    .unwrap();
+            let (spec, stats) = generate_with_mode(
+                &teacher,
+                &mut drafter,
+                mode,
+                prompt,
+                48,
+                Sampling::greedy(),
+                &[],
+            )
+            .unwrap();
             assert_eq!(spec.answer.token_ids, plain, "prompt {i}, {mode:?}");
             *tau += stats.tau() / 2.0;
         }
     }
     eprintln!("noisy oracle: tau static {tau_static:.2}, dynamic {tau_dynamic:.2} (26 tokens)");
-    assert!(tau_dynamic > 2.0, "dynamic tree barely accepted: tau {tau_dynamic}");
+    assert!(
+        tau_dynamic > 2.0,
+        "dynamic tree barely accepted: tau {tau_dynamic}"
+    );
 }
 
 /// A random head with a draft vocabulary (static and dynamic trees): greedy output equals plain.
@@ -839,9 +849,16 @@ fn greedy_with_draft_vocab_equals_plain_tiny() {
         let plain = plain_greedy(&teacher, &prompt, 40, &[]);
         for mode in [TreeMode::Static(&tree), TreeMode::Dynamic(dynamic)] {
             let mut drafter = HeadDrafter::new(&head).with_vocab(Some(&vocab));
-            let (spec, _) =
-                generate_with_mode(&teacher, &mut drafter, mode, &prompt, 40, Sampling::greedy(), &[])
-                    .unwrap();
+            let (spec, _) = generate_with_mode(
+                &teacher,
+                &mut drafter,
+                mode,
+                &prompt,
+                40,
+                Sampling::greedy(),
+                &[],
+            )
+            .unwrap();
             assert_eq!(spec.answer.token_ids, plain, "{mode:?}");
         }
     }
@@ -856,9 +873,18 @@ fn greedy_with_draft_vocab_equals_plain_tiny() {
         .0;
     let top = Vec::<i64>::try_from(logits.topk(10, -1, true, true).1.view([-1])).unwrap();
     assert!(top.iter().all(|t| t % 3 == 0), "{top:?}");
-    assert!(DraftVocab::new(&head, &[1, 1, 2], 1).is_err(), "duplicate ids");
-    assert!(DraftVocab::new(&head, &[1, 96], 1).is_err(), "id outside the vocabulary");
-    assert!(DraftVocab::new(&head, &[1, 2], 10).is_err(), "smaller than top-k");
+    assert!(
+        DraftVocab::new(&head, &[1, 1, 2], 1).is_err(),
+        "duplicate ids"
+    );
+    assert!(
+        DraftVocab::new(&head, &[1, 96], 1).is_err(),
+        "id outside the vocabulary"
+    );
+    assert!(
+        DraftVocab::new(&head, &[1, 2], 10).is_err(),
+        "smaller than top-k"
+    );
 }
 
 /// SmolLM2 with a random head: greedy output equals plain with a dynamic tree and with a
@@ -885,12 +911,27 @@ fn greedy_dynamic_and_draft_vocab_equal_plain_smollm2() {
         (TreeMode::Dynamic(dynamic), Some(&vocab)),
     ] {
         let mut drafter = HeadDrafter::new(&head).with_vocab(vocab);
-        let (spec, _) =
-            generate_with_mode(&teacher, &mut drafter, mode, &prompt, 32, Sampling::greedy(), &stop)
-                .unwrap();
-        assert_eq!(spec.answer.token_ids, plain, "{mode:?}, vocab {}", vocab.is_some());
+        let (spec, _) = generate_with_mode(
+            &teacher,
+            &mut drafter,
+            mode,
+            &prompt,
+            32,
+            Sampling::greedy(),
+            &stop,
+        )
+        .unwrap();
+        assert_eq!(
+            spec.answer.token_ids,
+            plain,
+            "{mode:?}, vocab {}",
+            vocab.is_some()
+        );
     }
-    assert!(plain.len() >= 20, "answer too short to be a meaningful test");
+    assert!(
+        plain.len() >= 20,
+        "answer too short to be a meaningful test"
+    );
 }
 
 /// Chi-square of the first two sampled tokens against the teacher's exact joint law, for any
@@ -939,7 +980,10 @@ fn first_two_tokens_are_lossless(
         "{mode:?}: chi2 {stat:.1} df {df} (crit {:.1}), {accepted} drafts accepted in {runs} runs",
         chi2_critical(df)
     );
-    assert!(accepted > 0, "no draft was ever accepted: the test would not cover acceptance");
+    assert!(
+        accepted > 0,
+        "no draft was ever accepted: the test would not cover acceptance"
+    );
     assert!(stat < chi2_critical(df), "chi-square {stat} over {df} dof");
 }
 
@@ -964,7 +1008,13 @@ fn speculative_sampling_is_lossless_with_dynamic_tree_and_draft_vocab() {
         top_k: 3,
     };
     let mut bigram = BigramDrafter { table };
-    first_two_tokens_are_lossless(&teacher, &prompt, &mut bigram, TreeMode::Dynamic(dynamic), 1500);
+    first_two_tokens_are_lossless(
+        &teacher,
+        &prompt,
+        &mut bigram,
+        TreeMode::Dynamic(dynamic),
+        1500,
+    );
     let head = random_head(&teacher, 7);
     let ids = [0i64, 2, 3, 5, 6, 8, 9, 11];
     let vocab = DraftVocab::new(&head, &ids, 3).unwrap();

@@ -44,7 +44,9 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         .map(|p| {
             let answer = crate::speculative::plain_greedy(&teacher, p, 20, &[]);
             let input_ids: Vec<i64> = p.iter().chain(&answer).copied().collect();
-            let loss_mask = (0..input_ids.len()).map(|j| u8::from(j >= p.len())).collect();
+            let loss_mask = (0..input_ids.len())
+                .map(|j| u8::from(j >= p.len()))
+                .collect();
             CalibrationText {
                 input_ids,
                 loss_mask,
@@ -67,7 +69,11 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         // Ranks are disjoint events; 1e-12 covers the rounding of a few divisions.
         assert!(row.iter().sum::<f64>() <= 1.0 + 1e-12, "{row:?}");
     }
-    assert!(calib.trials.windows(2).all(|w| w[0] >= w[1]), "{:?}", calib.trials);
+    assert!(
+        calib.trials.windows(2).all(|w| w[0] >= w[1]),
+        "{:?}",
+        calib.trials
+    );
 
     // Depth 1 by replay: feed the text one position at a time through the drafter's cache.
     let _g = tch::no_grad_guard();
@@ -82,15 +88,20 @@ fn calibrate_tiny_table_matches_incremental_replay() {
             None,
             None,
         );
-        let pred = Vec::<i64>::try_from(teacher.logits(&u.squeeze_dim(0)).argmax(-1, false)).unwrap();
+        let pred =
+            Vec::<i64>::try_from(teacher.logits(&u.squeeze_dim(0)).argmax(-1, false)).unwrap();
         drafter.reset();
         for t in 0..ids.len() - 1 {
             let (logits, _) = drafter
-                .extend(&u.narrow(1, t as i64, 1), &Tensor::from_slice(&[ids[t + 1]]).unsqueeze(0))
+                .extend(
+                    &u.narrow(1, t as i64, 1),
+                    &Tensor::from_slice(&[ids[t + 1]]).unsqueeze(0),
+                )
                 .unwrap();
             if text.loss_mask[t + 1] == 1 && ids[t + 1] == pred[t] {
                 trials += 1;
-                let top = Vec::<i64>::try_from(logits.topk(4, -1, true, true).1.view([-1])).unwrap();
+                let top =
+                    Vec::<i64>::try_from(logits.topk(4, -1, true, true).1.view([-1])).unwrap();
                 if let Some(r) = top.iter().position(|&x| x == pred[t + 1]) {
                     hits[r] += 1;
                 }
@@ -131,7 +142,10 @@ fn calibrate_tiny_table_matches_incremental_replay() {
     };
     let (a, b) = (flat(&calib), flat(&back));
     assert_eq!(a.len(), b.len());
-    assert!(a.iter().zip(&b).all(|(x, y)| close(*x, *y)), "{a:?} vs {b:?}");
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| close(*x, *y)),
+        "{a:?} vs {b:?}"
+    );
     std::fs::write(&file, "{\"acceptance\": []}").unwrap();
     let err = format!("{:#}", Calibration::read(&file).unwrap_err());
     assert!(err.contains("calib.json"), "{err}");

@@ -75,7 +75,11 @@ impl TreeArgs {
         let Some(n) = self.draft_vocab else {
             return Ok(None);
         };
-        Ok(Some(draft_vocab_ids(model, self.data_dir("--draft-vocab")?, n)?))
+        Ok(Some(draft_vocab_ids(
+            model,
+            self.data_dir("--draft-vocab")?,
+            n,
+        )?))
     }
 }
 
@@ -236,7 +240,10 @@ pub struct CalibrateArgs {
 }
 
 pub fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
-    ensure!(!args.contexts.is_empty(), "--contexts names no context length");
+    ensure!(
+        !args.contexts.is_empty(),
+        "--contexts names no context length"
+    );
     let texts = calibration_texts(&args.prompts, args.limit)?;
     let vocab_ids = match args.draft_vocab {
         Some(n) => Some(draft_vocab_ids(&args.model, &args.prompts, n)?),

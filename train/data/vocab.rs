@@ -45,8 +45,14 @@ mod tests {
             loss_mask: vec![0, 0, 0, 1, 1, 1, 1, 1],
         };
         // 9 occurs only outside the answer; 7 thrice, 4 twice, then ids 0, 1.
-        assert_eq!(frequent_tokens(&[s.clone()], 4, 10).unwrap(), vec![7, 4, 0, 1]);
+        assert_eq!(
+            frequent_tokens(&[s.clone()], 4, 10).unwrap(),
+            vec![7, 4, 0, 1]
+        );
         assert!(frequent_tokens(&[s.clone()], 0, 10).is_err());
-        assert!(frequent_tokens(&[s], 3, 7).is_err(), "answer token 7 >= vocab 7");
+        assert!(
+            frequent_tokens(&[s], 3, 7).is_err(),
+            "answer token 7 >= vocab 7"
+        );
     }
 }

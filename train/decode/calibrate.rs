@@ -102,7 +102,11 @@ impl Calibration {
             path.display()
         );
         ensure!(
-            calib.acceptance.iter().flatten().all(|a| (0.0..=1.0).contains(a)),
+            calib
+                .acceptance
+                .iter()
+                .flatten()
+                .all(|a| (0.0..=1.0).contains(a)),
             "calibration {}: acceptance probabilities must lie in [0, 1]",
             path.display()
         );
@@ -128,7 +132,10 @@ pub fn calibrate(
     opts: &CalibrateOptions,
 ) -> Result<Calibration> {
     ensure!(!texts.is_empty(), "no calibration texts");
-    ensure!(opts.top_k >= 1 && opts.max_depth >= 1, "top-k and depth must be at least 1");
+    ensure!(
+        opts.top_k >= 1 && opts.max_depth >= 1,
+        "top-k and depth must be at least 1"
+    );
     let _guard = tch::no_grad_guard();
     let (acceptance, trials) = measure_acceptance(teacher, drafter, head, texts, opts)?;
     let verify_by_context = measure_verify(teacher, opts)?;
@@ -186,7 +193,12 @@ fn measure_acceptance(
         let input = Tensor::from_slice(ids).to_device(device).unsqueeze(0);
         let positions = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0);
         let u = teacher.forward(&input, &positions, None, None);
-        let pred = Vec::<i64>::try_from(teacher.logits(&u.squeeze_dim(0)).argmax(-1, false).to_device(tch::Device::Cpu))?;
+        let pred = Vec::<i64>::try_from(
+            teacher
+                .logits(&u.squeeze_dim(0))
+                .argmax(-1, false)
+                .to_device(tch::Device::Cpu),
+        )?;
         // The draft pairs the state at t with x_{t+1} (G4); the last state with the teacher's token.
         let mut next: Vec<i64> = ids[1..].to_vec();
         next.push(pred[ids.len() - 1]);
@@ -208,7 +220,10 @@ fn measure_acceptance(
                 .to_device(device);
             let o = out.index_select(0, &idx);
             let s = state.index_select(0, &idx);
-            let top = drafter.logits(d as i64, &o).topk(k as i64, -1, true, true).1;
+            let top = drafter
+                .logits(d as i64, &o)
+                .topk(k as i64, -1, true, true)
+                .1;
             let top = Vec::<i64>::try_from(top.to_device(tch::Device::Cpu).view([-1]))?;
             let mut accepted = Vec::new();
             for (i, &t) in rows.iter().enumerate() {
@@ -222,13 +237,15 @@ fn measure_acceptance(
             // The next depth continues accepted rows whose text still follows the greedy chain.
             let keep: Vec<usize> = accepted
                 .into_iter()
-                .filter(|&i| rows[i] + d + 2 < ids.len() && ids[rows[i] + d + 2] == pred[rows[i] + d + 1])
+                .filter(|&i| {
+                    rows[i] + d + 2 < ids.len() && ids[rows[i] + d + 2] == pred[rows[i] + d + 1]
+                })
                 .collect();
             if keep.is_empty() {
                 break;
             }
-            let keep_idx =
-                Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
+            let keep_idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                .to_device(device);
             let tokens: Vec<i64> = keep.iter().map(|&i| pred[rows[i] + d + 1]).collect();
             let (o_next, s_next) = head.step(
                 &s.index_select(0, &keep_idx),
@@ -245,7 +262,11 @@ fn measure_acceptance(
     let table = hits
         .iter()
         .zip(&trials)
-        .map(|(h, &n)| h.iter().map(|&c| if n > 0 { c as f64 / n as f64 } else { 0.0 }).collect())
+        .map(|(h, &n)| {
+            h.iter()
+                .map(|&c| if n > 0 { c as f64 / n as f64 } else { 0.0 })
+                .collect()
+        })
         .collect();
     Ok((table, trials))
 }
@@ -279,7 +300,12 @@ fn median_ms(opts: &CalibrateOptions, mut f: impl FnMut()) -> f64 {
 /// maximum (the curve is interpolated between them).
 fn tree_sizes(max: usize) -> Vec<usize> {
     let mut sizes: Vec<usize> = (1..=max.min(8)).collect();
-    sizes.extend([12, 16, 24, 32, 48, 64, 96, 128].iter().filter(|&&n| n < max).copied());
+    sizes.extend(
+        [12, 16, 24, 32, 48, 64, 96, 128]
+            .iter()
+            .filter(|&&n| n < max)
+            .copied(),
+    );
     if max > 8 {
         sizes.push(max);
     }
@@ -390,7 +416,10 @@ fn measure_plain(teacher: &Teacher, context: usize, opts: &CalibrateOptions) -> 
     let pos = Tensor::from_slice(&[c]).to_device(device).unsqueeze(0);
     median_ms(opts, || {
         let u = teacher.forward(&ids, &pos, None, Some(&mut cache));
-        let _ = teacher.logits(&u.select(1, 0)).argmax(-1, false).int64_value(&[0]);
+        let _ = teacher
+            .logits(&u.select(1, 0))
+            .argmax(-1, false)
+            .int64_value(&[0]);
         cache.truncate(c);
     })
 }
@@ -409,7 +438,9 @@ pub fn run(
     let teacher = Teacher::load(model, device, kind)?;
     let head = crate::model::head::load_head(draft, &teacher)?;
     let vocab = match draft_vocab {
-        Some(ids) => Some(crate::decode::speculative::DraftVocab::new(&head, ids, opts.top_k)?),
+        Some(ids) => Some(crate::decode::speculative::DraftVocab::new(
+            &head, ids, opts.top_k,
+        )?),
         None => None,
     };
     let mut drafter = HeadDrafter::new(&head).with_vocab(vocab.as_ref());
@@ -430,7 +461,11 @@ pub fn run(
             max_depth: opts.max_depth,
         },
     );
-    let first: Vec<String> = calib.acceptance.iter().map(|row| format!("{:.3}", row[0])).collect();
+    let first: Vec<String> = calib
+        .acceptance
+        .iter()
+        .map(|row| format!("{:.3}", row[0]))
+        .collect();
     println!(
         "acceptance of rank 0 per depth [{}] over {:?} positions; plain step {:.2} ms, depth-0 \
          draft {:.2} ms, verify 1/8/32 tokens {:.2}/{:.2}/{:.2} ms",

@@ -85,7 +85,13 @@ pub fn draft_dynamic(
         .collect();
     let mut layer_tokens = root.0.view([-1]);
     let mut layer_states = state0.expand([k as i64, -1], false);
-    expansions.insert(vec![], Expansion { tokens: root.0, q: root.1 });
+    expansions.insert(
+        vec![],
+        Expansion {
+            tokens: root.0,
+            q: root.1,
+        },
+    );
     candidates.extend(layer.iter().cloned());
     for _ in 1..shape.depth {
         // The k most confident nodes of this depth (ties: lower rank first) are expanded.

@@ -809,7 +809,15 @@ fn print_table(r: &EvalReport) {
     );
     println!(
         "{:<24} {:>6} {:>7} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10}",
-        "tree", "tokens", "tau", "draft ms", "verify ms", "other ms", "tok/s", "speedup", "mismatches"
+        "tree",
+        "tokens",
+        "tau",
+        "draft ms",
+        "verify ms",
+        "other ms",
+        "tok/s",
+        "speedup",
+        "mismatches"
     );
     for t in &r.trees {
         println!(

@@ -13,11 +13,11 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::decode::dynamic::{draft_dynamic, DynamicTree};
 use crate::decode::eagle_drafter::EagleDrafter;
 use crate::decode::sampling::{
     apply_stop_rules, check_context, pick_next, sample_rows, Answer, Sampling, Timed,
 };
-use crate::decode::dynamic::{draft_dynamic, DynamicTree};
 use crate::decode::tree::{Tree, TreeTensors};
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadKind;

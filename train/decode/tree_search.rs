@@ -138,7 +138,9 @@ pub fn step_ms(paths: &[Vec<usize>], costs: &Costs) -> f64 {
         .map(|d| {
             let internal = paths
                 .iter()
-                .filter(|p| p.len() == d && paths.iter().any(|c| c.len() == d + 1 && c[..d] == p[..]))
+                .filter(|p| {
+                    p.len() == d && paths.iter().any(|c| c.len() == d + 1 && c[..d] == p[..])
+                })
                 .count();
             if internal > 0 {
                 costs.draft_step_ms.at(internal)
@@ -202,7 +204,8 @@ fn growth_order(acceptance: &[Vec<f64>], depth_bound: usize, max_nodes: usize) -
             .max_by(|&a, &b| {
                 let (pa, qa) = (&frontier[a].0, &frontier[a].1);
                 let (pb, qb) = (&frontier[b].0, &frontier[b].1);
-                pa.total_cmp(pb).then_with(|| (qb.len(), qb).cmp(&(qa.len(), qa)))
+                pa.total_cmp(pb)
+                    .then_with(|| (qb.len(), qb).cmp(&(qa.len(), qa)))
             })
             .unwrap();
         let (p, path) = frontier.swap_remove(i);
@@ -254,13 +257,28 @@ mod tests {
         // Verifying even 2 tokens costs twice a plain step: no tree can commit 2 per step.
         let acc = vec![vec![0.9, 0.05], vec![0.9]];
         let c = costs(vec![(1, 10.0), (64, 640.0)], 0.0, 0.0, 10.0);
-        let r = best_tree(&acc, &c, SearchLimits { max_nodes: 8, max_depth: 2 });
+        let r = best_tree(
+            &acc,
+            &c,
+            SearchLimits {
+                max_nodes: 8,
+                max_depth: 2,
+            },
+        );
         assert!(r.is_plain(), "{r:?}");
         assert_eq!(r.tokens_per_s, 100.0);
         // A head that is never right never pays either, however cheap the tree.
         let zero = vec![vec![0.0; 3]; 3];
         let c = costs(vec![(1, 10.0), (64, 10.0)], 0.0, 0.1, 10.0);
-        assert!(best_tree(&zero, &c, SearchLimits { max_nodes: 8, max_depth: 3 }).is_plain());
+        assert!(best_tree(
+            &zero,
+            &c,
+            SearchLimits {
+                max_nodes: 8,
+                max_depth: 3
+            }
+        )
+        .is_plain());
     }
 
     #[test]
@@ -270,17 +288,38 @@ mod tests {
         // [0],[1] (tau 1.9, 11 ms: 172.7/s), [0] alone (1.6/11 ms: 145/s) and plain (100/s).
         let acc = vec![vec![0.6, 0.3], vec![0.8, 0.1]];
         let c = costs(vec![(1, 10.0), (3, 10.0), (4, 40.0)], 1.0, 1.0, 10.0);
-        let r = best_tree(&acc, &c, SearchLimits { max_nodes: 8, max_depth: 2 });
+        let r = best_tree(
+            &acc,
+            &c,
+            SearchLimits {
+                max_nodes: 8,
+                max_depth: 2,
+            },
+        );
         assert_eq!(r.paths, vec![vec![0], vec![0, 0]]);
         assert!((r.expected_tau - 2.08).abs() < 1e-12);
         assert!((r.tokens_per_s - 2080.0 / 12.0).abs() < 1e-9);
         // A dearer draft step flips it to the flat tree (1.9 / 11 ms).
         let c = costs(vec![(1, 10.0), (3, 10.0), (4, 40.0)], 1.5, 1.0, 10.0);
-        let r = best_tree(&acc, &c, SearchLimits { max_nodes: 8, max_depth: 2 });
+        let r = best_tree(
+            &acc,
+            &c,
+            SearchLimits {
+                max_nodes: 8,
+                max_depth: 2,
+            },
+        );
         assert_eq!(r.paths, vec![vec![0], vec![1]]);
         // The depth bound is honoured.
         let c = costs(vec![(1, 10.0), (3, 10.0), (4, 40.0)], 1.0, 1.0, 10.0);
-        let r = best_tree(&acc, &c, SearchLimits { max_nodes: 8, max_depth: 1 });
+        let r = best_tree(
+            &acc,
+            &c,
+            SearchLimits {
+                max_nodes: 8,
+                max_depth: 1,
+            },
+        );
         assert_eq!(r.paths, vec![vec![0], vec![1]]);
     }
 
@@ -326,9 +365,21 @@ mod tests {
         // Rank-decreasing tables and a convex verification curve; every contiguous tree of up to
         // 5 nodes, depth 3, top-3 is scored and the search must reach the best score.
         let tables = [
-            vec![vec![0.5, 0.2, 0.1], vec![0.7, 0.1, 0.05], vec![0.6, 0.3, 0.0]],
-            vec![vec![0.3, 0.25, 0.2], vec![0.2, 0.1, 0.1], vec![0.9, 0.05, 0.01]],
-            vec![vec![0.9, 0.05, 0.01], vec![0.9, 0.05, 0.01], vec![0.9, 0.05, 0.01]],
+            vec![
+                vec![0.5, 0.2, 0.1],
+                vec![0.7, 0.1, 0.05],
+                vec![0.6, 0.3, 0.0],
+            ],
+            vec![
+                vec![0.3, 0.25, 0.2],
+                vec![0.2, 0.1, 0.1],
+                vec![0.9, 0.05, 0.01],
+            ],
+            vec![
+                vec![0.9, 0.05, 0.01],
+                vec![0.9, 0.05, 0.01],
+                vec![0.9, 0.05, 0.01],
+            ],
         ];
         let trees = all_trees(5, 3, 3);
         // Sanity of the enumeration: trees of 1 node: {[0]}; of 2: {[0],[1]}, {[0],[0,0]}.
@@ -345,7 +396,14 @@ mod tests {
                     .iter()
                     .map(|t| tokens_per_s(t, acc, &c))
                     .fold(1000.0 / c.plain_ms, f64::max);
-                let r = best_tree(acc, &c, SearchLimits { max_nodes: 5, max_depth: 3 });
+                let r = best_tree(
+                    acc,
+                    &c,
+                    SearchLimits {
+                        max_nodes: 5,
+                        max_depth: 3,
+                    },
+                );
                 assert!(
                     (r.tokens_per_s - brute).abs() < 1e-9 * brute,
                     "search {} vs brute force {brute} ({:?})",
