@@ -187,6 +187,18 @@ fn eval_end_to_end_smollm2_random_head() {
         }
     }
     assert_eq!(json["draft_vocab"], 4096);
+    // That table is greedy's: sampling with it is refused, naming the fix.
+    let sampled = EvalOptions {
+        trees: vec!["auto".into()],
+        temperature: 0.7,
+        report: None,
+        ..args.clone()
+    };
+    let err = format!("{:#}", run(&sampled).unwrap_err());
+    assert!(
+        err.contains("calibrate again with --temperature 0.7"),
+        "{err}"
+    );
     assert!(json["auto"]["search"]["paths"]
         .as_array()
         .unwrap()

@@ -202,7 +202,7 @@ fn loss_weights_per_head_and_the_loss_they_give() {
         let outs = tch::no_grad(|| head.depth_outputs(&u, &next, None));
         assert_eq!(outs.len(), n_out);
         let logits = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
-        let parts = batch_loss(&teacher, &u, &mask, &outs, &logits, &w, 0).unwrap();
+        let parts = batch_loss(&teacher, &u, &mask, &outs, &logits, &w, 0, None).unwrap();
         for (i, d) in parts.depths.iter().enumerate() {
             let want = (v_w * d.vloss + p_w * d.ploss) * 0.7f64.powi(i as i32);
             // f64 sums of three f32 values of size ~10: 1e-5 relative is generous.

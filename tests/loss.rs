@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 /// Two rows of T = 7 whose loss masks leave holes (row 0 masks positions 1,2,4,5 after the shift,
 /// row 1 positions 0,1,2,3,5: M = 9), so some chunks hold positions a depth does not use.
-fn inputs(teacher: &Teacher) -> (Tensor, Tensor, Tensor) {
+pub(crate) fn inputs(teacher: &Teacher) -> (Tensor, Tensor, Tensor) {
     let (b, t) = (2i64, 7i64);
     let x = {
         let _rng = clover::rng::hold(31);
@@ -68,7 +68,7 @@ fn run(
 ) -> Run {
     let w = LossWeights::reference(head.config());
     let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
-    let parts = batch_loss(teacher, u, mask, outs, &lm_head, &w, chunk).unwrap();
+    let parts = batch_loss(teacher, u, mask, outs, &lm_head, &w, chunk, None).unwrap();
     let params = head.named_tensors();
     let mut inputs: Vec<&Tensor> = outs.iter().collect();
     inputs.extend(params.values());

@@ -6,6 +6,7 @@ mod common;
 mod data;
 mod device;
 mod distributed;
+mod draft_vocab;
 mod eval;
 mod generate;
 mod gguf;

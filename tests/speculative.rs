@@ -5,7 +5,7 @@ use clover::decode::generate::{generate, GenerationConfig};
 use clover::decode::sampling::Sampling;
 use clover::decode::speculative::{
     accept_greedy, accept_sampling, draft_topk, generate_speculative, generate_with_drafter,
-    generate_with_mode, DraftVocab, Drafter, HeadDrafter, TreeMode, VerifyPlan,
+    generate_with_mode, Drafter, HeadDrafter, TreeMode, VerifyPlan,
 };
 use clover::decode::tree::Tree;
 use clover::model::head::DraftHead;
@@ -839,7 +839,7 @@ fn greedy_with_draft_vocab_equals_plain_tiny() {
     let tree = Tree::load(None).unwrap();
     // Every third id: the teacher's own choices often fall outside, which must not matter.
     let ids: Vec<i64> = (0..96).step_by(3).collect();
-    let vocab = DraftVocab::new(&head, &ids, 10).unwrap();
+    let vocab = head.slice_vocab(&ids, 10).unwrap();
     let dynamic = DynamicTree {
         tokens: 12,
         depth: 4,
@@ -873,18 +873,12 @@ fn greedy_with_draft_vocab_equals_plain_tiny() {
         .0;
     let top = Vec::<i64>::try_from(logits.topk(10, -1, true, true).1.view([-1])).unwrap();
     assert!(top.iter().all(|t| t % 3 == 0), "{top:?}");
+    assert!(head.slice_vocab(&[1, 1, 2], 1).is_err(), "duplicate ids");
     assert!(
-        DraftVocab::new(&head, &[1, 1, 2], 1).is_err(),
-        "duplicate ids"
-    );
-    assert!(
-        DraftVocab::new(&head, &[1, 96], 1).is_err(),
+        head.slice_vocab(&[1, 96], 1).is_err(),
         "id outside the vocabulary"
     );
-    assert!(
-        DraftVocab::new(&head, &[1, 2], 10).is_err(),
-        "smaller than top-k"
-    );
+    assert!(head.slice_vocab(&[1, 2], 10).is_err(), "smaller than top-k");
 }
 
 /// SmolLM2 with a random head: greedy output equals plain with a dynamic tree and with a
@@ -898,7 +892,7 @@ fn greedy_dynamic_and_draft_vocab_equal_plain_smollm2() {
     let (prompt, stop) = crate::speculative::smollm2_chat_prompt(&dir);
     let plain = plain_greedy(&teacher, &prompt, 32, &stop);
     let ids: Vec<i64> = (0..4096).collect();
-    let vocab = DraftVocab::new(&head, &ids, 10).unwrap();
+    let vocab = head.slice_vocab(&ids, 10).unwrap();
     let tree = Tree::load(None).unwrap();
     let dynamic = DynamicTree {
         tokens: 26,
@@ -1017,7 +1011,7 @@ fn speculative_sampling_is_lossless_with_dynamic_tree_and_draft_vocab() {
     );
     let head = random_head(&teacher, 7);
     let ids = [0i64, 2, 3, 5, 6, 8, 9, 11];
-    let vocab = DraftVocab::new(&head, &ids, 3).unwrap();
+    let vocab = head.slice_vocab(&ids, 3).unwrap();
     let small = Tree::from_paths(&[vec![0], vec![1], vec![2], vec![0, 0], vec![0, 1]], 3).unwrap();
     for mode in [TreeMode::Static(&small), TreeMode::Dynamic(dynamic)] {
         let mut drafter = HeadDrafter::new(&head).with_vocab(Some(&vocab));

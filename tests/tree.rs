@@ -60,9 +60,28 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         contexts: vec![16, 32],
         warmup: 1,
         repeats: 3,
+        temperature: 0.0,
+        seed: 0,
     };
     let mut drafter = HeadDrafter::new(&head);
     let calib = calibrate(&teacher, &mut drafter, &head, &texts, None, &opts).unwrap();
+    // The table of tree sampling at T = 0.8 on the same texts: the committed rank is one event
+    // per position, so each depth's row sums to at most 1, and it says which temperature it is for.
+    let sampled_opts = CalibrateOptions {
+        temperature: 0.8,
+        seed: 3,
+        ..opts.clone()
+    };
+    let sampled = calibrate(&teacher, &mut drafter, &head, &texts, None, &sampled_opts).unwrap();
+    assert_eq!(sampled.temperature, 0.8);
+    assert_eq!(sampled.acceptance.len(), 3);
+    for row in &sampled.acceptance {
+        assert_eq!(row.len(), 4);
+        assert!(row.iter().all(|&a| (0.0..=1.0).contains(&a)), "{row:?}");
+        // Sums of per-position probabilities each <= 1, in f64: 1e-9 covers their rounding.
+        assert!(row.iter().sum::<f64>() <= 1.0 + 1e-9, "{row:?}");
+    }
+    assert!(sampled.acceptance[0][0] > 0.0, "{:?}", sampled.acceptance);
     assert_eq!(calib.acceptance.len(), 3);
     assert!(calib.acceptance.iter().all(|row| row.len() == 4));
     for row in &calib.acceptance {

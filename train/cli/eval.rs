@@ -176,6 +176,9 @@ impl EvalArgs {
             calibration_texts,
             calibrate: CalibrateOptions {
                 max_depth: t.max_depth,
+                // Sampling commits other drafts than greedy: measure the table it will use.
+                temperature: self.temperature,
+                seed: self.seed as i64,
                 ..CalibrateOptions::default()
             },
             search: t.search(),
@@ -226,6 +229,13 @@ pub struct CalibrateArgs {
     /// Largest tree (tokens, root included) whose verification is timed.
     #[arg(long, value_parser = crate::checks::positive, default_value_t = 64)]
     pub max_tree_tokens: usize,
+    /// Measure the acceptance table of tree sampling at this temperature (0: greedy), for
+    /// `eval --tree auto --temperature T`.
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::checks::temperature, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Seed of the sampled table's draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Context lengths, comma-separated, after which verification is timed.
     #[arg(long, value_delimiter = ',', default_value = "128,512")]
     pub contexts: Vec<usize>,
@@ -256,6 +266,8 @@ pub fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
         contexts: args.contexts.clone(),
         warmup: 2,
         repeats: args.repeats,
+        temperature: args.temperature,
+        seed: args.seed as i64,
     };
     crate::decode::calibrate::run(
         &args.model,

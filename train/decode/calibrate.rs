@@ -23,6 +23,7 @@ use tch::{Kind, Tensor};
 
 use crate::decode::speculative::{Drafter, HeadDrafter};
 use crate::decode::tree_search::{Costs, Curve};
+use crate::model::draft_vocab::DraftVocab;
 use crate::model::head::DraftHead;
 use crate::model::layers::causal_mask;
 use crate::model::teacher::Teacher;
@@ -47,6 +48,10 @@ pub struct CalibrateOptions {
     pub contexts: Vec<usize>,
     pub warmup: usize,
     pub repeats: usize,
+    /// 0: the greedy table; > 0: the table of lossless tree sampling at this temperature.
+    pub temperature: f64,
+    /// Seeds the draws of the sampled table.
+    pub seed: i64,
 }
 
 impl Default for CalibrateOptions {
@@ -58,6 +63,8 @@ impl Default for CalibrateOptions {
             contexts: vec![128, 512],
             warmup: 2,
             repeats: 5,
+            temperature: 0.0,
+            seed: 0,
         }
     }
 }
@@ -77,7 +84,10 @@ pub struct Calibration {
     /// Size of the draft vocabulary the head was measured with (None = the full vocabulary).
     pub draft_vocab: Option<usize>,
     pub top_k: usize,
-    /// acceptance[d][r]: P(rank-r draft at depth d+1 is the teacher's token | parent accepted).
+    /// The decoding temperature the table is for (0 = greedy).
+    #[serde(default)]
+    pub temperature: f64,
+    /// acceptance[d][r]: P(the rank-r draft at depth d+1 is the one committed | parent accepted).
     pub acceptance: Vec<Vec<f64>>,
     /// Positions measured at each depth.
     pub trials: Vec<usize>,
@@ -137,7 +147,13 @@ pub fn calibrate(
         "top-k and depth must be at least 1"
     );
     let _guard = tch::no_grad_guard();
-    let (acceptance, trials) = measure_acceptance(teacher, drafter, head, texts, opts)?;
+    let (acceptance, trials) = if opts.temperature > 0.0 {
+        crate::rng::seeded(opts.seed, || {
+            measure_sampled_acceptance(teacher, drafter, head, texts, opts)
+        })?
+    } else {
+        measure_acceptance(teacher, drafter, head, texts, opts)?
+    };
     let verify_by_context = measure_verify(teacher, opts)?;
     let mean: Vec<(usize, f64)> = verify_by_context[0]
         .ms
@@ -167,6 +183,7 @@ pub fn calibrate(
         dtype: format!("{:?}", teacher.kind()),
         draft_vocab,
         top_k: opts.top_k,
+        temperature: opts.temperature,
         acceptance,
         trials,
         verify_by_context,
@@ -269,6 +286,129 @@ fn measure_acceptance(
         })
         .collect();
     Ok((table, trials))
+}
+
+/// The acceptance table of lossless tree sampling at `opts.temperature` (`accept_sampling`):
+/// at every answer position of a text and every depth, the draft's children are drawn from its
+/// q without replacement (Gumbel top-k) and walked through the same residual chain as decoding,
+/// but with the probabilities themselves: child j is the committed one with probability
+/// Π_{i<j}(1 - a_i)·a_j, a_j = min(1, p_j(x_j)/q_j(x_j)). Those expectations are summed, so
+/// acceptance[d][r] estimates P(rank r is committed | the parent was). The path continues along
+/// the text's own tokens (which the teacher's state needs), each position weighted alike: an
+/// approximation of conditioning on the sampled parent.
+fn measure_sampled_acceptance(
+    teacher: &Teacher,
+    drafter: &mut HeadDrafter,
+    head: &DraftHead,
+    texts: &[CalibrationText],
+    opts: &CalibrateOptions,
+) -> Result<(Vec<Vec<f64>>, Vec<usize>)> {
+    let (k, depths, temp) = (opts.top_k as i64, opts.max_depth, opts.temperature);
+    let device = teacher.device();
+    let mut hits: Vec<Tensor> = (0..depths)
+        .map(|_| Tensor::zeros([k], (Kind::Double, device)))
+        .collect();
+    let mut trials = vec![0usize; depths];
+    let mut bar = Progress::new("calibrate (sampled acceptance)", texts.len() as u64);
+    for text in texts {
+        let ids = &text.input_ids;
+        let len = ids.len() as i64;
+        let input = Tensor::from_slice(ids).to_device(device).unsqueeze(0);
+        let positions = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0);
+        let u = teacher.forward(&input, &positions, None, None);
+        let p_all = (teacher.logits(&u.squeeze_dim(0)).to_kind(Kind::Float) / temp)
+            .softmax(-1, Kind::Float);
+        // The draft pairs the state at t with x_{t+1} (G4); the last state's partner is unused.
+        let mut next: Vec<i64> = ids[1..].to_vec();
+        next.push(0);
+        let next_t = Tensor::from_slice(&next).to_device(device).unsqueeze(0);
+        let (o0, s0) = head.depth0(&u, &next_t, &positions, None, None);
+        let roots: Vec<i64> = (0..len - 1)
+            .filter(|&t| text.loss_mask.get(t as usize + 1) == Some(&1))
+            .collect();
+        let mut o = o0.squeeze_dim(0);
+        let mut state = s0.squeeze_dim(0);
+        if !roots.is_empty() {
+            let idx = Tensor::from_slice(&roots).to_device(device);
+            o = o.index_select(0, &idx);
+            state = state.index_select(0, &idx);
+        }
+        let mut rows = roots;
+        for d in 0..depths {
+            // Depth d+1 from row t drafts the token after position t+d+1; keep rows where the
+            // text has it.
+            let keep: Vec<i64> = (0..rows.len() as i64)
+                .filter(|&i| rows[i as usize] + d as i64 + 1 < len)
+                .collect();
+            if keep.is_empty() {
+                break;
+            }
+            let keep_idx = Tensor::from_slice(&keep).to_device(device);
+            rows = keep.iter().map(|&i| rows[i as usize]).collect();
+            o = o.index_select(0, &keep_idx);
+            state = state.index_select(0, &keep_idx);
+            let at = Tensor::from_slice(&rows).to_device(device) + (d as i64 + 1);
+            let p = p_all.index_select(0, &at);
+            let q =
+                (drafter.logits(d as i64, &o).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float);
+            hits[d] += committed_by_rank(&p, &q, k).sum_dim_intlist(0, false, Kind::Double);
+            trials[d] += rows.len();
+            if d + 1 < depths {
+                // The parent of the next depth: the text's token after position t+d+1 (rows
+                // without one are dropped at the next depth's filter).
+                let parent_at = (&at + 1).clamp_max(len - 1);
+                let parent = Tensor::from_slice(ids)
+                    .to_device(device)
+                    .index_select(0, &parent_at);
+                let (on, sn) = head.step(&state, &parent);
+                o = on;
+                state = sn;
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish();
+    let table = hits
+        .iter()
+        .zip(&trials)
+        .map(|(h, &n)| {
+            let h = Vec::<f64>::try_from(h.to_device(tch::Device::Cpu)).unwrap_or_default();
+            h.iter()
+                .map(|&c| if n > 0 { c / n as f64 } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    Ok((table, trials))
+}
+
+/// For rows of teacher p and draft q [n,V]: draws k children from q without replacement
+/// (Gumbel top-k) and returns [n,k], the probability that child j is the one `accept_sampling`
+/// commits: Π_{i<j}(1 - a_i)·a_j with a_j = min(1, p_j(x_j)/q_j(x_j)), where q_j is q without
+/// the earlier children, renormalised, and p_j the residual norm(max(p_{j-1} - q_{j-1}, 0)).
+pub fn committed_by_rank(p: &Tensor, q: &Tensor, k: i64) -> Tensor {
+    let tiny = 1e-30;
+    let uniform =
+        Tensor::rand(q.size().as_slice(), (Kind::Float, q.device())).clamp(1e-20, 1.0 - 1e-7);
+    let gumbel = -(-uniform.log()).log();
+    let children = (q.clamp_min(tiny).log() + gumbel).topk(k, -1, true, true).1;
+    let (mut p, mut q) = (p.shallow_clone(), q.shallow_clone());
+    let mut survive = Tensor::ones([p.size()[0], 1], (Kind::Float, p.device()));
+    let mut out = Vec::with_capacity(k as usize);
+    for j in 0..k {
+        let x = children.narrow(1, j, 1);
+        let qn = &q / q.sum_dim_intlist(-1, true, Kind::Float).clamp_min(tiny);
+        let qx = qn.gather(1, &x, false);
+        let a = (p.gather(1, &x, false) / qx.clamp_min(tiny))
+            .clamp_max(1.0)
+            .where_self(&qx.gt(0.0), &qx.zeros_like());
+        out.push(&survive * &a);
+        survive = survive * (1.0 - a);
+        let residual = (&p - &qn).clamp_min(0.0);
+        let mass = residual.sum_dim_intlist(-1, true, Kind::Float);
+        p = (residual / mass.clamp_min(tiny)).where_self(&mass.gt(0.0), &p);
+        q = q.scatter_value(1, &x, 0.0);
+    }
+    Tensor::cat(&out, 1)
 }
 
 /// Rows [m,H] placed at positions `rows` of a zero [len,H] tensor, so the loop can keep
@@ -438,9 +578,7 @@ pub fn run(
     let teacher = Teacher::load(model, device, kind)?;
     let head = crate::model::head::load_head(draft, &teacher)?;
     let vocab = match draft_vocab {
-        Some(ids) => Some(crate::decode::speculative::DraftVocab::new(
-            &head, ids, opts.top_k,
-        )?),
+        Some(ids) => Some(head.slice_vocab(ids, opts.top_k)?),
         None => None,
     };
     let mut drafter = HeadDrafter::new(&head).with_vocab(vocab.as_ref());
@@ -449,7 +587,9 @@ pub fn run(
         &mut drafter,
         &head,
         texts,
-        draft_vocab.map(<[i64]>::len),
+        draft_vocab
+            .map(<[i64]>::len)
+            .or(head.draft_vocab().map(DraftVocab::len)),
         opts,
     )?;
     calib.write(out)?;

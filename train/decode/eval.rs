@@ -45,7 +45,7 @@ use crate::model::head_config::HeadKind;
 use crate::model::teacher::Teacher;
 use crate::progress::Progress;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct EvalOptions {
     /// Teacher model directory (HF layout).
     pub model: PathBuf,
@@ -442,12 +442,20 @@ fn auto_setting(
                 &mut drafter,
                 head,
                 &args.calibration_texts,
-                vocab.map(DraftVocab::len),
+                drafting_vocab(head, vocab),
                 &args.calibrate,
             )?
         }
     };
-    let used = vocab.map(DraftVocab::len);
+    ensure!(
+        (calibration.temperature - args.temperature).abs() < 1e-9,
+        "the calibration's acceptance table is for temperature {} but this evaluation samples at \
+         {}: calibrate again with --temperature {}",
+        calibration.temperature,
+        args.temperature,
+        args.temperature
+    );
+    let used = drafting_vocab(head, vocab);
     ensure!(
         calibration.draft_vocab == used,
         "the calibration was measured with draft vocabulary {:?} but this evaluation drafts with \
@@ -483,6 +491,12 @@ fn auto_setting(
             calibration,
         },
     ))
+}
+
+/// Size of the vocabulary the head drafts from: `--draft-vocab`'s, the head's trained one, or
+/// None for the full vocabulary.
+fn drafting_vocab(head: &DraftHead, vocab: Option<&DraftVocab>) -> Option<usize> {
+    vocab.or(head.draft_vocab()).map(DraftVocab::len)
 }
 
 /// The settings named on the command line, in order.
@@ -544,9 +558,16 @@ pub fn run(args: &EvalOptions) -> Result<()> {
         kind_of_head.name()
     );
     let vocab = match &args.draft_vocab {
-        Some(ids) => Some(DraftVocab::new(&head, ids, max_top_k)?),
+        Some(ids) => Some(head.slice_vocab(ids, max_top_k)?),
         None => None,
     };
+    if let Some(trained) = head.draft_vocab() {
+        ensure!(
+            trained.len() >= max_top_k,
+            "the head's draft vocabulary of {} tokens is smaller than the tree's top-k {max_top_k}",
+            trained.len()
+        );
+    }
     let (settings, auto) = tree_settings(args, &teacher, &head, vocab.as_ref())?;
     for setting in &settings {
         if let TreeKind::Static(tree) = &setting.kind {
@@ -603,7 +624,7 @@ pub fn run(args: &EvalOptions) -> Result<()> {
         .zip(&reports)
         .map(|(s, r)| TreeRow::new(&s.name, r))
         .collect();
-    report.draft_vocab = setup.vocab.as_ref().map(DraftVocab::len);
+    report.draft_vocab = drafting_vocab(&setup.head, setup.vocab.as_ref());
     report.auto = auto;
     print_table(&report);
     if let Some(path) = &args.report {

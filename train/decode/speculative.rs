@@ -19,6 +19,7 @@ use crate::decode::sampling::{
     apply_stop_rules, check_context, pick_next, sample_rows, Answer, Sampling, Timed,
 };
 use crate::decode::tree::{Tree, TreeTensors};
+pub use crate::model::draft_vocab::DraftVocab;
 use crate::model::head::DraftHead;
 use crate::model::head_config::HeadKind;
 use crate::model::layers::KvCache;
@@ -675,66 +676,6 @@ impl Drafter for HeadDrafter<'_> {
         let (o, s) = self.head.step_at(depth, states, tokens);
         self.depth += 1;
         Ok((self.logits(depth, &o), s))
-    }
-}
-
-/// A draft vocabulary (FR-Spec, EAGLE-3): the draft scores only these teacher token ids, with
-/// the matching lm_head rows in one [N,H] matrix. Its logits are scattered back to teacher ids
-/// (-inf elsewhere), so top-k, the draft distribution q and verification all stay in teacher
-/// ids and the sampler stays lossless (q is simply zero outside the vocabulary).
-pub struct DraftVocab {
-    ids: Tensor,
-    weight: Tensor,
-    vocab_size: i64,
-}
-
-impl DraftVocab {
-    /// `ids`: distinct teacher token ids, at least `min_len` of them (the tree's top-k).
-    pub fn new(head: &DraftHead, ids: &[i64], min_len: usize) -> Result<Self> {
-        ensure!(
-            head.config().options.head != HeadKind::Medusa,
-            "a draft vocabulary slices the shared lm_head; a Medusa head projects with its own"
-        );
-        let lm_head = head.lm_head_weight();
-        let vocab_size = lm_head.size()[0];
-        ensure!(
-            ids.len() >= min_len,
-            "a draft vocabulary of {} tokens is smaller than the tree's top-k {min_len}",
-            ids.len()
-        );
-        if let Some(bad) = ids.iter().find(|&&i| i < 0 || i >= vocab_size) {
-            anyhow::bail!("draft vocabulary token {bad} is outside the teacher's {vocab_size} ids");
-        }
-        let mut seen = std::collections::HashSet::new();
-        if let Some(dup) = ids.iter().find(|&&i| !seen.insert(i)) {
-            anyhow::bail!("draft vocabulary lists token {dup} twice");
-        }
-        let ids = Tensor::from_slice(ids).to_device(lm_head.device());
-        Ok(Self {
-            weight: lm_head.index_select(0, &ids),
-            ids,
-            vocab_size,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.ids.size()[0] as usize
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// [n,H] -> [n,V]: one [n,N] matmul, scattered to the teacher ids.
-    pub fn logits(&self, o: &Tensor) -> Tensor {
-        let small = o.to_kind(self.weight.kind()).matmul(&self.weight.tr());
-        let rows = small.size()[0];
-        Tensor::full(
-            [rows, self.vocab_size],
-            f64::NEG_INFINITY,
-            (small.kind(), small.device()),
-        )
-        .index_copy(1, &self.ids, &small)
     }
 }
 

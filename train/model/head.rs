@@ -12,10 +12,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::config::LlamaConfig;
+use crate::model::draft_vocab::{DraftVocab, D2T};
 use crate::model::head_config::{HeadConfig, HeadKind};
 use crate::model::layers::{linear_cast, rms_norm, DecoderLayer, KvCache, Rope};
 use crate::model::teacher::Teacher;
@@ -90,6 +91,9 @@ pub struct DraftHead {
     final_norm: Tensor,
     rope: Rope,
     compute_kind: Kind,
+    /// The trained draft vocabulary (`draft_vocab = N`, EAGLE-3): the head's logits cover only
+    /// these tokens. None: the full vocabulary.
+    draft_vocab: Option<DraftVocab>,
     /// Shallow clones of the store's variables by name (they share storage and autograd with it).
     vars: BTreeMap<String, Tensor>,
 }
@@ -140,7 +144,12 @@ impl DraftHead {
             HeadKind::Eagle1 => teacher.weight("model.embed_tokens.weight")?.shallow_clone(),
             HeadKind::Clover2 | HeadKind::Medusa => lm_head.shallow_clone(),
         };
+        let draft_vocab = match tensors.get(D2T) {
+            Some(d2t) => Some(DraftVocab::from_d2t(&lm_head, d2t)?),
+            None => None,
+        };
         Ok(DraftHead {
+            draft_vocab,
             final_norm: teacher.weight("model.norm.weight")?.shallow_clone(),
             cfg,
             draft_llama,
@@ -384,13 +393,58 @@ impl DraftHead {
         o.to_kind(self.lm_head.kind()).matmul(&self.lm_head.tr())
     }
 
-    /// Logits of depth `depth`'s outputs: the frozen lm_head (Clover-2, EAGLE-1) or Medusa's
-    /// own trainable projection of that depth.
+    /// Logits of depth `depth`'s outputs over the teacher's ids: the frozen lm_head (Clover-2,
+    /// EAGLE-1) or Medusa's own trainable projection of that depth. With a trained draft
+    /// vocabulary, -inf outside it.
     pub fn logits_at(&self, depth: i64, o: &Tensor) -> Tensor {
-        match self.cfg.options.head {
-            HeadKind::Medusa => crate::model::medusa::logits(self, depth, o),
-            HeadKind::Clover2 | HeadKind::Eagle1 => self.logits(o),
+        match (&self.draft_vocab, self.cfg.options.head) {
+            (_, HeadKind::Medusa) => crate::model::medusa::logits(self, depth, o),
+            (Some(vocab), _) => vocab.logits(o),
+            (None, HeadKind::Clover2 | HeadKind::Eagle1) => self.logits(o),
         }
+    }
+
+    /// The logits the training loss sees: `logits_at`, or with a trained draft vocabulary only
+    /// its N columns (draft index i = teacher id `ids[i]`).
+    pub fn loss_logits_at(&self, depth: i64, o: &Tensor) -> Tensor {
+        match &self.draft_vocab {
+            Some(vocab) => vocab.draft_logits(o),
+            None => self.logits_at(depth, o),
+        }
+    }
+
+    /// The trained draft vocabulary, if the head has one.
+    pub fn draft_vocab(&self) -> Option<&DraftVocab> {
+        self.draft_vocab.as_ref()
+    }
+
+    /// Gives a new head (`draft_vocab = N` in its config) its vocabulary: N distinct teacher ids.
+    pub fn set_draft_vocab(&mut self, ids: &[i64]) -> Result<()> {
+        ensure!(
+            self.cfg.options.draft_vocab == Some(ids.len()),
+            "a draft vocabulary of {} tokens for a head configured with draft_vocab = {:?}",
+            ids.len(),
+            self.cfg.options.draft_vocab
+        );
+        self.draft_vocab = Some(DraftVocab::new(&self.lm_head, ids, 1)?);
+        Ok(())
+    }
+
+    /// A vocabulary sliced out of this head's lm_head at inference (FR-Spec, `--draft-vocab`),
+    /// at least `min_len` (the tree's top-k) tokens.
+    pub fn slice_vocab(&self, ids: &[i64], min_len: usize) -> Result<DraftVocab> {
+        ensure!(
+            self.cfg.options.head != HeadKind::Medusa,
+            "a draft vocabulary slices the shared lm_head; a Medusa head projects with its own"
+        );
+        if let Some(trained) = &self.draft_vocab {
+            bail!(
+                "this head was trained with a draft vocabulary of {} tokens and drafts from it \
+                 already: leave out --draft-vocab",
+                trained.len()
+            );
+        }
+        DraftVocab::new(&self.lm_head, ids, min_len)
     }
 
     /// The frozen lm_head weight [V,H] (shared with the teacher).
@@ -457,9 +511,32 @@ impl DraftHead {
             .collect()
     }
 
+    /// What a checkpoint or an export stores: the trainable tensors and, with a trained draft
+    /// vocabulary, its `d2t` offsets (EAGLE-3's convention).
+    pub fn saved_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut all = self.named_tensors();
+        if let Some(vocab) = &self.draft_vocab {
+            let [(name, d2t), _] = vocab.mapping();
+            all.insert(name.to_string(), d2t);
+        }
+        all
+    }
+
     /// Copies values into the variables (same names and shapes; used by resume and init_from).
+    /// A stored draft vocabulary must be this head's.
     pub fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         check_head_tensors(&self.cfg, tensors, "loaded head tensors")?;
+        if let Some(d2t) = tensors.get(D2T) {
+            let stored = DraftVocab::from_d2t(&self.lm_head, d2t)?;
+            ensure!(
+                self.draft_vocab
+                    .as_ref()
+                    .is_some_and(|v| v.same_as(&stored)),
+                "the stored head's draft vocabulary ({} tokens) is not this run's: the training \
+                 data or draft_vocab changed",
+                stored.len()
+            );
+        }
         let vars = self.named_tensors();
         tch::no_grad(|| -> Result<()> {
             for (name, mut var) in vars {
@@ -542,6 +619,16 @@ pub fn check_head_tensors(
             Some(_) => {}
         }
     }
+    match (tensors.get(D2T), cfg.options.draft_vocab) {
+        (Some(d2t), Some(n)) if d2t.size() != [n as i64] => problems.push(format!(
+            "{D2T}: shape {:?}, expected [{n}] (draft_vocab = {n})",
+            d2t.size()
+        )),
+        (Some(_), None) => problems.push(format!(
+            "{D2T} is present but the config has no draft_vocab"
+        )),
+        _ => {}
+    }
     if !problems.is_empty() {
         bail!("{what}: {}", problems.join("; "));
     }
@@ -553,8 +640,16 @@ pub fn check_head_tensors(
 pub fn read_head_tensors(file: &Path, cfg: &HeadConfig) -> Result<BTreeMap<String, Tensor>> {
     let all =
         Tensor::read_safetensors(file).with_context(|| format!("reading {}", file.display()))?;
-    let wanted: std::collections::HashSet<String> =
+    let mut wanted: std::collections::HashSet<String> =
         cfg.trainable_shapes().into_iter().map(|x| x.0).collect();
+    if let Some(n) = cfg.options.draft_vocab {
+        ensure!(
+            all.iter().any(|(name, _)| name == D2T),
+            "{}: the head has draft_vocab = {n} but no {D2T} mapping",
+            file.display()
+        );
+        wanted.insert(D2T.to_string());
+    }
     let tensors: BTreeMap<String, Tensor> = all
         .into_iter()
         .filter(|(n, _)| wanted.contains(n))

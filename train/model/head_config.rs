@@ -85,6 +85,11 @@ pub struct HeadOptions {
     /// None = the head's reference (EAGLE-1 0.2, others 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_noise: Option<f64>,
+    /// A draft vocabulary (EAGLE-3): the head scores only the N most frequent answer tokens of
+    /// the training data, trained against the teacher's distribution restricted to them. None:
+    /// the full vocabulary. Clover-2 only (docs/trees.md §4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft_vocab: Option<usize>,
 }
 
 impl Default for HeadOptions {
@@ -103,6 +108,7 @@ impl Default for HeadOptions {
             distillation_weight: None,
             regressive_connection: true,
             input_noise: None,
+            draft_vocab: None,
         }
     }
 }
@@ -187,6 +193,21 @@ impl HeadOptions {
             "init_from_layer",
             format!("{} < 0", self.init_from_layer),
         );
+        if let Some(n) = self.draft_vocab {
+            p.require(
+                n >= 1,
+                "draft_vocab",
+                "0 tokens: leave it out for the full vocabulary",
+            );
+            p.require(
+                self.head == HeadKind::Clover2,
+                "draft_vocab",
+                format!(
+                    "works with Clover-2 heads; this head is {}",
+                    self.head.name()
+                ),
+            );
+        }
     }
 }
 
@@ -209,6 +230,8 @@ struct CloverRsSection {
     init_from_layer: i64,
     head: HeadKind,
     regressive_connection: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draft_vocab: Option<usize>,
 }
 
 impl From<&HeadOptions> for CloverSection {
@@ -229,6 +252,7 @@ impl From<&HeadOptions> for CloverRsSection {
             init_from_layer: o.init_from_layer,
             head: o.head,
             regressive_connection: o.regressive_connection,
+            draft_vocab: o.draft_vocab,
         }
     }
 }
@@ -478,6 +502,7 @@ impl HeadConfig {
             options: HeadOptions {
                 head: c.clover_rs.head,
                 regressive_connection: c.clover_rs.regressive_connection,
+                draft_vocab: c.clover_rs.draft_vocab,
                 num_depths: c.clover.num_heads,
                 num_layers: c.clover.num_layers,
                 decay: c.clover.decay_coefficient,

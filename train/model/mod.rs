@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod device;
+pub mod draft_vocab;
 pub mod eagle;
 pub mod head;
 pub mod head_config;

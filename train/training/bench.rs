@@ -75,7 +75,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
     let refs: Vec<&Sample> = samples.iter().collect();
     // The offline step's input: the teacher's states of this batch, computed once.
     let cached = make_batch(&teacher, &refs, None, args.seq_len)?;
-    let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
+    let lm_head = |i: usize, o: &Tensor| head.loss_logits_at(i as i64, o);
     let modes: &[BenchMode] = match args.mode {
         BenchMode::Both => &[BenchMode::Offline, BenchMode::Online],
         BenchMode::Offline => &[BenchMode::Offline],
@@ -100,6 +100,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
                 &lm_head,
                 &weights,
                 args.loss_chunk,
+                None,
             )?;
             zero_grads(&params);
             parts.total.backward();

@@ -80,7 +80,7 @@ pub(crate) fn save_checkpoint(
     let final_dir = dir.join(checkpoint_name(state.step));
     // All or nothing: a failed write (a full disk) leaves no partial checkpoint behind.
     publish_dir(&final_dir, |tmp| {
-        write_tensors(&tmp.join(CK_HEAD), &head.named_tensors())?;
+        write_tensors(&tmp.join(CK_HEAD), &head.saved_tensors())?;
         opt.save(&tmp.join(CK_OPTIM))?;
         std::fs::write(tmp.join(CK_STATE), serde_json::to_string_pretty(state)?)
             .with_context(|| format!("writing {}", tmp.join(CK_STATE).display()))?;

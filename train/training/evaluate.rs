@@ -30,7 +30,7 @@ pub fn evaluate(
         let k_depths = head.config().options.num_depths as usize;
         let trained = head.config().options.trained_depths() as usize;
         let weights = LossWeights::reference(head.config());
-        let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
+        let lm_head = |i: usize, o: &Tensor| head.loss_logits_at(i as i64, o);
         let lengths: Vec<usize> = eval
             .iter()
             .map(|s| s.input_ids.len().min(cfg.max_len))
@@ -55,6 +55,7 @@ pub fn evaluate(
                 &lm_head,
                 &weights,
                 cfg.loss_chunk,
+                head.draft_vocab(),
             )?;
             let n = parts.depths.first().map_or(0, |d| d.count) as f64;
             loss_sum += parts.depths.iter().map(|d| d.loss).sum::<f64>() * n;

@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
+use crate::model::draft_vocab::{mapping_of_d2t, D2T};
 use crate::model::head::check_head_tensors;
 pub use crate::model::head_config::head_weights_file;
 use crate::model::head_config::{HeadConfig, HeadKind};
@@ -79,6 +80,12 @@ pub fn export_head(
         .into_iter()
         .map(|(n, _)| (n.clone(), tensors[&n].to_kind(Kind::Float)))
         .collect();
+    if let Some(d2t) = tensors.get(D2T) {
+        // EAGLE-3's pair: the offsets, and the membership mask its loaders also read.
+        for (name, t) in mapping_of_d2t(d2t, cfg.vocab_size)? {
+            all.insert(name.to_string(), t);
+        }
+    }
     if let Some(w) = frozen {
         ensure!(
             w.size() == [cfg.vocab_size, cfg.hidden_size],

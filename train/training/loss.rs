@@ -21,6 +21,7 @@
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::model::draft_vocab::DraftVocab;
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
 
@@ -138,14 +139,20 @@ pub struct DistillTargets {
 /// [B,T] (`shift_for_training`): h_{t'+1} = final_norm(u_{t'+1}) and its lm_head distribution, only
 /// at masked positions. Runs under no_grad.
 pub fn teacher_targets(teacher: &Teacher, u: &Tensor, mask: &Tensor) -> DistillTargets {
+    let teacher_logits = |h: &Tensor| teacher_lm_head(teacher, h);
+    targets_of_rows(target_rows(teacher, u, mask), &teacher_logits)
+}
+
+/// The rows' teacher distribution from `teacher_logits` (post-norm rows h -> logits).
+fn targets_of_rows(rows: TargetRows, teacher_logits: &dyn Fn(&Tensor) -> Tensor) -> DistillTargets {
     let TargetRows {
         batch,
         pos,
         h,
         seq_len,
-    } = target_rows(teacher, u, mask);
+    } = rows;
     tch::no_grad(|| {
-        let logp = teacher_log_probs(&|h: &Tensor| teacher_lm_head(teacher, h), &h);
+        let logp = teacher_log_probs(teacher_logits, &h);
         DistillTargets {
             batch,
             pos,
@@ -160,6 +167,41 @@ pub fn teacher_targets(teacher: &Teacher, u: &Tensor, mask: &Tensor) -> DistillT
 /// The teacher's logits of post-norm rows h (f32 or wider), in the teacher's kind.
 fn teacher_lm_head(teacher: &Teacher, h: &Tensor) -> Tensor {
     teacher.lm_head(&h.to_kind(teacher.kind()))
+}
+
+/// The rows whose teacher argmax is in the draft vocabulary (EAGLE-3 leaves the others out of
+/// the loss: the draft cannot propose that token, so nothing there is worth learning). The
+/// argmax over the full vocabulary is taken `chunk` rows at a time (all at once for 0).
+fn rows_in_vocab(
+    teacher: &Teacher,
+    rows: TargetRows,
+    vocab: &DraftVocab,
+    chunk: usize,
+) -> TargetRows {
+    let m = rows.h.size()[0];
+    if m == 0 {
+        return rows;
+    }
+    tch::no_grad(|| {
+        let step = if chunk == 0 { m } else { chunk as i64 };
+        let top1: Vec<Tensor> = (0..m)
+            .step_by(step as usize)
+            .map(|start| {
+                let len = step.min(m - start);
+                teacher_lm_head(teacher, &rows.h.narrow(0, start, len)).argmax(-1, false)
+            })
+            .collect();
+        let keep = vocab
+            .contains(&Tensor::cat(&top1, 0))
+            .nonzero()
+            .squeeze_dim(1);
+        TargetRows {
+            batch: rows.batch.index_select(0, &keep),
+            pos: rows.pos.index_select(0, &keep),
+            h: rows.h.index_select(0, &keep),
+            seq_len: rows.seq_len,
+        }
+    })
 }
 
 /// log_softmax of the teacher's logits of rows h, in at least f32.
@@ -195,6 +237,12 @@ pub struct LossParts {
 /// materialises the teacher distribution and every depth's logits at once (`teacher_targets` +
 /// `clover_loss`); `chunk` > 0 walks the masked positions `chunk` at a time
 /// (`clover_loss_chunked`). Same values and gradients up to round-off.
+///
+/// With a draft vocabulary `vocab` (a head trained with `draft_vocab = N`), `lm_head` gives
+/// draft-space logits [n,N] (`DraftHead::loss_logits_at`); the teacher's distribution is
+/// restricted to the same N tokens and renormalised, and positions whose teacher argmax falls
+/// outside them are left out, normaliser included (EAGLE-3).
+#[allow(clippy::too_many_arguments)]
 pub fn batch_loss(
     teacher: &Teacher,
     u: &Tensor,
@@ -203,8 +251,9 @@ pub fn batch_loss(
     lm_head: DepthLogits,
     weights: &LossWeights,
     chunk: usize,
+    vocab: Option<&DraftVocab>,
 ) -> Result<LossParts> {
-    batch_loss_of_share(teacher, u, mask, outs, lm_head, weights, chunk, None)
+    batch_loss_of_share(teacher, u, mask, outs, lm_head, weights, chunk, vocab, None)
 }
 
 /// `batch_loss` of a share of a batch whose other rows are on other data-parallel ranks:
@@ -220,6 +269,7 @@ pub fn batch_loss_of_share(
     lm_head: DepthLogits,
     weights: &LossWeights,
     chunk: usize,
+    vocab: Option<&DraftVocab>,
     counts: Option<&[i64]>,
 ) -> Result<LossParts> {
     if let Some(counts) = counts {
@@ -229,13 +279,28 @@ pub fn batch_loss_of_share(
             counts.len(),
             outs.len()
         );
+        // The counts come from the loss masks; a draft vocabulary drops rows by the teacher's
+        // argmax, which only the rank holding them knows.
+        ensure!(
+            vocab.is_none(),
+            "a draft vocabulary cannot train on shares of a batch across data-parallel ranks"
+        );
     }
+    let mut rows = target_rows(teacher, u, mask);
+    if let Some(vocab) = vocab {
+        rows = rows_in_vocab(teacher, rows, vocab, chunk);
+    }
+    let teacher_logits = |h: &Tensor| {
+        let logits = teacher_lm_head(teacher, h);
+        match vocab {
+            Some(vocab) => vocab.restrict(&logits),
+            None => logits,
+        }
+    };
     if chunk == 0 {
-        let targets = teacher_targets(teacher, u, mask);
+        let targets = targets_of_rows(rows, &teacher_logits);
         return Ok(clover_loss_over(outs, &targets, lm_head, weights, counts));
     }
-    let rows = target_rows(teacher, u, mask);
-    let teacher_logits = |h: &Tensor| teacher_lm_head(teacher, h);
     chunked_loss_over(
         outs,
         &rows,

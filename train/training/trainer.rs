@@ -20,6 +20,7 @@ use tch::Tensor;
 use tensorboard_rs::summary_writer::SummaryWriter;
 
 use crate::data::shards::Sample;
+use crate::data::vocab::frequent_tokens;
 use crate::distributed::Group;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::teacher::Teacher;
@@ -238,6 +239,39 @@ struct Run<'a> {
     group: Option<&'a Group>,
 }
 
+/// `draft_vocab = N`: a new head gets the N most frequent answer tokens of its training rows
+/// (in teacher-id order, as EAGLE-3's `d2t`); a head from `init_from` must already have N.
+/// Resuming recomputes the same vocabulary from the same data, and `load_tensors` checks it
+/// against the checkpoint's.
+fn give_draft_vocab(
+    head: &mut DraftHead,
+    cfg: &TrainConfig,
+    samples: &[Sample],
+    group: Option<&Group>,
+) -> Result<()> {
+    let Some(n) = cfg.head.draft_vocab else {
+        return Ok(());
+    };
+    ensure!(
+        group.is_none_or(|g| g.world == 1),
+        "draft_vocab with data-parallel training is not supported yet: the per-depth normaliser \
+         of a batch split across ranks would need every rank's teacher argmax"
+    );
+    match head.draft_vocab() {
+        Some(have) => ensure!(
+            have.len() == n,
+            "init_from's head has a draft vocabulary of {} tokens, the config asks for {n}",
+            have.len()
+        ),
+        None => {
+            let mut ids = frequent_tokens(samples, n, head.config().vocab_size as usize)?;
+            ids.sort_unstable();
+            head.set_draft_vocab(&ids)?;
+        }
+    }
+    Ok(())
+}
+
 impl<'a> Run<'a> {
     /// Checks the data against the config, builds the head (reference init or `init_from`) and
     /// its optimizer, and opens the logs.
@@ -290,6 +324,7 @@ impl<'a> Run<'a> {
                 .with_context(|| format!("init_from {}", dir.display()))?,
             None => DraftHead::new(teacher, cfg.head_config(teacher), cfg.seed as i64)?,
         };
+        give_draft_vocab(&mut head, cfg, &source.samples()[..n_train], group)?;
         if let Some(kind) = cfg.autocast_kind(teacher.device()) {
             head.set_compute_kind(kind);
         }
@@ -496,7 +531,7 @@ impl<'a> Run<'a> {
             .head
             .training_outputs(&batch.u, &batch.next_ids, noise_seed);
         let head = &self.head;
-        let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
+        let lm_head = |i: usize, o: &Tensor| head.loss_logits_at(i as i64, o);
         let mut parts = batch_loss_of_share(
             teacher,
             &batch.u,
@@ -505,6 +540,7 @@ impl<'a> Run<'a> {
             &lm_head,
             &self.weights,
             cfg.loss_chunk,
+            head.draft_vocab(),
             counts,
         )?;
         if opts.inject_nan_at_step == Some(step) {
