@@ -160,7 +160,7 @@ impl Teacher {
     }
 
     pub fn lm_head(&self, h: &Tensor) -> Tensor {
-        h.linear::<Tensor>(self.lm_head_weight(), None)
+        crate::model::layers::vocab_projection(h, self.lm_head_weight())
     }
 
     pub fn logits(&self, u: &Tensor) -> Tensor {
