@@ -73,7 +73,7 @@ impl DraftVocab {
 
     /// [n,H] -> [n,N]: the draft-space logits, one [n,N] matmul.
     pub fn draft_logits(&self, o: &Tensor) -> Tensor {
-        crate::model::layers::vocab_projection(&o.to_kind(self.weight.kind()), &self.weight)
+        crate::model::layers::linear(&o.to_kind(self.weight.kind()), &self.weight, None)
     }
 
     /// [n,H] -> [n,V]: the draft-space logits scattered to teacher ids, -inf elsewhere, so top-k,

@@ -18,7 +18,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::model::config::LlamaConfig;
 use crate::model::draft_vocab::{DraftVocab, D2T};
 use crate::model::head_config::{HeadConfig, HeadKind};
-use crate::model::layers::{linear_cast, rms_norm, vocab_projection, DecoderLayer, KvCache, Rope};
+use crate::model::layers::{linear, linear_cast, rms_norm, DecoderLayer, KvCache, Rope};
 use crate::model::teacher::Teacher;
 
 /// Adds `tensor` to the store under a dotted reference name (tch paths cannot contain '.').
@@ -390,7 +390,7 @@ impl DraftHead {
 
     /// Logits through the frozen teacher lm_head, in the lm_head's kind.
     pub fn logits(&self, o: &Tensor) -> Tensor {
-        vocab_projection(&o.to_kind(self.lm_head.kind()), &self.lm_head)
+        linear(&o.to_kind(self.lm_head.kind()), &self.lm_head, None)
     }
 
     /// Logits of depth `depth`'s outputs over the teacher's ids: the frozen lm_head (Clover-2,

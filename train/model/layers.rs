@@ -27,37 +27,39 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 pub fn linear_cast(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     let kind = x.kind();
     if kind == w.kind() && b.is_none_or(|b| b.kind() == kind) {
-        return x.linear(w, b);
+        return linear(x, w, b);
     }
     let b = b.map(|b| b.to_kind(w.kind()));
-    x.to_kind(w.kind()).linear(w, b.as_ref()).to_kind(kind)
+    linear(&x.to_kind(w.kind()), w, b.as_ref()).to_kind(kind)
 }
 
-/// Rows at most this many take `vocab_projection`'s transposed route.
-const FEW_ROWS: i64 = 8;
+/// Rows at most this many take `linear`'s transposed route.
+const FEW_ROWS: i64 = 6;
 
-/// Rows x [.., H] through a vocabulary projection w [V,H] (an lm_head): x·wᵀ -> [.., V].
+/// x [.., K] · wᵀ (+ b), w [N,K]: every linear layer and vocabulary projection.
 ///
-/// Decoding projects only a few rows at a time (one plain step, a tree's n tokens, a depth's
-/// expanded nodes), and on the CPU in f32 libtorch's x·wᵀ is slow for them: on the SmolLM2
-/// lm_head (49,152 x 576, 2 cores) 6.9 ms for 1 row and 14-21 ms for 2-3 rows, against 4.5-6 ms
-/// (1 thread) or 2.6-3.3 ms (2 threads) for the same product computed as (w·xᵀ)ᵀ, which
-/// takes a faster kernel; a single row is duplicated to take it too. From about 16 rows on, and
-/// in bf16, the plain product is as fast or faster, and on CUDA there is nothing to gain, so
-/// everything else (training, long prefills) keeps it. Either way the values are the same
-/// products up to the order of the H-term sums (round-off).
-pub fn vocab_projection(x: &Tensor, w: &Tensor) -> Tensor {
-    let h = *x.size().last().unwrap_or(&0);
-    let rows = if h > 0 { x.numel() as i64 / h } else { 0 };
+/// Decoding runs a handful of rows at a time (one plain step, a tree's n tokens, a depth's
+/// expanded nodes), and for those, on the CPU in f32, libtorch's x·wᵀ is slow: on the 2-core
+/// machine this was measured on, the SmolLM2 lm_head (49,152 x 576) took 6.9 ms for 1 row and
+/// 14-21 ms for 2-3 rows, against 2.6-6 ms for the same product computed as (w·xᵀ)ᵀ, which
+/// takes a faster kernel; a model of SmolLM2's 30 layers ran a 1-token step in 19-28 ms this way
+/// against 33-34 ms, and 2-4 tokens in 20-36 ms against 48-65 ms. A single row is duplicated to
+/// take that kernel too. From about 8 rows on (with one thread) the plain product wins again,
+/// bf16 and CUDA gain nothing, and training (weights that need gradients) keeps the plain
+/// product as well. Both routes compute the same K-term sums in other orders (round-off).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    let k = *x.size().last().unwrap_or(&0);
+    let rows = if k > 0 { x.numel() as i64 / k } else { 0 };
     let transposed = x.device() == Device::Cpu
         && x.kind() == Kind::Float
         && w.kind() == Kind::Float
         && (1..=FEW_ROWS).contains(&rows)
-        && !x.requires_grad();
+        && !x.requires_grad()
+        && !w.requires_grad();
     if !transposed {
-        return x.matmul(&w.tr());
+        return x.linear(w, b);
     }
-    let flat = x.reshape([rows, h]);
+    let flat = x.reshape([rows, k]);
     let cols = if rows == 1 {
         Tensor::cat(&[&flat, &flat], 0)
     } else {
@@ -65,11 +67,16 @@ pub fn vocab_projection(x: &Tensor, w: &Tensor) -> Tensor {
     };
     let mut shape = x.size();
     *shape.last_mut().unwrap() = w.size()[0];
-    w.matmul(&cols.tr())
+    let out = w
+        .matmul(&cols.tr())
         .tr()
         .narrow(0, 0, rows)
         .contiguous()
-        .view(shape.as_slice())
+        .view(shape.as_slice());
+    match b {
+        Some(b) => out + b,
+        None => out,
+    }
 }
 
 /// Rotary position embedding in HF's half-split layout.
@@ -390,18 +397,20 @@ fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
 mod tests {
     use super::*;
 
-    /// The transposed route of `vocab_projection` gives x·wᵀ, shape included, for every row count
-    /// it takes (1 is duplicated) and one it does not. Each entry is an H-term sum computed in
-    /// two orders, so they differ by at most 2·H·u·Σ_h |x_h·w_h| (u = 2^-24, f32).
+    /// The transposed route of `linear` gives x·wᵀ + b, shape included, for every row count it
+    /// takes (1 is duplicated) and one it does not. Each entry is an H-term sum computed in two
+    /// orders, so they differ by at most 2·H·u·Σ_h |x_h·w_h| (u = 2^-24, f32; the bias is added
+    /// once on both sides).
     #[test]
-    fn vocab_projection_is_the_plain_product() {
+    fn few_row_linear_is_the_plain_product() {
         let _rng = crate::rng::hold(17);
         let (v, h) = (300i64, 48i64);
         let w = Tensor::randn([v, h], (Kind::Float, Device::Cpu));
-        for rows in [1i64, 2, 3, 8, 9] {
+        let b = Tensor::randn([v], (Kind::Float, Device::Cpu));
+        for rows in [1i64, 2, 3, 6, 7, 9] {
             let x = Tensor::randn([1, rows, h], (Kind::Float, Device::Cpu));
-            let got = vocab_projection(&x, &w);
-            let want = x.matmul(&w.tr());
+            let got = linear(&x, &w, Some(&b));
+            let want = x.matmul(&w.tr()) + &b;
             assert_eq!(got.size(), vec![1, rows, v]);
             let size = x.abs().matmul(&w.abs().tr());
             let excess = ((&got - &want).abs() - size * (2.0 * h as f64 / 16_777_216.0))

@@ -47,9 +47,7 @@ pub fn block(head: &DraftHead, k: i64, h: &Tensor) -> Tensor {
 
 /// Head k's logits of its block output o.
 pub fn logits(head: &DraftHead, k: i64, o: &Tensor) -> Tensor {
-    // As linear_cast: the product in the weight's kind, the result in the stream's.
-    let w = head.wu(&format!("{k}.1.weight"));
-    crate::model::layers::vocab_projection(&o.to_kind(w.kind()), &w).to_kind(o.kind())
+    linear_cast(o, &head.wu(&format!("{k}.1.weight")), None)
 }
 
 /// Depth 0 (head 0) from pre-norm states u; the carried state is h itself.

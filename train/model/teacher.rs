@@ -160,7 +160,7 @@ impl Teacher {
     }
 
     pub fn lm_head(&self, h: &Tensor) -> Tensor {
-        crate::model::layers::vocab_projection(h, self.lm_head_weight())
+        crate::model::layers::linear(h, self.lm_head_weight(), None)
     }
 
     pub fn logits(&self, u: &Tensor) -> Tensor {
