@@ -113,6 +113,8 @@ fn eval_end_to_end_smollm2_random_head() {
         trees: vec!["default".into(), "auto".into(), "dynamic".into()],
         calib: Some(calib),
         calibration_texts: vec![],
+        calibration_prompts: vec![],
+        calibration_limit: None,
         calibrate: Default::default(),
         search: clover::decode::tree_search::SearchLimits {
             max_nodes: 8,
@@ -199,6 +201,40 @@ fn eval_end_to_end_smollm2_random_head() {
         err.contains("calibrate again with --temperature 0.7"),
         "{err}"
     );
+    // Calibrating on prompts like the evaluation's: of the file's three first turns, the two
+    // evaluated here are left out, so only question 83's answer (<= 12 tokens) is measured.
+    let first_turns: Vec<String> = clover::decode::eval::read_questions(&args.prompts)
+        .unwrap()
+        .into_iter()
+        .map(|q| q.turns[0].clone())
+        .collect();
+    let held_out = EvalOptions {
+        trees: vec!["auto".into()],
+        calib: None,
+        calibration_prompts: first_turns.clone(),
+        calibrate: clover::decode::calibrate::CalibrateOptions {
+            top_k: 4,
+            max_depth: 2,
+            max_tree_tokens: 4,
+            contexts: vec![32],
+            warmup: 1,
+            repeats: 1,
+            ..Default::default()
+        },
+        report: Some(report.clone()),
+        ..args.clone()
+    };
+    run(&held_out).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let trials = json["auto"]["calibration"]["trials"][0].as_u64().unwrap();
+    assert!((1..=12).contains(&trials), "{trials} positions calibrated");
+    let only_evaluated = EvalOptions {
+        calibration_prompts: first_turns[..2].to_vec(),
+        ..held_out
+    };
+    let err = format!("{:#}", run(&only_evaluated).unwrap_err());
+    assert!(err.contains("also evaluated"), "{err}");
     assert!(json["auto"]["search"]["paths"]
         .as_array()
         .unwrap()

@@ -27,6 +27,14 @@ pub struct TreeArgs {
     /// split's answer-token frequencies choose --draft-vocab.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// JSONL questions whose first turns, answered greedily by the teacher, calibrate --tree auto
+    /// instead of --data's eval split: prompts like the evaluation's (the questions evaluated in
+    /// this run are left out, so the same file may be given).
+    #[arg(long)]
+    pub calib_prompts: Option<PathBuf>,
+    /// Calibrate on at most N of --calib-prompts (those not evaluated, in file order).
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub calib_limit: Option<usize>,
     /// Draft only over the N most frequent answer tokens of --data's train split (FR-Spec
     /// slicing of the lm_head; no retraining, output unchanged).
     #[arg(long, value_parser = crate::checks::positive)]
@@ -162,7 +170,14 @@ impl EvalArgs {
     pub fn options(&self) -> Result<crate::decode::eval::EvalOptions> {
         let t = &self.trees;
         let needs_calibration = t.tree.iter().any(|s| s == "auto") && t.calib.is_none();
-        let calibration_texts = if needs_calibration {
+        let calibration_prompts = match (&t.calib_prompts, needs_calibration) {
+            (Some(file), true) => crate::decode::eval::read_questions(file)?
+                .into_iter()
+                .map(|q| q.turns[0].clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        let calibration_texts = if needs_calibration && t.calib_prompts.is_none() {
             calibration_texts(t.data_dir("--tree auto without --calib")?, None)?
         } else {
             Vec::new()
@@ -174,6 +189,8 @@ impl EvalArgs {
             trees: t.tree.clone(),
             calib: t.calib.clone(),
             calibration_texts,
+            calibration_prompts,
+            calibration_limit: t.calib_limit,
             calibrate: CalibrateOptions {
                 max_depth: t.max_depth,
                 // Sampling commits other drafts than greedy: measure the table it will use.

@@ -132,6 +132,43 @@ impl Calibration {
     }
 }
 
+/// Calibration texts from questions: each question's first turn in the chat template, answered
+/// greedily by the teacher with at most `max_new` tokens (the answer is what the acceptance is
+/// measured on, as on regenerated data). For calibrating on prompts like the evaluation's
+/// without using the evaluation prompts themselves.
+pub fn answered_texts(
+    teacher: &Teacher,
+    chat: &crate::formats::chat::ChatTokenizer,
+    prompts: &[String],
+    max_new: usize,
+) -> Result<Vec<CalibrationText>> {
+    use crate::formats::chat::{Message, Role};
+    let mut bar = Progress::new("calibrate (teacher answers)", prompts.len() as u64);
+    let mut texts = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let ids = chat.encode_prompt(&[Message::new(Role::User, prompt.clone())])?;
+        let cfg = crate::decode::generate::GenerationConfig {
+            max_new_tokens: max_new,
+            temperature: 0.0,
+            seed: 0,
+            stop_ids: chat.stop_ids(),
+        };
+        let answer = crate::decode::generate::generate(teacher, &ids, &cfg)?
+            .answer
+            .token_ids;
+        let loss_mask = (0..ids.len() + answer.len())
+            .map(|j| u8::from(j >= ids.len()))
+            .collect();
+        texts.push(CalibrationText {
+            input_ids: ids.into_iter().chain(answer).collect(),
+            loss_mask,
+        });
+        bar.inc(1);
+    }
+    bar.finish();
+    Ok(texts)
+}
+
 /// Measure the acceptance table and the costs.
 pub fn calibrate(
     teacher: &Teacher,

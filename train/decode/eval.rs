@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 
-use crate::decode::calibrate::{calibrate, CalibrateOptions, Calibration, CalibrationText};
+use crate::decode::calibrate::{
+    answered_texts, calibrate, CalibrateOptions, Calibration, CalibrationText,
+};
 use crate::decode::dynamic::DynamicTree;
 use crate::decode::generate::{generate, GenerationConfig};
 use crate::decode::sampling::{Sampling, Timed};
@@ -61,6 +63,11 @@ pub struct EvalOptions {
     pub calib: Option<PathBuf>,
     /// Texts "auto" calibrates on when there is no `calib` (the prepared data's eval split).
     pub calibration_texts: Vec<CalibrationText>,
+    /// Or prompts whose greedy answers "auto" calibrates on (`--calib-prompts`); any that is
+    /// also an evaluated prompt is left out.
+    pub calibration_prompts: Vec<String>,
+    /// Calibrate on at most this many texts or held-out prompts.
+    pub calibration_limit: Option<usize>,
     /// How "auto" calibrates when it has to.
     pub calibrate: CalibrateOptions,
     /// Bounds of the "auto" tree search.
@@ -424,24 +431,38 @@ struct Setup {
 /// The "auto" tree: the search's pick on `calib` (read, or measured now).
 fn auto_setting(
     args: &EvalOptions,
-    teacher: &Teacher,
+    (teacher, chat): (&Teacher, &ChatTokenizer),
     head: &DraftHead,
     vocab: Option<&DraftVocab>,
+    evaluated: &[Question],
 ) -> Result<(TreeSetting, AutoChoice)> {
     let calibration = match &args.calib {
         Some(path) => Calibration::read(path)?,
         None => {
+            let limit = args.calibration_limit.unwrap_or(usize::MAX);
+            let texts = if args.calibration_prompts.is_empty() {
+                args.calibration_texts.iter().take(limit).cloned().collect()
+            } else {
+                let mut held_out = held_out_prompts(&args.calibration_prompts, evaluated);
+                ensure!(
+                    !held_out.is_empty(),
+                    "every --calib-prompts prompt is also evaluated: calibrating on them would \
+                     fit the tree to the test"
+                );
+                held_out.truncate(limit);
+                answered_texts(teacher, chat, &held_out, args.max_new_tokens)?
+            };
             ensure!(
-                !args.calibration_texts.is_empty(),
-                "--tree auto needs a calibration: --calib FILE (from `clover calibrate`) or \
-                 --data DIR (prepared data whose eval split calibrates)"
+                !texts.is_empty(),
+                "--tree auto needs a calibration: --calib FILE (from `clover calibrate`), \
+                 --calib-prompts FILE, or --data DIR (prepared data whose eval split calibrates)"
             );
             let mut drafter = HeadDrafter::new(head).with_vocab(vocab);
             calibrate(
                 teacher,
                 &mut drafter,
                 head,
-                &args.calibration_texts,
+                &texts,
                 drafting_vocab(head, vocab),
                 &args.calibrate,
             )?
@@ -493,6 +514,19 @@ fn auto_setting(
     ))
 }
 
+/// The calibration prompts that are no turn of an evaluated question.
+fn held_out_prompts(prompts: &[String], evaluated: &[Question]) -> Vec<String> {
+    let asked: std::collections::HashSet<&str> = evaluated
+        .iter()
+        .flat_map(|q| q.turns.iter().map(String::as_str))
+        .collect();
+    prompts
+        .iter()
+        .filter(|p| !asked.contains(p.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Size of the vocabulary the head drafts from: `--draft-vocab`'s, the head's trained one, or
 /// None for the full vocabulary.
 fn drafting_vocab(head: &DraftHead, vocab: Option<&DraftVocab>) -> Option<usize> {
@@ -502,9 +536,10 @@ fn drafting_vocab(head: &DraftHead, vocab: Option<&DraftVocab>) -> Option<usize>
 /// The settings named on the command line, in order.
 fn tree_settings(
     args: &EvalOptions,
-    teacher: &Teacher,
+    (teacher, chat): (&Teacher, &ChatTokenizer),
     head: &DraftHead,
     vocab: Option<&DraftVocab>,
+    evaluated: &[Question],
 ) -> Result<(Vec<TreeSetting>, Option<AutoChoice>)> {
     ensure!(!args.trees.is_empty(), "--tree names no tree setting");
     let mut settings = Vec::new();
@@ -530,7 +565,8 @@ fn tree_settings(
                 }
             }
             "auto" => {
-                let (setting, choice) = auto_setting(args, teacher, head, vocab)?;
+                let (setting, choice) =
+                    auto_setting(args, (teacher, chat), head, vocab, evaluated)?;
                 auto = Some(choice);
                 setting
             }
@@ -568,12 +604,6 @@ pub fn run(args: &EvalOptions) -> Result<()> {
             trained.len()
         );
     }
-    let (settings, auto) = tree_settings(args, &teacher, &head, vocab.as_ref())?;
-    for setting in &settings {
-        if let TreeKind::Static(tree) = &setting.kind {
-            crate::decode::speculative::check_tree_for(&head, tree)?;
-        }
-    }
     let mut questions = read_questions(&args.prompts)?;
     if let Some(n) = args.per_category {
         let mut seen = std::collections::HashMap::new();
@@ -585,6 +615,13 @@ pub fn run(args: &EvalOptions) -> Result<()> {
     }
     if let Some(n) = args.limit {
         questions.truncate(n);
+    }
+    let (settings, auto) =
+        tree_settings(args, (&teacher, &chat), &head, vocab.as_ref(), &questions)?;
+    for setting in &settings {
+        if let TreeKind::Static(tree) = &setting.kind {
+            crate::decode::speculative::check_tree_for(&head, tree)?;
+        }
     }
     let setup = Setup {
         teacher,
