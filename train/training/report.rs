@@ -340,10 +340,19 @@ fn plot_lines(
         // Shares and top-1 rates never go below 0: do not draw negative space for them.
         .build_cartesian_2d(0f64..x_max * 1.02, y_floor(y_min, pad)..y_max + pad)
         .map_err(&err)?;
+    // Both x axes (depth, training tokens) count whole things: integer ticks only, one per
+    // depth on a short axis.
+    let x_ticks = if x_max <= 10.0 {
+        x_max as usize + 1
+    } else {
+        10
+    };
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .x_labels(x_ticks)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .label_style((FONT, 16))
         .draw()
         .map_err(&err)?;
