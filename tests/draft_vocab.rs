@@ -2,18 +2,16 @@
 //! of `clover calibrate --temperature`.
 
 use crate::common::{tiny_samples, tiny_teacher, tiny_train_config, F64_U};
-use crate::speculative::plain_greedy;
+use crate::speculative::{greedy_with_mode, plain_greedy};
 use clover::data::vocab::frequent_tokens;
 use clover::decode::calibrate::committed_by_rank;
 use clover::decode::dynamic::DynamicTree;
-use clover::decode::sampling::Sampling;
-use clover::decode::speculative::{generate_with_mode, HeadDrafter, TreeMode};
+use clover::decode::speculative::TreeMode;
 use clover::decode::tree::Tree;
 use clover::model::draft_vocab::DraftVocab;
 use clover::model::head::DraftHead;
-use clover::training::checkpoint::{read_checkpoint_head, CK_TEACHER_CONFIG};
+use clover::training::checkpoint::read_checkpoint_head;
 use clover::training::config::{TrainConfig, TrainOptions};
-use clover::training::export::export_head;
 use clover::training::loss::{batch_loss, target_rows, DepthLoss, LossWeights};
 use clover::training::trainer::{train, Source};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -144,16 +142,18 @@ fn trained_draft_vocab_exports_eagle3_mapping_and_decodes_losslessly() {
     want.sort_unstable();
 
     let ck = out.last_checkpoint.unwrap();
-    let (head_cfg, tensors) = read_checkpoint_head(&ck).unwrap();
-    assert_eq!(head_cfg.options.draft_vocab, Some(40));
+    assert_eq!(
+        read_checkpoint_head(&ck).unwrap().0.options.draft_vocab,
+        Some(40)
+    );
+    // `clover export`, as a user runs it.
     let exported = dir.join("exported");
-    export_head(
-        &head_cfg,
-        &tensors,
-        &ck.join(CK_TEACHER_CONFIG),
-        None,
-        &exported,
-    )
+    clover::cli::export::run(&clover::cli::export::ExportArgs {
+        checkpoint: ck,
+        out: exported.clone(),
+        with_frozen: false,
+        model: None,
+    })
     .unwrap();
     let stored: std::collections::BTreeMap<String, Tensor> =
         Tensor::read_safetensors(exported.join("model.safetensors"))
@@ -193,18 +193,8 @@ fn trained_draft_vocab_exports_eagle3_mapping_and_decodes_losslessly() {
     for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
         let plain = plain_greedy(&teacher, &prompt, 30, &[]);
         for mode in [TreeMode::Static(&tree), TreeMode::Dynamic(dynamic)] {
-            let mut drafter = HeadDrafter::new(&head);
-            let (spec, _) = generate_with_mode(
-                &teacher,
-                &mut drafter,
-                mode,
-                &prompt,
-                30,
-                Sampling::greedy(),
-                &[],
-            )
-            .unwrap();
-            assert_eq!(spec.answer.token_ids, plain, "{mode:?}");
+            let spec = greedy_with_mode(&teacher, &head, None, mode, &prompt, (30, &[]));
+            assert_eq!(spec, plain, "{mode:?}");
         }
     }
 }

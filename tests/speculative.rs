@@ -80,6 +80,29 @@ pub fn plain_greedy(
     generate(teacher, prompt, &cfg).unwrap().answer.token_ids
 }
 
+/// Greedy speculative decoding with `head` (and a sliced draft vocabulary) in `mode`: the answer.
+pub fn greedy_with_mode(
+    teacher: &Teacher,
+    head: &DraftHead,
+    vocab: Option<&clover::decode::speculative::DraftVocab>,
+    mode: TreeMode,
+    prompt: &[i64],
+    (max_new, stop_ids): (usize, &[i64]),
+) -> Vec<i64> {
+    let mut drafter = HeadDrafter::new(head).with_vocab(vocab);
+    let (spec, _) = generate_with_mode(
+        teacher,
+        &mut drafter,
+        mode,
+        prompt,
+        max_new,
+        Sampling::greedy(),
+        stop_ids,
+    )
+    .unwrap();
+    spec.answer.token_ids
+}
+
 /// The SmolLM2 tests' chat prompt (one user turn, SmolLM2's own template) and stop ids.
 pub fn smollm2_chat_prompt(dir: &Path) -> (Vec<i64>, Vec<i64>) {
     let chat = clover::formats::chat::ChatTokenizer::from_model_dir(dir, None).unwrap();
@@ -848,18 +871,8 @@ fn greedy_with_draft_vocab_equals_plain_tiny() {
     for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
         let plain = plain_greedy(&teacher, &prompt, 40, &[]);
         for mode in [TreeMode::Static(&tree), TreeMode::Dynamic(dynamic)] {
-            let mut drafter = HeadDrafter::new(&head).with_vocab(Some(&vocab));
-            let (spec, _) = generate_with_mode(
-                &teacher,
-                &mut drafter,
-                mode,
-                &prompt,
-                40,
-                Sampling::greedy(),
-                &[],
-            )
-            .unwrap();
-            assert_eq!(spec.answer.token_ids, plain, "{mode:?}");
+            let spec = greedy_with_mode(&teacher, &head, Some(&vocab), mode, &prompt, (40, &[]));
+            assert_eq!(spec, plain, "{mode:?}");
         }
     }
     // The drafts themselves never leave the vocabulary.
@@ -904,23 +917,8 @@ fn greedy_dynamic_and_draft_vocab_equal_plain_smollm2() {
         (TreeMode::Static(&tree), Some(&vocab)),
         (TreeMode::Dynamic(dynamic), Some(&vocab)),
     ] {
-        let mut drafter = HeadDrafter::new(&head).with_vocab(vocab);
-        let (spec, _) = generate_with_mode(
-            &teacher,
-            &mut drafter,
-            mode,
-            &prompt,
-            32,
-            Sampling::greedy(),
-            &stop,
-        )
-        .unwrap();
-        assert_eq!(
-            spec.answer.token_ids,
-            plain,
-            "{mode:?}, vocab {}",
-            vocab.is_some()
-        );
+        let spec = greedy_with_mode(&teacher, &head, vocab, mode, &prompt, (32, &stop));
+        assert_eq!(spec, plain, "{mode:?}, vocab {}", vocab.is_some());
     }
     assert!(
         plain.len() >= 20,

@@ -243,16 +243,8 @@ fn measure_acceptance(
     let device = teacher.device();
     for text in texts {
         let ids = &text.input_ids;
-        let len = ids.len() as i64;
-        let input = Tensor::from_slice(ids).to_device(device).unsqueeze(0);
-        let positions = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0);
-        let u = teacher.forward(&input, &positions, None, None);
-        let pred = Vec::<i64>::try_from(
-            teacher
-                .logits(&u.squeeze_dim(0))
-                .argmax(-1, false)
-                .to_device(tch::Device::Cpu),
-        )?;
+        let (u, positions, logits) = teacher_pass(teacher, ids);
+        let pred = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
         // The draft pairs the state at t with x_{t+1} (G4); the last state with the teacher's token.
         let mut next: Vec<i64> = ids[1..].to_vec();
         next.push(pred[ids.len() - 1]);
@@ -313,16 +305,33 @@ fn measure_acceptance(
         bar.inc(1);
     }
     bar.finish();
-    let table = hits
+    let hits = hits
         .iter()
-        .zip(&trials)
+        .map(|h| h.iter().map(|&c| c as f64).collect())
+        .collect();
+    Ok((rates(hits, &trials), trials))
+}
+
+/// The teacher's pre-norm states u [1,T,H], positions [1,T] and logits [T,V] of one text.
+fn teacher_pass(teacher: &Teacher, ids: &[i64]) -> (Tensor, Tensor, Tensor) {
+    let device = teacher.device();
+    let input = Tensor::from_slice(ids).to_device(device).unsqueeze(0);
+    let positions = Tensor::arange(ids.len() as i64, (Kind::Int64, device)).unsqueeze(0);
+    let u = teacher.forward(&input, &positions, None, None);
+    let logits = teacher.logits(&u.squeeze_dim(0));
+    (u, positions, logits)
+}
+
+/// Hits per depth and rank over the positions tried at that depth.
+fn rates(hits: Vec<Vec<f64>>, trials: &[usize]) -> Vec<Vec<f64>> {
+    hits.into_iter()
+        .zip(trials)
         .map(|(h, &n)| {
-            h.iter()
-                .map(|&c| if n > 0 { c as f64 / n as f64 } else { 0.0 })
+            h.into_iter()
+                .map(|c| if n > 0 { c / n as f64 } else { 0.0 })
                 .collect()
         })
-        .collect();
-    Ok((table, trials))
+        .collect()
 }
 
 /// The acceptance table of lossless tree sampling at `opts.temperature` (`accept_sampling`):
@@ -350,11 +359,8 @@ fn measure_sampled_acceptance(
     for text in texts {
         let ids = &text.input_ids;
         let len = ids.len() as i64;
-        let input = Tensor::from_slice(ids).to_device(device).unsqueeze(0);
-        let positions = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0);
-        let u = teacher.forward(&input, &positions, None, None);
-        let p_all = (teacher.logits(&u.squeeze_dim(0)).to_kind(Kind::Float) / temp)
-            .softmax(-1, Kind::Float);
+        let (u, positions, logits) = teacher_pass(teacher, ids);
+        let p_all = (logits.to_kind(Kind::Float) / temp).softmax(-1, Kind::Float);
         // The draft pairs the state at t with x_{t+1} (G4); the last state's partner is unused.
         let mut next: Vec<i64> = ids[1..].to_vec();
         next.push(0);
@@ -405,17 +411,11 @@ fn measure_sampled_acceptance(
         bar.inc(1);
     }
     bar.finish();
-    let table = hits
+    let hits = hits
         .iter()
-        .zip(&trials)
-        .map(|(h, &n)| {
-            let h = Vec::<f64>::try_from(h.to_device(tch::Device::Cpu)).unwrap_or_default();
-            h.iter()
-                .map(|&c| if n > 0 { c / n as f64 } else { 0.0 })
-                .collect()
-        })
-        .collect();
-    Ok((table, trials))
+        .map(|h| Vec::<f64>::try_from(h.to_device(tch::Device::Cpu)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((rates(hits, &trials), trials))
 }
 
 /// For rows of teacher p and draft q [n,V]: draws k children from q without replacement
