@@ -600,6 +600,39 @@ fn report_writes_table_from_inputs_and_decodable_pngs() {
         );
         assert!(md.contains(&format!("]({plot})")));
     }
+
+    // An eval of several tree settings: one run per setting, its own tau, categories and
+    // acceptance; the training curve once, with the first.
+    let multi = dir.join("demo.json");
+    let row = |tree: &str, tau: f64| {
+        serde_json::json!({"tree": tree, "tree_tokens": 4, "tau": tau,
+            "tau_per_category": {"coding": tau}, "acceptance_per_depth": [0.5],
+            "draft_ms_per_step": 1.0, "verify_ms_per_step": 2.0, "other_ms_per_step": 0.0,
+            "tokens_per_s": 10.0, "speedup": tau / 2.0, "lossless_mismatches": 0})
+    };
+    let v = serde_json::json!({
+        "tau": 1.0, "tau_per_category": {"coding": 1.0}, "acceptance_per_depth": [],
+        "speedup": 1.0, "device": "cpu", "head": "clover2", "head_parameters": 7,
+        "draft_dir": head_dir.display().to_string(),
+        "trees": [row("auto", 1.0), row("default", 1.5)],
+    });
+    std::fs::write(&multi, v.to_string()).unwrap();
+    let runs = write_report(&ReportOptions {
+        evals: vec![multi],
+        out: dir.join("out-multi"),
+    })
+    .unwrap();
+    let labels: Vec<&str> = runs.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(labels, ["demo auto", "demo default"]);
+    assert!(runs.iter().all(|r| r.run_label == "demo"));
+    assert_eq!(runs[1].tau_per_category["coding"], 1.5);
+    assert_eq!(runs[1].acceptance_per_depth, vec![0.5]);
+    assert_eq!((runs[0].curve.len(), runs[1].curve.len()), (2, 0));
+    let md = std::fs::read_to_string(dir.join("out-multi/report.md")).unwrap();
+    assert!(
+        md.contains("| demo default | clover2 | 7 | 500 | 1.500 | 1.500 | 0.500 | 0.75x | cpu |"),
+        "{md}"
+    );
 }
 
 /// `clover train --set`: overrides replace config keys after the profile; VALUE is TOML or, when

@@ -350,6 +350,7 @@ pub struct TreeRow {
     /// Tokens verified per step (root included; 1 = plain decoding).
     pub tree_tokens: usize,
     pub tau: f64,
+    pub tau_per_category: BTreeMap<String, f64>,
     pub acceptance_per_depth: Vec<f64>,
     pub draft_ms_per_step: f64,
     pub verify_ms_per_step: f64,
@@ -365,6 +366,7 @@ impl TreeRow {
             tree: tree.to_string(),
             tree_tokens: r.tree_tokens,
             tau: r.tau,
+            tau_per_category: r.tau_per_category.clone(),
             acceptance_per_depth: r.acceptance_per_depth.clone(),
             draft_ms_per_step: r.draft_ms_per_step,
             verify_ms_per_step: r.verify_ms_per_step,

@@ -36,6 +36,20 @@ struct EvalFile {
     head_parameters: Option<i64>,
     #[serde(default)]
     draft_dir: Option<String>,
+    /// One row per `--tree` setting (the first is the top level's).
+    #[serde(default)]
+    trees: Vec<TreeFigures>,
+}
+
+/// A tree setting's row of an eval report.
+#[derive(Debug, Clone, Deserialize)]
+struct TreeFigures {
+    tree: String,
+    tau: f64,
+    #[serde(default)]
+    tau_per_category: BTreeMap<String, f64>,
+    acceptance_per_depth: Vec<f64>,
+    speedup: f64,
 }
 
 /// Where an exported head came from: written by `clover export` as `provenance.json`.
@@ -63,6 +77,9 @@ pub struct CurvePoint {
 #[derive(Debug, Clone)]
 pub struct RunSummary {
     pub label: String,
+    /// The training run's name on the curve plots: the eval report's file stem (`label` adds the
+    /// tree setting when one report holds several).
+    pub run_label: String,
     pub head: String,
     pub parameters: Option<i64>,
     /// Tokens trained on (Σ of the run's `metrics.jsonl`), when the run was found.
@@ -125,6 +142,40 @@ pub fn run_curve(run_dir: &Path) -> Result<(u64, Vec<CurvePoint>)> {
 }
 
 /// Reads one eval report and, where found, its training run.
+/// The runs of one eval report: the report itself, or, when it evaluated several tree settings,
+/// one run per setting ("STEM auto", "STEM default", ...), the training curves with the first.
+pub fn load_runs(eval_file: &Path) -> Result<Vec<RunSummary>> {
+    let text = std::fs::read_to_string(eval_file)
+        .with_context(|| format!("reading {}", eval_file.display()))?;
+    let e: EvalFile = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a `clover eval --report` file",
+            eval_file.display()
+        )
+    })?;
+    let whole = load_run(eval_file)?;
+    if e.trees.len() < 2 {
+        return Ok(vec![whole]);
+    }
+    Ok(e.trees
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| RunSummary {
+            label: format!("{} {}", whole.label, t.tree),
+            tau: t.tau,
+            tau_per_category: t.tau_per_category,
+            acceptance_per_depth: t.acceptance_per_depth,
+            speedup: t.speedup,
+            curve: if i == 0 {
+                whole.curve.clone()
+            } else {
+                Vec::new()
+            },
+            ..whole.clone()
+        })
+        .collect())
+}
+
 pub fn load_run(eval_file: &Path) -> Result<RunSummary> {
     let text = std::fs::read_to_string(eval_file)
         .with_context(|| format!("reading {}", eval_file.display()))?;
@@ -147,6 +198,7 @@ pub fn load_run(eval_file: &Path) -> Result<RunSummary> {
         None => (None, Vec::new()),
     };
     Ok(RunSummary {
+        run_label: label.clone(),
         label,
         head: e.head.unwrap_or_else(|| "clover2".into()),
         parameters: e.head_parameters,
@@ -390,8 +442,11 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
     let runs: Vec<RunSummary> = opts
         .evals
         .iter()
-        .map(|f| load_run(f))
-        .collect::<Result<_>>()?;
+        .map(|f| load_runs(f))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     plot_tau_per_category(&runs, &opts.out.join(PLOTS[0]))?;
@@ -411,11 +466,19 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
         ("depth d", "share of steps"),
         &acceptance,
     )?;
+    // Training curves: once per training run (the tree settings of one eval share theirs).
+    let with_curve: Vec<&RunSummary> = runs.iter().filter(|r| !r.curve.is_empty()).collect();
+    let curve_runs = if with_curve.is_empty() {
+        runs.iter().collect()
+    } else {
+        with_curve
+    };
     let curve = |f: fn(&CurvePoint) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
-        runs.iter()
+        curve_runs
+            .iter()
             .map(|r| {
                 (
-                    r.label.clone(),
+                    r.run_label.clone(),
                     r.curve.iter().map(|p| (p.tokens as f64, f(p))).collect(),
                 )
             })
