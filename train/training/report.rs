@@ -141,23 +141,17 @@ pub fn run_curve(run_dir: &Path) -> Result<(u64, Vec<CurvePoint>)> {
     Ok((by_step.values().sum(), curve.into_values().collect()))
 }
 
-/// Reads one eval report and, where found, its training run.
-/// The runs of one eval report: the report itself, or, when it evaluated several tree settings,
-/// one run per setting ("STEM auto", "STEM default", ...), the training curves with the first.
+/// The runs of one eval report, with its training run where found: the report itself, or, when
+/// it evaluated several tree settings, one run per setting ("STEM auto", "STEM default", ...),
+/// the training curves with the first.
 pub fn load_runs(eval_file: &Path) -> Result<Vec<RunSummary>> {
-    let text = std::fs::read_to_string(eval_file)
-        .with_context(|| format!("reading {}", eval_file.display()))?;
-    let e: EvalFile = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not a `clover eval --report` file",
-            eval_file.display()
-        )
-    })?;
-    let whole = load_run(eval_file)?;
-    if e.trees.len() < 2 {
+    let mut e = read_eval(eval_file)?;
+    let trees = std::mem::take(&mut e.trees);
+    let whole = summary_of(eval_file, e)?;
+    if trees.len() < 2 {
         return Ok(vec![whole]);
     }
-    Ok(e.trees
+    Ok(trees
         .into_iter()
         .enumerate()
         .map(|(i, t)| RunSummary {
@@ -176,15 +170,19 @@ pub fn load_runs(eval_file: &Path) -> Result<Vec<RunSummary>> {
         .collect())
 }
 
-pub fn load_run(eval_file: &Path) -> Result<RunSummary> {
+fn read_eval(eval_file: &Path) -> Result<EvalFile> {
     let text = std::fs::read_to_string(eval_file)
         .with_context(|| format!("reading {}", eval_file.display()))?;
-    let e: EvalFile = serde_json::from_str(&text).with_context(|| {
+    serde_json::from_str(&text).with_context(|| {
         format!(
             "{} is not a `clover eval --report` file",
             eval_file.display()
         )
-    })?;
+    })
+}
+
+/// One eval report's top-level figures and, where found, its training run.
+fn summary_of(eval_file: &Path, e: EvalFile) -> Result<RunSummary> {
     let label = eval_file
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
