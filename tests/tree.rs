@@ -64,7 +64,7 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         seed: 0,
     };
     let mut drafter = HeadDrafter::new(&head);
-    let calib = calibrate(&teacher, &mut drafter, &head, &texts, None, &opts).unwrap();
+    let calib = calibrate(&teacher, &mut drafter, &head, &texts, &opts).unwrap();
     // The table of tree sampling at T = 0.8 on the same texts: the committed rank is one event
     // per position, so each depth's row sums to at most 1, and it says which temperature it is for.
     let sampled_opts = CalibrateOptions {
@@ -72,7 +72,7 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         seed: 3,
         ..opts.clone()
     };
-    let sampled = calibrate(&teacher, &mut drafter, &head, &texts, None, &sampled_opts).unwrap();
+    let sampled = calibrate(&teacher, &mut drafter, &head, &texts, &sampled_opts).unwrap();
     assert_eq!(sampled.temperature, 0.8);
     assert_eq!(sampled.acceptance.len(), 3);
     for row in &sampled.acceptance {

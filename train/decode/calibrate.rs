@@ -23,7 +23,6 @@ use tch::{Kind, Tensor};
 
 use crate::decode::speculative::{Drafter, HeadDrafter};
 use crate::decode::tree_search::{Costs, Curve};
-use crate::model::draft_vocab::DraftVocab;
 use crate::model::head::DraftHead;
 use crate::model::layers::causal_mask;
 use crate::model::teacher::Teacher;
@@ -175,7 +174,6 @@ pub fn calibrate(
     drafter: &mut HeadDrafter,
     head: &DraftHead,
     texts: &[CalibrationText],
-    draft_vocab: Option<usize>,
     opts: &CalibrateOptions,
 ) -> Result<Calibration> {
     ensure!(!texts.is_empty(), "no calibration texts");
@@ -218,7 +216,7 @@ pub fn calibrate(
     Ok(Calibration {
         device: format!("{:?}", teacher.device()),
         dtype: format!("{:?}", teacher.kind()),
-        draft_vocab,
+        draft_vocab: drafter.vocab_len(),
         top_k: opts.top_k,
         temperature: opts.temperature,
         acceptance,
@@ -619,16 +617,7 @@ pub fn run(
         None => None,
     };
     let mut drafter = HeadDrafter::new(&head).with_vocab(vocab.as_ref());
-    let calib = calibrate(
-        &teacher,
-        &mut drafter,
-        &head,
-        texts,
-        draft_vocab
-            .map(<[i64]>::len)
-            .or(head.draft_vocab().map(DraftVocab::len)),
-        opts,
-    )?;
+    let calib = calibrate(&teacher, &mut drafter, &head, texts, opts)?;
     calib.write(out)?;
     let search = crate::decode::tree_search::best_tree(
         &calib.acceptance,

@@ -37,7 +37,7 @@ use crate::decode::dynamic::DynamicTree;
 use crate::decode::generate::{generate, GenerationConfig};
 use crate::decode::sampling::{Sampling, Timed};
 use crate::decode::speculative::{
-    drafter_for, generate_with_mode, DraftVocab, Drafter, HeadDrafter, SpecStats, TreeMode,
+    drafter_for, drafting_vocab, generate_with_mode, DraftVocab, HeadDrafter, SpecStats, TreeMode,
 };
 use crate::decode::tree::{Tree, DEFAULT_TREE};
 use crate::decode::tree_search::{best_tree, SearchLimits, SearchResult};
@@ -460,14 +460,7 @@ fn auto_setting(
                  --calib-prompts FILE, or --data DIR (prepared data whose eval split calibrates)"
             );
             let mut drafter = HeadDrafter::new(head).with_vocab(vocab);
-            calibrate(
-                teacher,
-                &mut drafter,
-                head,
-                &texts,
-                drafting_vocab(head, vocab),
-                &args.calibrate,
-            )?
+            calibrate(teacher, &mut drafter, head, &texts, &args.calibrate)?
         }
     };
     ensure!(
@@ -527,12 +520,6 @@ fn held_out_prompts(prompts: &[String], evaluated: &[Question]) -> Vec<String> {
         .filter(|p| !asked.contains(p.as_str()))
         .cloned()
         .collect()
-}
-
-/// Size of the vocabulary the head drafts from: `--draft-vocab`'s, the head's trained one, or
-/// None for the full vocabulary.
-fn drafting_vocab(head: &DraftHead, vocab: Option<&DraftVocab>) -> Option<usize> {
-    vocab.or(head.draft_vocab()).map(DraftVocab::len)
 }
 
 /// The settings named on the command line, in order.
@@ -684,13 +671,14 @@ fn device_name(device: tch::Device) -> String {
     }
 }
 
-/// Decode one prompt with one tree setting ("auto" may have picked plain decoding, which then
-/// runs as one verification step per token without a draft).
+/// Decode one prompt with one tree setting. "auto" may have picked plain decoding: that is the
+/// baseline's own run `plain` (same prompt, config and seed), counted as one verification step
+/// per token without a draft.
 fn decode_with(
     setup: &Setup,
     setting: &TreeSetting,
     prompt: &[i64],
-    cfg: &GenerationConfig,
+    (cfg, plain): (&GenerationConfig, &Timed),
 ) -> Result<(Timed, SpecStats)> {
     let sampling = Sampling {
         temperature: cfg.temperature,
@@ -698,7 +686,7 @@ fn decode_with(
     };
     match setting.mode() {
         None => {
-            let timed = generate(&setup.teacher, prompt, cfg)?;
+            let timed = plain.clone();
             let stats = SpecStats {
                 accepted: vec![0; timed.answer.token_ids.len().saturating_sub(1)],
                 max_depth: 0,
@@ -708,12 +696,7 @@ fn decode_with(
             Ok((timed, stats))
         }
         Some(mode) => {
-            let mut drafter: Box<dyn Drafter + '_> = match setup.head.config().options.head {
-                HeadKind::Clover2 => {
-                    Box::new(HeadDrafter::new(&setup.head).with_vocab(setup.vocab.as_ref()))
-                }
-                _ => drafter_for(&setup.head),
-            };
+            let mut drafter = drafter_for(&setup.head, setup.vocab.as_ref());
             generate_with_mode(
                 &setup.teacher,
                 drafter.as_mut(),
@@ -735,9 +718,9 @@ fn warm_up(setup: &Setup, question: &Question, args: &EvalOptions) -> Result<()>
     let max_new = args.max_new_tokens.min(16);
     for _ in 0..args.warmup {
         let cfg = plain_config(args, max_new, args.seed, vec![]);
-        generate(&setup.teacher, &prompt, &cfg)?;
+        let plain = generate(&setup.teacher, &prompt, &cfg)?;
         for setting in &setup.settings {
-            decode_with(setup, setting, &prompt, &cfg)?;
+            decode_with(setup, setting, &prompt, (&cfg, &plain))?;
         }
     }
     Ok(())
@@ -783,8 +766,8 @@ fn evaluate(
                 format!("question {} turn {}: plain decoding", q.question_id, ti + 1)
             })?;
             for (setting, recs) in setup.settings.iter().zip(records.iter_mut()) {
-                let (spec, stats) =
-                    decode_with(setup, setting, &prompt, &cfg).with_context(|| {
+                let (spec, stats) = decode_with(setup, setting, &prompt, (&cfg, &plain))
+                    .with_context(|| {
                         format!(
                             "question {} turn {}: tree {}",
                             q.question_id,

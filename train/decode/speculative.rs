@@ -473,43 +473,37 @@ pub fn generate_with_mode(
                     break 'gen false;
                 }
                 let t0 = Instant::now();
-                let (accepted, u) = match (&static_plan, mode) {
-                    (Some(plan), _) => {
-                        let (draft_tokens, q_rows) =
-                            draft_tree(drafter, &logits0, &state0, plan, &sampling)?;
-                        stats.draft_seconds += t0.elapsed().as_secs_f64();
-                        let t1 = Instant::now();
-                        let out = verify(
-                            teacher,
-                            &mut cache,
-                            plan,
-                            &root,
-                            &draft_tokens,
-                            q_rows.as_ref(),
-                            &sampling,
-                        )?;
-                        stats.verify_seconds += t1.elapsed().as_secs_f64();
-                        out
-                    }
-                    (None, TreeMode::Dynamic(shape)) => {
-                        let drafted = draft_dynamic(drafter, &logits0, &state0, &shape, &sampling)?;
-                        let plan = VerifyPlan::new(&drafted.tree, device);
-                        stats.draft_seconds += t0.elapsed().as_secs_f64();
-                        let t1 = Instant::now();
-                        let out = verify(
-                            teacher,
-                            &mut cache,
-                            &plan,
-                            &root,
-                            &drafted.tokens,
-                            drafted.q.as_ref(),
-                            &sampling,
-                        )?;
-                        stats.verify_seconds += t1.elapsed().as_secs_f64();
-                        out
-                    }
-                    (None, TreeMode::Static(_)) => unreachable!("a static tree has its plan"),
+                // This step's plan: the static tree's, or the one of the tree just grown.
+                let grown = match mode {
+                    TreeMode::Dynamic(shape) => Some(draft_dynamic(
+                        drafter, &logits0, &state0, &shape, &sampling,
+                    )?),
+                    TreeMode::Static(_) => None,
                 };
+                let grown_plan = grown.as_ref().map(|g| VerifyPlan::new(&g.tree, device));
+                let plan = grown_plan
+                    .as_ref()
+                    .or(static_plan.as_ref())
+                    .expect("a static tree has its plan");
+                let (draft_tokens, q_rows) = match &grown {
+                    Some(g) => (
+                        g.tokens.shallow_clone(),
+                        g.q.as_ref().map(Tensor::shallow_clone),
+                    ),
+                    None => draft_tree(drafter, &logits0, &state0, plan, &sampling)?,
+                };
+                stats.draft_seconds += t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                let (accepted, u) = verify(
+                    teacher,
+                    &mut cache,
+                    plan,
+                    &root,
+                    &draft_tokens,
+                    q_rows.as_ref(),
+                    &sampling,
+                )?;
+                stats.verify_seconds += t1.elapsed().as_secs_f64();
                 stats.accepted.push(accepted.nodes.len() - 1);
                 tokens.extend_from_slice(&accepted.tokens[1..]);
                 tokens.push(accepted.bonus);
@@ -619,18 +613,34 @@ impl<'h> HeadDrafter<'h> {
         }
     }
 
+    /// Size of the vocabulary this drafter drafts from (see [`drafting_vocab`]).
+    pub fn vocab_len(&self) -> Option<usize> {
+        drafting_vocab(self.head, self.vocab)
+    }
+
     /// Forget the committed positions from `len` on (cost measurements reuse one prefix).
     pub fn rewind(&mut self, len: i64) {
         self.cache.truncate(len);
     }
 }
 
+/// Size of the vocabulary a head drafts from: the sliced `vocab` (`--draft-vocab`), the head's
+/// trained one, or None for the teacher's whole vocabulary.
+pub fn drafting_vocab(head: &DraftHead, vocab: Option<&DraftVocab>) -> Option<usize> {
+    vocab.or(head.draft_vocab()).map(DraftVocab::len)
+}
+
 /// The drafter of any head kind: EAGLE-1 needs tree attention over its own drafts
-/// (`EagleDrafter`); Clover-2 and Medusa step each node from its parent alone (`HeadDrafter`).
-pub fn drafter_for(head: &DraftHead) -> Box<dyn Drafter + '_> {
+/// (`EagleDrafter`); Clover-2 and Medusa step each node from its parent alone (`HeadDrafter`),
+/// from `vocab` when one is given (`DraftHead::slice_vocab` refuses one for Medusa, and eval for
+/// EAGLE-1).
+pub fn drafter_for<'h>(
+    head: &'h DraftHead,
+    vocab: Option<&'h DraftVocab>,
+) -> Box<dyn Drafter + 'h> {
     match head.config().options.head {
         HeadKind::Eagle1 => Box::new(EagleDrafter::new(head)),
-        HeadKind::Clover2 | HeadKind::Medusa => Box::new(HeadDrafter::new(head)),
+        HeadKind::Clover2 | HeadKind::Medusa => Box::new(HeadDrafter::new(head).with_vocab(vocab)),
     }
 }
 
@@ -690,7 +700,7 @@ pub fn generate_speculative(
     stop_ids: &[i64],
 ) -> Result<(Timed, SpecStats)> {
     check_tree_for(head, tree)?;
-    let mut drafter = drafter_for(head);
+    let mut drafter = drafter_for(head, None);
     generate_with_drafter(
         teacher,
         drafter.as_mut(),
