@@ -231,6 +231,13 @@ fn growth_order(acceptance: &[Vec<f64>], depth_bound: usize, max_nodes: usize) -
 mod tests {
     use super::*;
 
+    fn limits(max_nodes: usize, max_depth: usize) -> SearchLimits {
+        SearchLimits {
+            max_nodes,
+            max_depth,
+        }
+    }
+
     fn costs(verify: Vec<(usize, f64)>, step: f64, depth0: f64, plain: f64) -> Costs {
         Costs {
             verify_ms: Curve::new(verify).unwrap(),
@@ -257,28 +264,13 @@ mod tests {
         // Verifying even 2 tokens costs twice a plain step: no tree can commit 2 per step.
         let acc = vec![vec![0.9, 0.05], vec![0.9]];
         let c = costs(vec![(1, 10.0), (64, 640.0)], 0.0, 0.0, 10.0);
-        let r = best_tree(
-            &acc,
-            &c,
-            SearchLimits {
-                max_nodes: 8,
-                max_depth: 2,
-            },
-        );
+        let r = best_tree(&acc, &c, limits(8, 2));
         assert!(r.is_plain(), "{r:?}");
         assert_eq!(r.tokens_per_s, 100.0);
         // A head that is never right never pays either, however cheap the tree.
         let zero = vec![vec![0.0; 3]; 3];
         let c = costs(vec![(1, 10.0), (64, 10.0)], 0.0, 0.1, 10.0);
-        assert!(best_tree(
-            &zero,
-            &c,
-            SearchLimits {
-                max_nodes: 8,
-                max_depth: 3
-            }
-        )
-        .is_plain());
+        assert!(best_tree(&zero, &c, limits(8, 3)).is_plain());
     }
 
     #[test]
@@ -288,38 +280,17 @@ mod tests {
         // [0],[1] (tau 1.9, 11 ms: 172.7/s), [0] alone (1.6/11 ms: 145/s) and plain (100/s).
         let acc = vec![vec![0.6, 0.3], vec![0.8, 0.1]];
         let c = costs(vec![(1, 10.0), (3, 10.0), (4, 40.0)], 1.0, 1.0, 10.0);
-        let r = best_tree(
-            &acc,
-            &c,
-            SearchLimits {
-                max_nodes: 8,
-                max_depth: 2,
-            },
-        );
+        let r = best_tree(&acc, &c, limits(8, 2));
         assert_eq!(r.paths, vec![vec![0], vec![0, 0]]);
         assert!((r.expected_tau - 2.08).abs() < 1e-12);
         assert!((r.tokens_per_s - 2080.0 / 12.0).abs() < 1e-9);
         // A dearer draft step flips it to the flat tree (1.9 / 11 ms).
         let c = costs(vec![(1, 10.0), (3, 10.0), (4, 40.0)], 1.5, 1.0, 10.0);
-        let r = best_tree(
-            &acc,
-            &c,
-            SearchLimits {
-                max_nodes: 8,
-                max_depth: 2,
-            },
-        );
+        let r = best_tree(&acc, &c, limits(8, 2));
         assert_eq!(r.paths, vec![vec![0], vec![1]]);
         // The depth bound is honoured.
         let c = costs(vec![(1, 10.0), (3, 10.0), (4, 40.0)], 1.0, 1.0, 10.0);
-        let r = best_tree(
-            &acc,
-            &c,
-            SearchLimits {
-                max_nodes: 8,
-                max_depth: 1,
-            },
-        );
+        let r = best_tree(&acc, &c, limits(8, 1));
         assert_eq!(r.paths, vec![vec![0], vec![1]]);
     }
 
@@ -396,14 +367,7 @@ mod tests {
                     .iter()
                     .map(|t| tokens_per_s(t, acc, &c))
                     .fold(1000.0 / c.plain_ms, f64::max);
-                let r = best_tree(
-                    acc,
-                    &c,
-                    SearchLimits {
-                        max_nodes: 5,
-                        max_depth: 3,
-                    },
-                );
+                let r = best_tree(acc, &c, limits(5, 3));
                 assert!(
                     (r.tokens_per_s - brute).abs() < 1e-9 * brute,
                     "search {} vs brute force {brute} ({:?})",
