@@ -504,6 +504,17 @@ fn trainer_trains_and_resumes_eagle1_and_medusa_exactly() {
         let (cfg_a, wa) = read_checkpoint_head(full.last_checkpoint.as_ref().unwrap()).unwrap();
         let (_, wb) = read_checkpoint_head(rest.last_checkpoint.as_ref().unwrap()).unwrap();
         assert_eq!(cfg_a.options.head, kind);
+        if kind == HeadKind::Medusa {
+            // Its vocabulary projections start as the lm_head and must learn too (the config's
+            // default loss_chunk once left them without a distillation gradient).
+            for k in 0..3 {
+                let w = &wa[&format!("{k}.1.weight")];
+                assert!(
+                    max_abs(w, teacher.lm_head_weight()) > 0.0,
+                    "Medusa head {k}'s projection never moved"
+                );
+            }
+        }
         for (n, t) in &wa {
             assert!(
                 max_abs(t, &wb[n]) <= 1e-6,

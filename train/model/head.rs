@@ -413,6 +413,17 @@ impl DraftHead {
         }
     }
 
+    /// The loss chunk this head can train with (`loss_chunk`, `training::loss`). The chunked
+    /// loss sends the distillation gradient back through the depth outputs only, which is all a
+    /// frozen lm_head needs; Medusa's vocabulary projections are trainable, so its loss runs
+    /// unchunked (0), or they would never learn.
+    pub fn loss_chunk(&self, configured: usize) -> usize {
+        match self.cfg.options.head {
+            HeadKind::Medusa => 0,
+            HeadKind::Clover2 | HeadKind::Eagle1 => configured,
+        }
+    }
+
     /// The trained draft vocabulary, if the head has one.
     pub fn draft_vocab(&self) -> Option<&DraftVocab> {
         self.draft_vocab.as_ref()

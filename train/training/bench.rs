@@ -99,7 +99,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
                 &outs,
                 &lm_head,
                 &weights,
-                args.loss_chunk,
+                head.loss_chunk(args.loss_chunk),
                 None,
             )?;
             zero_grads(&params);

@@ -54,7 +54,7 @@ pub fn evaluate(
                 &outs,
                 &lm_head,
                 &weights,
-                cfg.loss_chunk,
+                head.loss_chunk(cfg.loss_chunk),
                 head.draft_vocab(),
             )?;
             let n = parts.depths.first().map_or(0, |d| d.count) as f64;

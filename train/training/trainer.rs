@@ -539,7 +539,7 @@ impl<'a> Run<'a> {
             &outs,
             &lm_head,
             &self.weights,
-            cfg.loss_chunk,
+            head.loss_chunk(cfg.loss_chunk),
             head.draft_vocab(),
             counts,
         )?;
