@@ -576,12 +576,6 @@ pub fn run(args: &EvalOptions) -> Result<()> {
     let chat = ChatTokenizer::from_model_dir(&args.model, args.template.map(TemplateName::as_str))?
         .with_system_prompt(!args.no_system_prompt);
     let max_top_k = crate::decode::tree::DEFAULT_TOP_K.max(args.dynamic.top_k);
-    let kind_of_head = head.config().options.head;
-    ensure!(
-        kind_of_head == HeadKind::Clover2 || args.draft_vocab.is_none(),
-        "--draft-vocab works with Clover-2 heads; this head is {}",
-        kind_of_head.name()
-    );
     let vocab = match &args.draft_vocab {
         Some(ids) => Some(head.slice_vocab(ids, max_top_k)?),
         None => None,

@@ -66,6 +66,11 @@ impl DraftVocab {
         &self.ids
     }
 
+    /// EAGLE-3's `d2t` offsets [N] i64 on the CPU: teacher id = index + d2t[index].
+    pub fn d2t(&self) -> Tensor {
+        d2t_of_ids(&self.ids)
+    }
+
     /// The mapping as EAGLE-3 exports it: `d2t` [N] i64 and `t2d` [V] bool, on the CPU.
     pub fn mapping(&self) -> [(&'static str, Tensor); 2] {
         mapping_of_ids(&self.ids, self.vocab_size)
@@ -101,12 +106,6 @@ impl DraftVocab {
             .index_select(0, &tokens.reshape([-1]))
             .reshape(tokens.size().as_slice())
     }
-
-    /// The same vocabulary as `other`.
-    pub fn same_as(&self, other: &DraftVocab) -> bool {
-        self.ids.size() == other.ids.size()
-            && self.ids.to_device(tch::Device::Cpu) == other.ids.to_device(tch::Device::Cpu)
-    }
 }
 
 /// Teacher ids of `d2t` offsets: id = index + d2t[index].
@@ -124,9 +123,15 @@ fn ids_of_d2t(d2t: &Tensor) -> Result<Vec<i64>> {
 /// EAGLE-3's `d2t` and `t2d` of teacher ids (on the CPU).
 fn mapping_of_ids(ids: &Tensor, vocab_size: i64) -> [(&'static str, Tensor); 2] {
     let ids = ids.to_device(tch::Device::Cpu);
-    let index = Tensor::arange(ids.size()[0], (Kind::Int64, tch::Device::Cpu));
     let t2d = Tensor::zeros([vocab_size], (Kind::Bool, tch::Device::Cpu)).index_fill(0, &ids, 1);
-    [(D2T, &ids - index), (T2D, t2d)]
+    [(D2T, d2t_of_ids(&ids)), (T2D, t2d)]
+}
+
+/// `d2t` offsets of teacher ids (on the CPU): ids[i] - i.
+fn d2t_of_ids(ids: &Tensor) -> Tensor {
+    let ids = ids.to_device(tch::Device::Cpu);
+    let index = Tensor::arange(ids.size()[0], (Kind::Int64, tch::Device::Cpu));
+    ids - index
 }
 
 /// The full mapping (`d2t` and `t2d`) of stored `d2t` offsets over a teacher of `vocab_size` ids.
@@ -159,7 +164,7 @@ mod tests {
             vec![false, false, true, false, false, true, false, true]
         );
         let back = DraftVocab::from_d2t(&lm_head(), &d2t).unwrap();
-        assert!(back.same_as(&vocab));
+        assert_eq!(back.d2t(), vocab.d2t());
 
         let o = Tensor::from_slice(&[1.0f32, 0.5]).unsqueeze(0);
         let small = Vec::<f32>::try_from(vocab.draft_logits(&o).view([-1])).unwrap();

@@ -444,9 +444,11 @@ impl DraftHead {
     /// A vocabulary sliced out of this head's lm_head at inference (FR-Spec, `--draft-vocab`),
     /// at least `min_len` (the tree's top-k) tokens.
     pub fn slice_vocab(&self, ids: &[i64], min_len: usize) -> Result<DraftVocab> {
+        // The same rule as the training key's (`HeadOptions::check`).
         ensure!(
-            self.cfg.options.head != HeadKind::Medusa,
-            "a draft vocabulary slices the shared lm_head; a Medusa head projects with its own"
+            self.cfg.options.head == HeadKind::Clover2,
+            "--draft-vocab works with Clover-2 heads; this head is {}",
+            self.cfg.options.head.name()
         );
         if let Some(trained) = &self.draft_vocab {
             bail!(
@@ -527,8 +529,7 @@ impl DraftHead {
     pub fn saved_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut all = self.named_tensors();
         if let Some(vocab) = &self.draft_vocab {
-            let [(name, d2t), _] = vocab.mapping();
-            all.insert(name.to_string(), d2t);
+            all.insert(D2T.to_string(), vocab.d2t());
         }
         all
     }
@@ -538,14 +539,12 @@ impl DraftHead {
     pub fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         check_head_tensors(&self.cfg, tensors, "loaded head tensors")?;
         if let Some(d2t) = tensors.get(D2T) {
-            let stored = DraftVocab::from_d2t(&self.lm_head, d2t)?;
+            let same = |v: &DraftVocab| v.d2t() == d2t.to_kind(Kind::Int64).to_device(Device::Cpu);
             ensure!(
-                self.draft_vocab
-                    .as_ref()
-                    .is_some_and(|v| v.same_as(&stored)),
+                self.draft_vocab.as_ref().is_some_and(same),
                 "the stored head's draft vocabulary ({} tokens) is not this run's: the training \
                  data or draft_vocab changed",
-                stored.len()
+                d2t.numel()
             );
         }
         let vars = self.named_tensors();

@@ -30,7 +30,8 @@ pub(crate) fn init(teacher: &Teacher, cfg: &HeadConfig) -> Result<BTreeMap<Strin
             Tensor::zeros([h, h], (Kind::Float, Device::Cpu)),
         );
         out.insert(format!("{k}.0.linear.bias"), torch_linear_default(&[h], h));
-        out.insert(format!("{k}.1.weight"), lm_head.copy());
+        // `from_tensors` copies every tensor into its own variable: no copy needed here.
+        out.insert(format!("{k}.1.weight"), lm_head.shallow_clone());
     }
     Ok(out)
 }

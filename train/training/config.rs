@@ -169,17 +169,13 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Parses TOML, applying the `[cuda]` table when `device` resolves to CUDA.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        Self::from_toml_with_profile(text, origin, Profile::Auto)
+        Self::from_toml_with_overrides(text, origin, Profile::Auto, &[])
     }
 
-    /// As `from_toml`; `profile` = cuda | cpu | auto says whether the `[cuda]` table applies.
-    pub fn from_toml_with_profile(text: &str, origin: &str, profile: Profile) -> Result<Self> {
-        Self::from_toml_with_overrides(text, origin, profile, &[])
-    }
-
-    /// As `from_toml_with_profile`, then `KEY=VALUE` overrides (`clover train --set`) replace
-    /// top-level keys after the profile: VALUE is TOML (`max_steps=5`, `head="eagle1"`), or a
-    /// bare string when it does not parse as TOML (`out_dir=/tmp/run`).
+    /// As `from_toml`, with `profile` = cuda | cpu | auto saying whether the `[cuda]` table
+    /// applies, then `KEY=VALUE` overrides (`clover train --set`) replacing top-level keys after
+    /// the profile: VALUE is TOML (`max_steps=5`, `head="eagle1"`), or a bare string when it does
+    /// not parse as TOML (`out_dir=/tmp/run`).
     pub fn from_toml_with_overrides(
         text: &str,
         origin: &str,
@@ -351,11 +347,8 @@ impl TrainConfig {
             .collect()
     }
 
-    pub fn load(path: &Path, profile: Profile) -> Result<Self> {
-        Self::load_with_overrides(path, profile, &[])
-    }
-
-    /// `load`, then `KEY=VALUE` overrides (see `from_toml_with_overrides`).
+    /// Reads a config file with a profile and `KEY=VALUE` overrides (see
+    /// `from_toml_with_overrides`).
     pub fn load_with_overrides(
         path: &Path,
         profile: Profile,

@@ -34,11 +34,6 @@ pub fn at_least_f32(t: &Tensor) -> Tensor {
     }
 }
 
-/// Regression weight v_w of the reference (Clover-2's; `HeadOptions::regression_weight`).
-pub const VLOSS_WEIGHT: f64 = 10.0;
-/// Distillation weight p_w of the reference (Clover-2's; `HeadOptions::distillation_weight`).
-pub const PLOSS_WEIGHT: f64 = 1.0;
-
 /// Logits of depth i's output rows: `(i, o [n,H]) -> [n,V]` (the frozen lm_head for Clover-2
 /// and EAGLE-1, Medusa's own projection of head i).
 pub type DepthLogits<'a> = &'a dyn Fn(usize, &Tensor) -> Tensor;
