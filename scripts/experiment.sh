@@ -2,7 +2,7 @@
 # Distillation experiment on the demo's data: an EAGLE-1 and a Medusa head trained on the demo's
 # distillation cache with the same config and step budget as the demo's Clover-2 head (only
 # `head`, and Medusa's decay 0.8, change), all three evaluated on the same MT-bench questions and
-# tree, then `clover report` (table + plots). Run `make demo` first. About 30 minutes on a 2-core
+# tree, then `clover report` (table + plots). Run `make demo` first. About 35 minutes on a 2-core
 # CPU after the demo; larger budgets on CUDA (the config's [cuda] table).
 #
 # Knobs (environment):
