@@ -87,7 +87,7 @@ test: setup
 	$(MAKE) gpu-smoke
 
 bench: setup
-	$(CLOVER) bench --model $(TEACHER) --conversations $(CHITCHAT) --out data/work/bench.json
+	$(CLOVER) bench --model $(TEACHER) --conversations $(CHITCHAT) --out data/work/bench.json --overwrite
 
 # What scripts/gpu-check.sh needs on a GPU machine without cargo (README: "Checking a GPU").
 gpu-bundle: setup

@@ -4,7 +4,9 @@
 # prompts. Sized to finish within 30 minutes after set-up on the slower of the 2-core CPUs seen
 # (about half that on the faster ones); with CUDA it uses a larger budget.
 # Progress reaches a log too: redirected, each long stage prints a line every 30 s.
-# Every stage is resumable: rerunning continues where an interrupted run stopped.
+# Every stage is resumable: rerunning continues where an interrupted run stopped. The stages
+# whose outputs are rebuilt whole (prepare, export, eval, report) pass --overwrite: they replace
+# only what this demo wrote before, never a directory clover did not write.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +34,7 @@ $CLOVER data regenerate --data $WORK/chitchat-sharegpt.json --model $TEACHER --o
 
 step "2/7 prepare: tokenize with the model's chat template and mask the assistant turns"
 $CLOVER data prepare --input $WORK/regen/conversations.jsonl --model $TEACHER --template auto \
-  --out $WORK/prepared --max-len 1024 --eval-fraction 0.05
+  --out $WORK/prepared --max-len 1024 --eval-fraction 0.05 --overwrite
 
 step "3/7 distill: cache the teacher's pre-norm hidden states"
 $CLOVER distill --data $WORK/prepared --model $TEACHER --out $WORK/distill --device $DEVICE
@@ -42,7 +44,7 @@ RESUME=""; [ -n "$(ls -A $WORK/train/checkpoints 2>/dev/null)" ] && RESUME=--res
 $CLOVER train --config configs/smollm2-135m.toml --profile $PROFILE $RESUME
 
 step "5/7 export"
-$CLOVER export --checkpoint $WORK/train/latest --out $HEAD_OUT
+$CLOVER export --checkpoint $WORK/train/latest --out $HEAD_OUT --overwrite
 
 step "6/7 evaluate: speculative vs plain decoding on MT-bench (auto tree, then the default tree)"
 # auto calibrates the head and this device ($CALIBRATION above, never the evaluated questions),
@@ -50,7 +52,7 @@ step "6/7 evaluate: speculative vs plain decoding on MT-bench (auto tree, then t
 # for comparison.
 $CLOVER eval --model $TEACHER --draft $HEAD_OUT --prompts $WORK/mt_bench_questions.jsonl \
   --tree auto,default "${CALIBRATION[@]}" \
-  --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE --report $WORK/eval.json
+  --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE --report $WORK/eval.json --overwrite
 
 step "7/7 report: table and plots of this run (data/work/report)"
-$CLOVER report $WORK/eval.json --out $WORK/report
+$CLOVER report $WORK/eval.json --out $WORK/report --overwrite

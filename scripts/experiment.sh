@@ -61,10 +61,10 @@ for HEAD in clover2 eagle1 medusa; do
   RUN=$OUT/train-$HEAD
   # Without EXPERIMENT_STEPS the Clover-2 run is the demo's own.
   [ "$HEAD" = clover2 ] && [ -z "$STEPS" ] && RUN=$WORK/train
-  $CLOVER export --checkpoint "$RUN/latest" --out "$OUT/head-$HEAD"
+  $CLOVER export --checkpoint "$RUN/latest" --out "$OUT/head-$HEAD" --overwrite
   $CLOVER eval --model $TEACHER --draft "$OUT/head-$HEAD" --prompts $WORK/mt_bench_questions.jsonl \
-    --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE "${LIMIT[@]}" --report "$OUT/$HEAD.json"
+    --per-category $PER_CATEGORY --max-new-tokens $EVAL_TOKENS --device $DEVICE "${LIMIT[@]}" --report "$OUT/$HEAD.json" --overwrite
 done
 
 step "report"
-$CLOVER report "$OUT/clover2.json" "$OUT/eagle1.json" "$OUT/medusa.json" --out "$OUT/report"
+$CLOVER report "$OUT/clover2.json" "$OUT/eagle1.json" "$OUT/medusa.json" --out "$OUT/report" --overwrite

@@ -13,6 +13,7 @@ use clover::model::head::DraftHead;
 use clover::training::checkpoint::read_checkpoint_head;
 use clover::training::config::{TrainConfig, TrainOptions};
 use clover::training::loss::{batch_loss, target_rows, DepthLoss, LossWeights};
+use clover::training::run_dir::Start;
 use clover::training::trainer::{train, Source};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -132,7 +133,7 @@ fn trained_draft_vocab_exports_eagle3_mapping_and_decodes_losslessly() {
         &teacher,
         Source::Online(samples.clone()),
         tiny_samples(4, 2),
-        false,
+        Start::Fresh,
         &TrainOptions::default(),
         None,
     )
@@ -151,6 +152,7 @@ fn trained_draft_vocab_exports_eagle3_mapping_and_decodes_losslessly() {
     clover::cli::export::run(&clover::cli::export::ExportArgs {
         checkpoint: ck,
         out: exported.clone(),
+        overwrite: false,
         with_frozen: false,
         model: None,
     })
@@ -226,7 +228,7 @@ fn draft_vocab_resume_and_config_are_checked() {
         &teacher,
         Source::Online(tiny_samples(16, 1)),
         vec![],
-        false,
+        Start::Fresh,
         &TrainOptions {
             halt_after_step: Some(1),
             ..Default::default()
@@ -234,7 +236,16 @@ fn draft_vocab_resume_and_config_are_checked() {
         None,
     )
     .unwrap();
-    let err = format!("{:#}", run(tiny_samples(16, 9), true).unwrap_err());
+    let err = format!("{:#}", run(tiny_samples(16, 9), Start::Resume).unwrap_err());
+    assert!(err.contains("training data changed"), "{err}");
+    // A checkpoint of an older clover records no data fingerprint: the vocabulary it stores is
+    // still compared with the one the new data gives.
+    let state = dir.join("checkpoints/step-00000001/state.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("data_fingerprint");
+    std::fs::write(&state, json.to_string()).unwrap();
+    let err = format!("{:#}", run(tiny_samples(16, 9), Start::Resume).unwrap_err());
     assert!(err.contains("draft vocabulary"), "{err}");
 
     let text =

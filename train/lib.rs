@@ -19,7 +19,8 @@
 //!
 //! Leaves every wing may use: [`checks`] (valid ranges of settings), [`progress`] (bars on a
 //! terminal, plain lines in a log), [`rng`] (seeded, exclusive draws from libtorch's generator),
-//! [`native`] (C++ shims into libtorch) and [`distributed`] (torchrun/Slurm launches and c10d
+//! [`native`] (C++ shims into libtorch), [`outputs`] (what a command may write over: never its
+//! inputs, never files it did not write) and [`distributed`] (torchrun/Slurm launches and c10d
 //! process groups for data-parallel runs).
 //!
 //! A training step: `data::shards` (samples) -> `training::targets` (cached states, offline) or
@@ -35,6 +36,7 @@ pub mod distributed;
 pub mod formats;
 pub mod model;
 pub mod native;
+pub mod outputs;
 pub mod progress;
 pub mod rng;
 pub mod training;

@@ -25,6 +25,9 @@ pub struct BenchArgs {
     /// Where to write the JSON report.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Prompt length for the prefill measurement.
     #[arg(long, value_parser = crate::checks::positive_i64, default_value_t = 512)]
     pub prefill_tokens: i64,
@@ -44,6 +47,15 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    let mut inputs = vec![];
+    inputs.extend(args.teacher.model.as_deref().map(|m| ("--model", m)));
+    inputs.extend(
+        args.conversations
+            .as_deref()
+            .map(|c| ("--conversations", c)),
+    );
+    crate::outputs::refuse_overlap(("--out", &args.out), &inputs)?;
+    crate::outputs::claim_file(&args.out, "--out", args.overwrite)?;
     let devices = match args.run_on.device {
         DeviceChoice::Auto if tch::Cuda::is_available() => vec![Device::Cpu, Device::Cuda(0)],
         DeviceChoice::Auto => vec![Device::Cpu],

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::data::jobfiles::publish_dir;
 use crate::formats::chat::TemplateName;
+use crate::outputs::{check_replaceable, claim_file, refuse_overlap, write_marker, OutputDir};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ImportChitchatArgs {
@@ -14,9 +16,14 @@ pub struct ImportChitchatArgs {
     /// ShareGPT JSON list to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run_import_chitchat(args: &ImportChitchatArgs) -> Result<()> {
+    refuse_overlap(("--out", &args.out), &[("--input", &args.input)])?;
+    claim_file(&args.out, "--out", args.overwrite)?;
     let count = crate::data::chitchat::import_chitchat(&args.input, &args.out)?;
     println!("wrote {count} conversations to {}", args.out.display());
     Ok(())
@@ -33,8 +40,13 @@ pub struct PrepareArgs {
     /// The chat template: auto (the model's own chat_template), vicuna, llama3 or chatml.
     #[arg(long, value_enum, default_value_t = TemplateName::Auto)]
     pub template: TemplateName,
+    /// Output directory (a previous `data prepare` output there is replaced only with
+    /// --overwrite, and a directory holding anything else never).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace a previous `data prepare` output at --out.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Conversations longer than this many tokens are truncated to it (as the reference does).
     #[arg(long, value_parser = crate::checks::sequence_length, default_value_t = 2048)]
     pub max_len: usize,
@@ -64,8 +76,37 @@ impl PrepareArgs {
     }
 }
 
+/// The command a prepared directory's marker names.
+const PREPARE_COMMAND: &str = "clover data prepare";
+
+/// Whether `name` is a file `data prepare` writes (its outputs from before markers existed).
+fn is_prepared_file(name: &str) -> bool {
+    name == "manifest.json"
+        || ((name.starts_with("train-") || name.starts_with("eval-")) && name.ends_with(".parquet"))
+}
+
+/// Prepares into a temporary directory renamed over --out when complete: a failed run leaves a
+/// previous output as it was, and no stale shard of it survives a replacement.
 pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
-    let summary = crate::data::prepare::prepare(&args.options())?;
+    refuse_overlap(
+        ("--out", &args.out),
+        &[("--input", &args.input), ("--model", &args.model)],
+    )?;
+    check_replaceable(
+        &args.out,
+        PREPARE_COMMAND,
+        args.overwrite,
+        &is_prepared_file,
+    )?;
+    let mut options = args.options();
+    let mut summary = None;
+    publish_dir(&args.out, |tmp| {
+        write_marker(tmp, PREPARE_COMMAND)?;
+        options.out = tmp.to_path_buf();
+        summary = Some(crate::data::prepare::prepare(&options)?);
+        Ok(())
+    })?;
+    let summary = summary.expect("prepare ran");
     println!("{summary}");
     println!("wrote {}", args.out.join("manifest.json").display());
     Ok(())
@@ -143,6 +184,15 @@ impl RegenerateArgs {
 }
 
 pub fn run_regenerate(args: &RegenerateArgs) -> Result<()> {
+    refuse_overlap(
+        ("--out", &args.out),
+        &[("--data", &args.data), ("--model", &args.model)],
+    )?;
+    OutputDir::claim(
+        &args.out,
+        "clover data regenerate",
+        &crate::data::regenerate::is_output_file,
+    )?;
     let mut options = args.options();
     options.shard = crate::distributed::shard_or_launch(&options.shard)?;
     crate::data::regenerate::run(&options)

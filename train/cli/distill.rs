@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::model::device::RunOn;
+use crate::outputs::{refuse_overlap, OutputDir};
 
 #[derive(clap::Args, Debug)]
 pub struct DistillArgs {
@@ -49,6 +50,15 @@ impl DistillArgs {
 }
 
 pub fn run(args: &DistillArgs) -> Result<()> {
+    refuse_overlap(
+        ("--out", &args.out),
+        &[("--data", &args.data), ("--model", &args.model)],
+    )?;
+    OutputDir::claim(
+        &args.out,
+        "clover distill",
+        &crate::training::targets::is_output_file,
+    )?;
     let mut options = args.options();
     // Under torchrun or srun each rank computes its part: RANK/WORLD_SIZE.
     options.shard = crate::distributed::shard_or_launch(&options.shard)?;

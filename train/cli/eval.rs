@@ -10,6 +10,7 @@ use crate::decode::calibrate::{CalibrateOptions, CalibrationText};
 use crate::decode::dynamic::DynamicTree;
 use crate::decode::tree_search::SearchLimits;
 use crate::formats::chat::TemplateName;
+use crate::outputs::{claim_file, refuse_overlap};
 
 /// How the tree is chosen and sized, shared by `eval` and `calibrate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -147,9 +148,12 @@ pub struct EvalArgs {
     /// small run still covers every category.
     #[arg(long, value_parser = crate::checks::positive)]
     pub per_category: Option<usize>,
-    /// Write the JSON report here.
+    /// Write the JSON report here (checked writable before the run).
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Replace an existing --report file.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Chat template: the model's own by default ("auto"), or vicuna / llama3 / chatml.
     #[arg(long, value_enum)]
     pub template: Option<TemplateName>,
@@ -216,6 +220,19 @@ impl EvalArgs {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
+    if let Some(report) = &args.report {
+        let t = &args.trees;
+        let mut inputs = vec![
+            ("--model", args.model.as_path()),
+            ("--draft", args.draft.as_path()),
+            ("--prompts", args.prompts.as_path()),
+        ];
+        inputs.extend(t.calib.as_deref().map(|p| ("--calib", p)));
+        inputs.extend(t.data.as_deref().map(|p| ("--data", p)));
+        inputs.extend(t.calib_prompts.as_deref().map(|p| ("--calib-prompts", p)));
+        refuse_overlap(("--report", report), &inputs)?;
+        claim_file(report, "--report", args.overwrite)?;
+    }
     crate::decode::eval::run(&args.options()?)
 }
 
@@ -261,12 +278,24 @@ pub struct CalibrateArgs {
     pub repeats: usize,
     #[command(flatten)]
     pub run_on: crate::model::device::RunOn,
-    /// Write the calibration (JSON) here.
+    /// Write the calibration (JSON) here (checked writable before the run).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an existing --out file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run_calibrate(args: &CalibrateArgs) -> Result<()> {
+    refuse_overlap(
+        ("--out", &args.out),
+        &[
+            ("--model", &args.model),
+            ("--draft", &args.draft),
+            ("--prompts", &args.prompts),
+        ],
+    )?;
+    claim_file(&args.out, "--out", args.overwrite)?;
     ensure!(
         !args.contexts.is_empty(),
         "--contexts names no context length"

@@ -6,8 +6,9 @@ use anyhow::{Context, Result};
 use tch::Kind;
 
 use crate::model::head_config::HeadKind;
+use crate::outputs::{check_replaceable, refuse_overlap};
 use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
-use crate::training::export::export_head;
+use crate::training::export::{export_head, is_export_file, EXPORT_COMMAND};
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
@@ -15,9 +16,13 @@ pub struct ExportArgs {
     /// for its newest checkpoint.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Output dir (created).
+    /// Output dir (created; a previous export there is replaced only with --overwrite, and a
+    /// directory holding anything else never).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace a previous export at --out.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Also write the frozen tensors of the head's full state dict: Clover-2's `lm_head.weight`
     /// and `clover_embed_tokens.weight` (optional: the reference's loader is strict=False and
     /// takes them from the base model; large, 2·V·H values), EAGLE-1's `embed_tokens.weight`
@@ -31,6 +36,7 @@ pub struct ExportArgs {
 
 pub fn run(args: &ExportArgs) -> Result<()> {
     let checkpoint = resolve_checkpoint(&args.checkpoint)?;
+    check_output(args, &checkpoint)?;
     let (cfg, tensors) = read_checkpoint_head(&checkpoint)?;
     let teacher_config = checkpoint.join(CK_TEACHER_CONFIG);
     let frozen = if args.with_frozen {
@@ -54,6 +60,16 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         checkpoint.display(),
         args.out.display()
     );
+    Ok(())
+}
+
+/// Before any work: --out is none of the inputs and holds none (so never the training run the
+/// checkpoint lives in), and holds nothing but a previous export, replaced only with --overwrite.
+fn check_output(args: &ExportArgs, checkpoint: &std::path::Path) -> Result<()> {
+    let mut inputs = vec![("--checkpoint", checkpoint)];
+    inputs.extend(args.model.as_deref().map(|m| ("--model", m)));
+    refuse_overlap(("--out", &args.out), &inputs)?;
+    check_replaceable(&args.out, EXPORT_COMMAND, args.overwrite, &is_export_file)?;
     Ok(())
 }
 

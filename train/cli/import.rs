@@ -8,12 +8,23 @@ use anyhow::Result;
 pub struct ImportGgufArgs {
     /// The GGUF file (llama-family architecture)
     pub gguf: PathBuf,
-    /// Output HF-style model directory (created; replaced only if it holds a previous import)
+    /// Output HF-style model directory (created; a previous import there is replaced only with
+    /// --overwrite, and a directory holding anything else never)
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace a previous import at --out.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn run(args: &ImportGgufArgs) -> Result<()> {
+    crate::outputs::refuse_overlap(("--out", &args.out), &[("GGUF", &args.gguf)])?;
+    crate::outputs::check_replaceable(
+        &args.out,
+        "clover import-gguf",
+        args.overwrite,
+        &crate::formats::import::is_import_file,
+    )?;
     let s = crate::formats::import::import_gguf(&args.gguf, &args.out)?;
     let types: Vec<String> = s
         .types_seen

@@ -32,6 +32,7 @@ pub fn publish_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    clean_dead_writers(&parent, &name, dir)?;
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
@@ -56,6 +57,46 @@ pub fn publish_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
         std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
+}
+
+/// What killed writers of `dir` left in `parent`: their temporary directories are removed, and a
+/// previous `dir` one had moved aside (`.old-NAME-PID`) is put back when `dir` is missing (it was
+/// killed between the two renames), else removed. Only dead writers' leftovers are touched.
+fn clean_dead_writers(parent: &Path, name: &str, dir: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(parent) {
+        Ok(entries) => entries,
+        Err(_) => return Ok(()),
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some((kind, pid)) = leftover_of(&file_name, name) else {
+            continue;
+        };
+        if crate::outputs::process_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        if kind == "old" && !dir.exists() {
+            std::fs::rename(&path, dir)
+                .with_context(|| format!("restoring {} from {}", dir.display(), path.display()))?;
+            eprintln!("restored {} left aside by a killed run", dir.display());
+        } else {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing {} of a killed run", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `.tmp-NAME-PID` or `.old-NAME-PID`: the kind and the writer's process id.
+fn leftover_of<'a>(file_name: &'a str, name: &str) -> Option<(&'a str, u32)> {
+    let rest = file_name.strip_prefix('.')?;
+    let (kind, rest) = rest.split_once('-')?;
+    if kind != "tmp" && kind != "old" {
+        return None;
+    }
+    let pid = rest.strip_prefix(name)?.strip_prefix('-')?;
+    Some((kind, pid.parse().ok()?))
 }
 
 /// An exclusive lock on one worker's share of a job's output directory (`<dir>/.lock-<worker>`,

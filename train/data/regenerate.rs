@@ -59,6 +59,14 @@ pub struct RegenerateOptions {
 pub const OUTPUT_FILE: &str = "conversations.jsonl";
 const MANIFEST: &str = "regenerate.json";
 
+/// Whether `name` is a file regenerate writes (recognises its outputs from before markers).
+pub fn is_output_file(name: &str) -> bool {
+    name == OUTPUT_FILE
+        || name == MANIFEST
+        || name.starts_with(".lock-")
+        || (name.starts_with("part-") && name.ends_with(".jsonl"))
+}
+
 /// Everything that decides the output; `max_batches` and the device only decide how far and
 /// where a run goes.
 fn inputs_of(args: &RegenerateOptions) -> serde_json::Value {

@@ -28,6 +28,11 @@ const OUTPUT_FILES: &[&str] = &[
     "generation_config.json",
 ];
 
+/// Whether `name` is a file an import writes.
+pub fn is_import_file(name: &str) -> bool {
+    OUTPUT_FILES.contains(&name)
+}
+
 #[derive(Debug, Clone)]
 pub struct ImportSummary {
     pub out_dir: PathBuf,

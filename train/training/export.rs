@@ -16,6 +16,19 @@ use crate::model::draft_vocab::{mapping_of_d2t, D2T};
 use crate::model::head::check_head_tensors;
 pub use crate::model::head_config::head_weights_file;
 use crate::model::head_config::{HeadConfig, HeadKind};
+use crate::outputs::write_marker;
+
+/// The command an export's marker names.
+pub const EXPORT_COMMAND: &str = "clover export";
+
+/// Whether `name` is a file an export writes (recognises exports made before markers existed).
+pub fn is_export_file(name: &str) -> bool {
+    name == "config.json"
+        || name == crate::training::report::PROVENANCE_FILE
+        || [HeadKind::Clover2, HeadKind::Eagle1, HeadKind::Medusa]
+            .iter()
+            .any(|&kind| name == head_weights_file(kind))
+}
 
 /// The frozen tensors a full state dict of `kind` holds, all copies of one teacher tensor: the
 /// lm_head for Clover-2 (`lm_head.weight`, `clover_embed_tokens.weight`), the teacher's
@@ -102,6 +115,7 @@ pub fn export_head(
     // All or nothing: the head is written into a temporary directory, read back as a head, and
     // only then renamed to `out`, so a full disk never leaves half an export.
     publish_dir(out, |dir| {
+        write_marker(dir, EXPORT_COMMAND)?;
         write_tensors(&dir.join(weights_file), &all)?;
         let cfg_path = dir.join("config.json");
         std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)

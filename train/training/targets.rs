@@ -31,6 +31,13 @@ use crate::progress::Progress;
 pub const SAMPLES_PER_SHARD: usize = 256;
 const MANIFEST: &str = "distill.json";
 
+/// Whether `name` is a file distill writes (recognises its outputs from before markers).
+pub fn is_output_file(name: &str) -> bool {
+    name == MANIFEST
+        || name.starts_with(".lock-")
+        || (name.starts_with("shard-") && name.ends_with(".safetensors"))
+}
+
 #[derive(Debug)]
 pub struct DistillOptions {
     /// Prepared data directory (output of `clover data prepare`).
@@ -310,6 +317,11 @@ impl DistillCache {
             dir: dir.to_path_buf(),
             manifest,
         })
+    }
+
+    /// The shard file that holds training sample `i`'s states (for messages).
+    pub fn shard_file_of(&self, i: usize) -> PathBuf {
+        shard_path(&self.dir, i / SAMPLES_PER_SHARD)
     }
 
     /// Refuses a cache made from another teacher or other prepared data than a training run
