@@ -19,6 +19,7 @@ use clover::model::head_config::HeadConfig;
 use clover::model::teacher::Teacher;
 use clover::training::checkpoint::read_checkpoint_head;
 use clover::training::config::TrainOptions;
+use clover::training::run_dir::Start;
 use clover::training::trainer::{train, Source};
 use tch::{Device, Kind, Tensor};
 
@@ -226,10 +227,10 @@ fn bf16_training_on_the_test_device_resumes_exactly() {
         )
         .unwrap()
     };
-    let full = run(&cfg_a, false, None);
+    let full = run(&cfg_a, Start::Fresh, None);
     let (cfg_b, _dir_b) = config("resume-b");
-    let first = run(&cfg_b, false, Some(3));
-    let rest = run(&cfg_b, true, None);
+    let first = run(&cfg_b, Start::Fresh, Some(3));
+    let rest = run(&cfg_b, Start::Resume, None);
     let layers = cfg_a.head.num_layers as usize;
     let rel = if device == Device::Cpu {
         1e-6 / 25.0

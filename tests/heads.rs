@@ -1,6 +1,7 @@
 //! The EAGLE-1 and Medusa-1 baselines (docs/heads.md) and Clover-2's ablation switches: forwards
 //! and losses against hand-computed cases, export round trips, EAGLE's tree attention against
 //! plain causal passes, and greedy speculative output equal to plain decoding for every kind.
+use clover::training::run_dir::Start;
 use std::collections::BTreeMap;
 
 use crate::common::{scratch_dir, tiny_teacher};
@@ -482,7 +483,7 @@ fn trainer_trains_and_resumes_eagle1_and_medusa_exactly() {
         };
         let full = run(
             &config(&format!("{}-a", kind.name())),
-            false,
+            Start::Fresh,
             &TrainOptions::default(),
         );
         assert_eq!(full.steps.len(), 6);
@@ -494,8 +495,8 @@ fn trainer_trains_and_resumes_eagle1_and_medusa_exactly() {
             halt_after_step: Some(3),
             ..Default::default()
         };
-        let first = run(&cfg_b, false, &halt);
-        let rest = run(&cfg_b, true, &TrainOptions::default());
+        let first = run(&cfg_b, Start::Fresh, &halt);
+        let rest = run(&cfg_b, Start::Resume, &TrainOptions::default());
         // Same ops, same seeded noise, restored state: bit-identical (1e-6 is below an f32 ulp of
         // these losses).
         for (a, b) in full.steps.iter().zip(first.steps.iter().chain(&rest.steps)) {

@@ -10,6 +10,7 @@
 //! arithmetic (f64 or f32), `acc` that of the accumulations inside the lm_head matmul and
 //! `logit` the rounding of its result (0 when the lm_head runs in f32 or f64, 2^-8 in bf16).
 
+use clover::training::run_dir::Start;
 use std::collections::BTreeMap;
 
 use crate::common::{max_abs, tiny_head, tiny_teacher, BF16_U, F32_U, F64_U};
@@ -488,7 +489,7 @@ fn training_with_loss_chunk_matches_unchunked() {
             &teacher,
             Source::Online(train_set.clone()),
             eval_set.clone(),
-            false,
+            Start::Fresh,
             &TrainOptions::default(),
             None,
         )

@@ -11,6 +11,7 @@ use clover::decode::tree::Tree;
 use clover::model::head::DraftHead;
 use clover::model::head_config::HeadConfig;
 use clover::model::teacher::Teacher;
+use clover::training::run_dir::Start;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -766,7 +767,7 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
         &teacher,
         clover::training::trainer::Source::Online(samples),
         vec![],
-        false,
+        Start::Fresh,
         &clover::training::config::TrainOptions::default(),
         None,
     )

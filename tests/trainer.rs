@@ -1,5 +1,6 @@
 //! The trainer: exact resume, NaN stop, export round trip, bucketing, schedule, AdamW, configs.
 
+use clover::training::run_dir::Start;
 use std::collections::BTreeMap;
 
 use crate::common::{
@@ -26,7 +27,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         &teacher,
         Source::Online(train_set.clone()),
         eval_set.clone(),
-        false,
+        Start::Fresh,
         &TrainOptions::default(),
         None,
     )
@@ -47,7 +48,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         &teacher,
         Source::Online(train_set.clone()),
         eval_set.clone(),
-        false,
+        Start::Fresh,
         &halt,
         None,
     )
@@ -58,7 +59,7 @@ fn resume_continues_exactly_like_an_uninterrupted_run() {
         &teacher,
         Source::Online(train_set),
         eval_set,
-        true,
+        Start::Resume,
         &TrainOptions::default(),
         None,
     )
@@ -118,7 +119,7 @@ fn nan_loss_stops_and_keeps_the_last_good_checkpoint() {
         &teacher,
         Source::Online(tiny_samples(8, 3)),
         vec![],
-        false,
+        Start::Fresh,
         &opts,
         None,
     )
@@ -150,7 +151,7 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
         &teacher,
         Source::Online(tiny_samples(6, 4)),
         vec![],
-        false,
+        Start::Fresh,
         &TrainOptions::default(),
         None,
     )
@@ -227,7 +228,7 @@ fn export_then_reload_gives_identical_logits_and_can_seed_training() {
         &teacher,
         Source::Online(tiny_samples(6, 4)),
         vec![],
-        false,
+        Start::Fresh,
         &TrainOptions::default(),
         None,
     )
@@ -359,7 +360,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
         &teacher,
         Source::Online(train_set),
         vec![],
-        false,
+        Start::Fresh,
         &TrainOptions::default(),
         None,
     )
@@ -378,6 +379,7 @@ fn offline_cache_training_matches_online_within_bf16_rounding() {
     clover::cli::train::run(&clover::cli::train::TrainArgs {
         config: root.join("offline.toml"),
         resume: false,
+        overwrite: false,
         profile: clover::training::config::Profile::Auto,
         overrides: vec![],
         dist_backend: clover::distributed::Backend::Auto,
@@ -426,7 +428,7 @@ fn conversation_batching_averages_micro_batch_gradients() {
                 &teacher,
                 Source::Online(set),
                 vec![],
-                false,
+                Start::Fresh,
                 &TrainOptions::default(),
                 None,
             )
@@ -485,7 +487,7 @@ fn conversation_batching_keys_are_checked() {
         &teacher,
         Source::Online(tiny_samples(4, 3)),
         vec![],
-        false,
+        Start::Fresh,
         &TrainOptions::default(),
         None,
     )

@@ -12,6 +12,7 @@ use crate::model::random::TeacherSource;
 use crate::model::teacher::Teacher;
 use crate::training::bench::BenchMode;
 use crate::training::config::{Profile, TrainConfig, TrainOptions, DEFAULT_LOSS_CHUNK};
+use crate::training::run_dir::Start;
 use crate::training::targets::DistillCache;
 use crate::training::trainer::{train, Source};
 
@@ -21,8 +22,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: PathBuf,
     /// Continue from the newest checkpoint in the config's out dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start over in an out dir that holds a previous run: its checkpoints, metrics and
+    /// TensorBoard logs are removed first (nothing else there is touched).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Which overrides apply: `cuda` applies the config's [cuda] table, `cpu` ignores it, `auto`
     /// applies it when the run lands on a CUDA device.
     #[arg(long, value_enum, default_value_t = Profile::Auto)]
@@ -35,6 +40,16 @@ pub struct TrainArgs {
     /// Gloo on the CPU by default.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub dist_backend: Backend,
+}
+
+impl TrainArgs {
+    fn start(&self) -> Start {
+        match (self.resume, self.overwrite) {
+            (true, _) => Start::Resume,
+            (_, true) => Start::Overwrite,
+            _ => Start::Fresh,
+        }
+    }
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
@@ -62,7 +77,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         &teacher,
         source,
         eval,
-        args.resume,
+        args.start(),
         &TrainOptions::default(),
         group.as_ref(),
     )?;

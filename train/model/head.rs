@@ -17,6 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::config::LlamaConfig;
 use crate::model::draft_vocab::{DraftVocab, D2T};
+use crate::model::finite::check_finite_tensors;
 use crate::model::head_config::{HeadConfig, HeadKind};
 use crate::model::layers::{linear, linear_cast, rms_norm, DecoderLayer, KvCache, Rope};
 use crate::model::teacher::Teacher;
@@ -112,6 +113,14 @@ impl DraftHead {
 
     /// Loads an exported head directory (model.safetensors + config.json, see `export`).
     pub fn load(dir: &Path, teacher: &Teacher) -> Result<Self> {
+        // A training checkpoint (its state.json) or run (its checkpoints/) is not a head yet.
+        ensure!(
+            !dir.join("state.json").exists() && !dir.join("checkpoints").is_dir(),
+            "{} is a training checkpoint or run, not an exported head: export it first with \
+             `clover export --checkpoint {} --out HEAD_DIR`",
+            dir.display(),
+            dir.display()
+        );
         let cfg = HeadConfig::from_export_json(&dir.join("config.json"))?;
         cfg.check_against(&teacher.config)?;
         let file = dir.join(crate::model::head_config::head_weights_file(
@@ -665,6 +674,7 @@ pub fn read_head_tensors(file: &Path, cfg: &HeadConfig) -> Result<BTreeMap<Strin
         .filter(|(n, _)| wanted.contains(n))
         .collect();
     check_head_tensors(cfg, &tensors, &file.display().to_string())?;
+    check_finite_tensors(&tensors).with_context(|| format!("{}", file.display()))?;
     Ok(tensors)
 }
 

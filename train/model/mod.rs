@@ -5,6 +5,7 @@ pub mod config;
 pub mod device;
 pub mod draft_vocab;
 pub mod eagle;
+pub mod finite;
 pub mod head;
 pub mod head_config;
 pub mod layers;

@@ -10,6 +10,7 @@ use tch::Tensor;
 
 use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
+use crate::model::finite::check_finite_tensors;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
@@ -29,6 +30,10 @@ pub(crate) struct CheckpointState {
     pub(crate) adam_step: i64,
     pub(crate) head: HeadConfig,
     pub(crate) config: TrainConfig,
+    /// What the training rows held (ids and loss masks), so a resume on changed data is refused;
+    /// absent in checkpoints of older versions.
+    #[serde(default)]
+    pub(crate) data_fingerprint: Option<String>,
 }
 
 pub(crate) fn checkpoints_dir(out: &Path) -> PathBuf {
@@ -66,7 +71,8 @@ pub const CK_STATE: &str = "state.json";
 pub const CK_TEACHER_CONFIG: &str = "teacher_config.json";
 
 /// Writes a checkpoint into a temp dir and renames it into place (readers never see half of one),
-/// then deletes all but the newest `keep` checkpoints.
+/// then deletes all but the newest `keep` checkpoints older than it. Weights that are not all
+/// finite are never saved: a checkpoint on disk is always a good one.
 pub(crate) fn save_checkpoint(
     out: &Path,
     head: &DraftHead,
@@ -75,12 +81,19 @@ pub(crate) fn save_checkpoint(
     teacher: &Teacher,
     keep: usize,
 ) -> Result<PathBuf> {
+    let saved = head.saved_tensors();
+    check_finite_tensors(&saved).with_context(|| {
+        format!(
+            "step {}: the head's weights are not finite; the checkpoint was not saved",
+            state.step
+        )
+    })?;
     let dir = checkpoints_dir(out);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let final_dir = dir.join(checkpoint_name(state.step));
     // All or nothing: a failed write (a full disk) leaves no partial checkpoint behind.
     publish_dir(&final_dir, |tmp| {
-        write_tensors(&tmp.join(CK_HEAD), &head.saved_tensors())?;
+        write_tensors(&tmp.join(CK_HEAD), &saved)?;
         opt.save(&tmp.join(CK_OPTIM))?;
         std::fs::write(tmp.join(CK_STATE), serde_json::to_string_pretty(state)?)
             .with_context(|| format!("writing {}", tmp.join(CK_STATE).display()))?;
@@ -89,8 +102,16 @@ pub(crate) fn save_checkpoint(
             .with_context(|| format!("copying {}", teacher_cfg.display()))?;
         Ok(())
     })?;
-    let all = list_checkpoints(out)?;
-    for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+    // Only checkpoints older than this one are pruned: never the one just written, never one
+    // a later step wrote.
+    let older: Vec<PathBuf> = list_checkpoints(out)?
+        .into_iter()
+        .filter(|p| p.file_name() < final_dir.file_name())
+        .collect();
+    for old in older
+        .iter()
+        .take((older.len() + 1).saturating_sub(keep.max(1)))
+    {
         std::fs::remove_dir_all(old)
             .with_context(|| format!("removing old checkpoint {}", old.display()))?;
     }

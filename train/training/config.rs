@@ -167,6 +167,17 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The paths a run reads, named by their keys: `out_dir` may be none of them.
+    pub fn inputs(&self) -> Vec<(&'static str, &std::path::Path)> {
+        let mut inputs = vec![
+            ("model_dir", self.model_dir.as_path()),
+            ("data_dir", self.data_dir.as_path()),
+        ];
+        inputs.extend(self.distill_cache.as_deref().map(|p| ("distill_cache", p)));
+        inputs.extend(self.init_from.as_deref().map(|p| ("init_from", p)));
+        inputs
+    }
+
     /// Parses TOML, applying the `[cuda]` table when `device` resolves to CUDA.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
         Self::from_toml_with_overrides(text, origin, Profile::Auto, &[])
@@ -219,6 +230,18 @@ impl TrainConfig {
         let mut p = Problems::default();
         let positive = |x: f64| x.is_finite() && x > 0.0;
         self.head.check(&mut p);
+        for (key, path) in [
+            ("model_dir", &self.model_dir),
+            ("data_dir", &self.data_dir),
+            ("out_dir", &self.out_dir),
+        ] {
+            // An empty path is the working directory: never what a user meant to write into.
+            p.require(
+                !path.to_string_lossy().trim().is_empty(),
+                key,
+                "is empty: name a directory",
+            );
+        }
         p.require(
             self.max_steps != Some(0),
             "max_steps",
@@ -299,10 +322,15 @@ impl TrainConfig {
             format!("{} is not a finite number > 0", self.clip_value),
         );
         if let Some(steps) = self.max_steps {
+            // A run that warms up for its whole length never reaches its lr (one step of
+            // warm-up in a one-step run trains at lr 0: a run that changes nothing).
             p.require(
-                self.warmup_steps <= steps,
+                self.warmup_steps == 0 || self.warmup_steps < steps,
                 "warmup_steps",
-                format!("{} is more than max_steps = {steps}", self.warmup_steps),
+                format!(
+                    "{} must be below max_steps = {steps} (or 0)",
+                    self.warmup_steps
+                ),
             );
         }
         if let Some(total) = self.schedule_steps {

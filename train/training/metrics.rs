@@ -34,14 +34,49 @@ pub struct EvalRecord {
     pub unigram_top1: f64,
 }
 
+/// Appends one record. JSON has no NaN or inf (serde writes them as `null`, which no reader of
+/// a float takes), so a record holding one is refused, naming its fields.
 pub(crate) fn append_jsonl<T: Serialize>(file: &Path, rec: &T) -> Result<()> {
+    let value = serde_json::to_value(rec)?;
+    let nulls = null_fields(&value, "");
+    anyhow::ensure!(
+        nulls.is_empty(),
+        "{}: refusing to log a non-finite value in {}",
+        file.display(),
+        nulls.join(", ")
+    );
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(file)
         .with_context(|| format!("opening {}", file.display()))?;
-    writeln!(f, "{}", serde_json::to_string(rec)?)
-        .with_context(|| format!("writing {}", file.display()))
+    writeln!(f, "{value}").with_context(|| format!("writing {}", file.display()))
+}
+
+/// The paths (`depth_loss[2]`) of the nulls in `value`: our records have no optional fields, so
+/// each is a float that was not finite.
+fn null_fields(value: &serde_json::Value, at: &str) -> Vec<String> {
+    use serde_json::Value;
+    match value {
+        Value::Null => vec![at.to_string()],
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, v)| null_fields(v, &format!("{at}[{i}]")))
+            .collect(),
+        Value::Object(fields) => fields
+            .iter()
+            .flat_map(|(k, v)| {
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                null_fields(v, &path)
+            })
+            .collect(),
+        _ => vec![],
+    }
 }
 
 /// Stops training on a NaN/inf loss, naming the step and depth and the checkpoint that is kept.

@@ -11,5 +11,6 @@ pub mod loss;
 pub mod metrics;
 pub mod optimizer;
 pub mod report;
+pub mod run_dir;
 pub mod targets;
 pub mod trainer;

@@ -37,6 +37,7 @@ use crate::training::metrics::{
     append_jsonl, check_finite, log_eval, log_step, EvalRecord, StepRecord,
 };
 use crate::training::optimizer::{clip_grads_by_value, grad_norm, lr_factor, zero_grads, AdamW};
+use crate::training::run_dir::{RunDir, Start};
 use crate::training::targets::DistillCache;
 
 #[derive(Debug, Default)]
@@ -171,13 +172,13 @@ pub fn train(
     teacher: &Teacher,
     source: Source,
     eval: Vec<Sample>,
-    resume: bool,
+    start: Start,
     opts: &TrainOptions,
     group: Option<&Group>,
 ) -> Result<TrainOutcome> {
     let eval = &eval[..eval.len().min(cfg.eval_samples)];
-    let mut run = Run::set_up(cfg, teacher, &source, group)?;
-    if resume {
+    let mut run = Run::set_up(cfg, teacher, &source, start, group)?;
+    if start == Start::Resume {
         run.resume()?;
     }
     if run.step == 0 {
@@ -203,16 +204,88 @@ pub fn train(
     Ok(run.outcome)
 }
 
-/// FNV-1a over the f32 bits of every parameter, in name order: equal weights, equal value.
-fn weights_fingerprint(params: &BTreeMap<String, Tensor>) -> Result<u64> {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in params.values() {
-        let values: Vec<f32> = Vec::try_from(p.to_kind(tch::Kind::Float).flatten(0, -1))?;
-        for byte in values.iter().flat_map(|v| v.to_bits().to_le_bytes()) {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+/// Trained (loss-mask 1) tokens of `samples` within `max_len`.
+fn trained_tokens(samples: &[Sample], max_len: usize) -> usize {
+    samples
+        .iter()
+        .map(|s| {
+            s.loss_mask
+                .iter()
+                .take(max_len)
+                .filter(|&&m| m != 0)
+                .count()
+        })
+        .sum()
+}
+
+/// FNV-1a over every training row's ids and loss mask, in order, as 16 hex digits.
+fn data_fingerprint(samples: &[Sample]) -> String {
+    let mut hash = Fnv::default();
+    for s in samples {
+        hash.write(&(s.input_ids.len() as u64).to_le_bytes());
+        for (&id, &m) in s.input_ids.iter().zip(&s.loss_mask) {
+            hash.write(&id.to_le_bytes());
+            hash.write(&[m as u8]);
         }
     }
-    Ok(hash)
+    format!("{:016x}", hash.0)
+}
+
+/// A batch's rows for a message: their sample ids and, offline, the cache shards they sit in.
+fn describe_rows(source: &Source, rows: &[usize]) -> String {
+    let ids: Vec<&str> = rows
+        .iter()
+        .take(8)
+        .map(|&i| source.samples()[i].id.as_str())
+        .collect();
+    let more = rows.len().saturating_sub(ids.len());
+    let mut text = format!(
+        "samples {}{}",
+        ids.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    );
+    if let Source::Offline(cache) = source {
+        let mut shards: Vec<String> = rows
+            .iter()
+            .map(|&i| cache.shard_file_of(i).display().to_string())
+            .collect();
+        shards.dedup();
+        text.push_str(&format!(" from {}", shards.join(", ")));
+    }
+    text
+}
+
+/// FNV-1a, 64 bits: cheap, stable across runs and machines.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// FNV-1a over the f32 bits of every parameter, in name order: equal weights, equal value.
+fn weights_fingerprint(params: &BTreeMap<String, Tensor>) -> Result<u64> {
+    let mut hash = Fnv::default();
+    for p in params.values() {
+        let values: Vec<f32> = Vec::try_from(p.to_kind(tch::Kind::Float).flatten(0, -1))?;
+        for v in values {
+            hash.write(&v.to_bits().to_le_bytes());
+        }
+    }
+    Ok(hash.0)
 }
 
 /// One training run's state: the head and optimizer, the data position, the logs.
@@ -234,6 +307,10 @@ struct Run<'a> {
     schedule_steps: u64,
     /// TensorBoard, on the rank that writes (the only one, or rank 0).
     tb: Option<SummaryWriter>,
+    /// The locked `out_dir`, on the rank that writes.
+    run_dir: Option<RunDir>,
+    /// What the training rows hold, so a resume on changed data is refused.
+    data_fingerprint: String,
     bar: Progress,
     outcome: TrainOutcome,
     group: Option<&'a Group>,
@@ -279,15 +356,28 @@ impl<'a> Run<'a> {
         cfg: &'a TrainConfig,
         teacher: &'a Teacher,
         source: &Source,
+        start: Start,
         group: Option<&'a Group>,
     ) -> Result<Self> {
-        std::fs::create_dir_all(&cfg.out_dir)
-            .with_context(|| format!("creating {}", cfg.out_dir.display()))?;
+        let writes = group.is_none_or(Group::is_first);
+        let run_dir = if writes {
+            Some(RunDir::open(&cfg.out_dir, start, &cfg.inputs())?)
+        } else {
+            None
+        };
         let n_train = source
             .samples()
             .len()
             .min(cfg.max_train_samples.unwrap_or(usize::MAX));
         ensure!(n_train > 0, "no training samples");
+        let trained = &source.samples()[..n_train];
+        ensure!(
+            trained_tokens(trained, cfg.max_len) > 0,
+            "{}: no training row has a trained token (every loss-mask value is 0 within max_len = \
+             {}): the run would change nothing",
+            cfg.data_dir.display(),
+            cfg.max_len
+        );
         if let Source::Offline(cache) = source {
             cache.check_against(&cfg.model_dir, &cfg.data_dir, teacher.config.hidden_size)?;
         }
@@ -315,8 +405,8 @@ impl<'a> Run<'a> {
         // With `epochs` the step count is known only now (with `max_steps`, `validate` checked
         // it at load): the warm-up must fit in it too.
         ensure!(
-            cfg.max_steps.is_some() || cfg.warmup_steps <= total_steps,
-            "warmup_steps = {} is more than the run's {total_steps} steps",
+            cfg.max_steps.is_some() || cfg.warmup_steps == 0 || cfg.warmup_steps < total_steps,
+            "warmup_steps = {} must be below the run's {total_steps} steps (or 0)",
             cfg.warmup_steps
         );
         let mut head = match &cfg.init_from {
@@ -343,7 +433,6 @@ impl<'a> Run<'a> {
         } else {
             Progress::hidden(&label)
         };
-        let writes = group.is_none_or(Group::is_first);
         Ok(Run {
             weights: LossWeights::reference(head.config()),
             cfg,
@@ -359,6 +448,8 @@ impl<'a> Run<'a> {
             total_steps,
             schedule_steps: cfg.schedule_steps.unwrap_or(total_steps),
             tb: writes.then(|| SummaryWriter::new(cfg.out_dir.join("tensorboard"))),
+            run_dir,
+            data_fingerprint: data_fingerprint(trained),
             bar,
             outcome: TrainOutcome::default(),
             group,
@@ -389,6 +480,7 @@ impl<'a> Run<'a> {
                 changes.join("\n  ")
             );
         }
+        self.check_same_data(&last, state.data_fingerprint.as_deref())?;
         let tensors = read_head_tensors(&last.join(CK_HEAD), &state.head)?;
         self.head.load_tensors(&tensors)?;
         self.opt.load(&last.join(CK_OPTIM), state.adam_step)?;
@@ -397,7 +489,31 @@ impl<'a> Run<'a> {
         self.batches = self.steps_of_epoch(self.epoch);
         self.bar.resume_from(self.step);
         self.outcome.last_checkpoint = Some(last.clone());
+        if let Some(run_dir) = &self.run_dir {
+            run_dir.rewind_logs_to(self.step)?;
+        }
         eprintln!("resuming from {} (step {})", last.display(), self.step);
+        Ok(())
+    }
+
+    /// A checkpoint continues only on the rows it was trained on.
+    fn check_same_data(&self, checkpoint: &std::path::Path, saved: Option<&str>) -> Result<()> {
+        match saved {
+            Some(saved) => ensure!(
+                saved == self.data_fingerprint,
+                "{}: the training data changed since this checkpoint (data fingerprint {saved}, \
+                 now {} for {}): resume on the data it was trained on, or start over with \
+                 --overwrite or another out_dir",
+                checkpoint.display(),
+                self.data_fingerprint,
+                self.cfg.data_dir.display()
+            ),
+            None => eprintln!(
+                "warning: {} records no data fingerprint (written by an older clover): cannot \
+                 check that the training data is unchanged",
+                checkpoint.display()
+            ),
+        }
         Ok(())
     }
 
@@ -473,6 +589,9 @@ impl<'a> Run<'a> {
         let sums = figures.sums()?;
         let lr = self.cfg.lr * lr_factor(self.step, self.cfg.warmup_steps, self.schedule_steps);
         let gnorm = grad_norm(&self.params);
+        if !gnorm.is_finite() {
+            bail!(self.non_finite_gradient(step, gnorm, &sums, source, &micro_batches));
+        }
         clip_grads_by_value(&self.params, self.cfg.clip_value);
         self.opt.update(&self.params, lr);
         self.step = step;
@@ -488,6 +607,40 @@ impl<'a> Run<'a> {
         self.bar.set_position(step);
         self.outcome.steps.push(rec);
         Ok(())
+    }
+
+    /// The stop message of a step whose gradient is not finite: nothing was applied, and the
+    /// message names the step, each depth's loss, the parameters hit and the batch's rows.
+    fn non_finite_gradient(
+        &self,
+        step: u64,
+        gnorm: f64,
+        sums: &StepSums,
+        source: &Source,
+        micro_batches: &Step,
+    ) -> String {
+        let hit: Vec<&str> = self
+            .params
+            .iter()
+            .filter(|(_, p)| {
+                let g = p.grad();
+                g.defined() && !bool::try_from(g.isfinite().all()).unwrap_or(false)
+            })
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let rows: Vec<usize> = micro_batches.iter().flatten().copied().collect();
+        format!(
+            "non-finite gradient at step {step} (norm {gnorm}; depth losses {:?}) in {}; the \
+             update was not applied and training stopped; batch rows: {}; last good checkpoint: \
+             {}",
+            sums.loss,
+            hit.join(", "),
+            describe_rows(source, &rows),
+            self.outcome
+                .last_checkpoint
+                .as_ref()
+                .map_or("none yet".into(), |p| p.display().to_string())
+        )
     }
 
     /// Sums the gradients over the ranks (in buckets). A rank without rows this step has none
@@ -596,6 +749,7 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         let state = CheckpointState {
+            data_fingerprint: Some(self.data_fingerprint.clone()),
             step: self.step,
             epoch: self.epoch,
             batch_in_epoch: self.batch_in_epoch,
@@ -604,14 +758,21 @@ impl<'a> Run<'a> {
             head: self.head.config().clone(),
             config: self.cfg.clone(),
         };
-        self.outcome.last_checkpoint = Some(save_checkpoint(
+        let saved = save_checkpoint(
             &self.cfg.out_dir,
             &self.head,
             &self.opt,
             &state,
             self.teacher,
             self.cfg.keep_last,
-        )?);
+        );
+        let last_good = self.outcome.last_checkpoint.as_ref();
+        self.outcome.last_checkpoint = Some(saved.with_context(|| {
+            format!(
+                "training stopped; last good checkpoint: {}",
+                last_good.map_or("none yet".into(), |p| p.display().to_string())
+            )
+        })?);
         Ok(())
     }
 }
