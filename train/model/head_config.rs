@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checks::Problems;
 use crate::model::config::LlamaConfig;
+use crate::model::decoder_shape::DecoderShape;
 
 /// The RoPE base of the reference draft: `LlamaAttention._init_rope` is called without
 /// `rope_theta`, so the draft always uses 10000 even for LLaMA3 (θ=500000). G2.
@@ -348,22 +349,7 @@ impl HeadConfig {
                 "draft head {name} = {head} but the teacher has {teacher}"
             );
         }
-        ensure!(
-            self.options.num_depths >= 1,
-            "num_depths must be >= 1, got {}",
-            self.options.num_depths
-        );
-        ensure!(
-            self.options.num_layers >= 1,
-            "num_layers must be >= 1, got {}",
-            self.options.num_layers
-        );
-        ensure!(
-            self.hidden_size % self.num_attention_heads == 0,
-            "hidden_size {} is not a multiple of num_attention_heads {}",
-            self.hidden_size,
-            self.num_attention_heads
-        );
+        self.validate("draft head")?;
         ensure!(
             (0..cfg.num_hidden_layers).contains(&self.options.init_from_layer),
             "init_from_layer {} is outside the teacher's {} layers",
@@ -489,7 +475,7 @@ impl HeadConfig {
                 path.display()
             )
         })?;
-        Ok(HeadConfig {
+        let cfg = HeadConfig {
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_attention_heads: c.num_attention_heads,
@@ -511,6 +497,31 @@ impl HeadConfig {
                 init_from_layer: c.clover_rs.init_from_layer,
                 ..HeadOptions::default()
             },
-        })
+        };
+        cfg.validate(&path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// The decoder-layer shape, checked the same way as the teacher's.
+    pub fn shape(&self) -> DecoderShape {
+        DecoderShape {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
+        }
+    }
+
+    /// Refuses, all at once, out-of-range values: the shape by the teacher config's checks, the
+    /// options by the training config's (`HeadOptions::check`), so an exported head is held to
+    /// what training would have accepted.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let mut p = Problems::default();
+        self.shape().check(&mut p);
+        self.options.check(&mut p);
+        p.into_result(origin)
     }
 }
