@@ -6,7 +6,7 @@ use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 
 use crate::checks::Problems;
-use crate::model::decoder_shape::DecoderShape;
+use crate::model::head_config::HeadConfig;
 
 /// llama3-style frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -131,25 +131,13 @@ impl LlamaConfig {
         Ok(config)
     }
 
-    /// The decoder-layer shape, checked the same way for a teacher and a draft head.
-    pub fn shape(&self) -> DecoderShape {
-        DecoderShape {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_attention_heads: self.num_attention_heads,
-            num_key_value_heads: self.num_key_value_heads,
-            head_dim: self.head_dim,
-            vocab_size: self.vocab_size,
-            rms_norm_eps: self.rms_norm_eps,
-        }
-    }
-
     /// Refuses, all at once, values no model can have, before any weight is read: libtorch
     /// would panic on some (a negative epsilon) and silently compute garbage with others (a
     /// RoPE base <= 0 gives NaN angles).
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
-        self.shape().check(&mut p);
+        // The shape rule lives with the head, which copies these fields from its teacher.
+        HeadConfig::from_teacher(self).check_shape(&mut p);
         p.require(
             self.num_hidden_layers >= 1,
             "num_hidden_layers",

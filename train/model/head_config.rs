@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::checks::Problems;
 use crate::model::config::LlamaConfig;
-use crate::model::decoder_shape::DecoderShape;
 
 /// The RoPE base of the reference draft: `LlamaAttention._init_rope` is called without
 /// `rope_theta`, so the draft always uses 10000 even for LLaMA3 (θ=500000). G2.
@@ -502,25 +501,65 @@ impl HeadConfig {
         Ok(cfg)
     }
 
-    /// The decoder-layer shape, checked the same way as the teacher's.
-    pub fn shape(&self) -> DecoderShape {
-        DecoderShape {
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_attention_heads: self.num_attention_heads,
-            num_key_value_heads: self.num_key_value_heads,
-            head_dim: self.head_dim,
-            vocab_size: self.vocab_size,
-            rms_norm_eps: self.rms_norm_eps,
+    /// Records every shape value no weights can have: an empty dimension, heads that do not
+    /// divide the hidden size or each other, an odd head dimension (RoPE rotates its two
+    /// halves), an RMSNorm epsilon that is not a positive number (the norm would divide by zero
+    /// or take the root of a negative number). These are the fields a head copies from its
+    /// teacher, and a teacher's config.json is checked through that copy
+    /// (`LlamaConfig::validate`): one rule for both.
+    pub fn check_shape(&self, p: &mut Problems) {
+        for (name, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("vocab_size", self.vocab_size),
+        ] {
+            p.require(value >= 1, name, format!("{value} < 1"));
         }
+        p.require(
+            self.head_dim >= 2 && self.head_dim % 2 == 0,
+            "head_dim",
+            format!(
+                "{} is not an even number >= 2 (RoPE rotates two halves)",
+                self.head_dim
+            ),
+        );
+        for (name, whole, part_name, part) in [
+            (
+                "hidden_size",
+                self.hidden_size,
+                "num_attention_heads",
+                self.num_attention_heads,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                "num_key_value_heads",
+                self.num_key_value_heads,
+            ),
+        ] {
+            if part >= 1 {
+                p.require(
+                    whole % part == 0,
+                    name,
+                    format!("{whole} is not divisible by {part_name} {part}"),
+                );
+            }
+        }
+        p.require(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0,
+            "rms_norm_eps",
+            format!("{} is not a finite number > 0", self.rms_norm_eps),
+        );
     }
 
-    /// Refuses, all at once, out-of-range values: the shape by the teacher config's checks, the
-    /// options by the training config's (`HeadOptions::check`), so an exported head is held to
-    /// what training would have accepted.
+    /// Refuses, all at once, out-of-range values: the shape by the rule a teacher's config.json
+    /// is held to (`check_shape`), the options by the training config's (`HeadOptions::check`),
+    /// so an exported head is held to what training would have accepted.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
-        self.shape().check(&mut p);
+        self.check_shape(&mut p);
         self.options.check(&mut p);
         p.into_result(origin)
     }

@@ -2,7 +2,6 @@
 //! EAGLE-1 and Medusa-1 baselines on the same `DraftHead`), device policy.
 
 pub mod config;
-pub mod decoder_shape;
 pub mod device;
 pub mod draft_vocab;
 pub mod eagle;
