@@ -179,12 +179,21 @@ pub fn f32_paths_bound(widths: &[i64], scale: f64) -> f64 {
     2.0 * F32_U * widths.iter().sum::<i64>() as f64 * scale
 }
 
-/// Runs the real `clover` binary (progress lines every 0.05 s, so they show in a short run);
-/// returns its exit code and stdout + stderr together.
+/// Runs the real `clover` binary (progress lines every 0.1 s, the shortest interval, so they
+/// show in a short run); returns its exit code and stdout + stderr together.
 pub fn run_clover<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String) {
+    run_clover_env(args, &[("CLOVER_PROGRESS_SECS", "0.1")])
+}
+
+/// As `run_clover`, with the environment variables `env` set (and no progress interval unless
+/// `env` names one).
+pub fn run_clover_env<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(&str, &str)],
+) -> (i32, String) {
     let out = std::process::Command::new(clover_bin())
         .args(args)
-        .env("CLOVER_PROGRESS_SECS", "0.05")
+        .envs(env.iter().copied())
         .output()
         .expect("running the clover binary");
     let text = format!(
@@ -193,6 +202,55 @@ pub fn run_clover<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// A port that was free a moment ago (the OS picks it; c10d's TCPStore binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Six 8-token samples over the tiny fixtures' vocabulary (ids 3..93) as prepared data in `dir`:
+/// all six in the train split, the first two also in the eval split.
+pub fn write_tiny_prepared(dir: &Path) {
+    use clover::data::shards::{write_samples, Sample, Split};
+    let samples: Vec<Sample> = (0..6)
+        .map(|i| Sample {
+            id: format!("s{i}"),
+            input_ids: (0..8).map(|t| ((i * 13 + t * 7) % 90 + 3) as i64).collect(),
+            loss_mask: vec![1; 8],
+        })
+        .collect();
+    write_samples(dir, Split::Train, &samples).unwrap();
+    write_samples(dir, Split::Eval, &samples[..2]).unwrap();
+}
+
+/// Writes a one-step CPU training config at `path` for `model` on the prepared `data`, offline
+/// from `cache` when given, writing into `out`.
+pub fn write_tiny_train_toml(
+    path: &Path,
+    model: &Path,
+    data: &Path,
+    cache: Option<&Path>,
+    out: &Path,
+) {
+    let cache = cache.map_or(String::new(), |c| {
+        format!("distill_cache = \"{}\"\n", c.display())
+    });
+    std::fs::write(
+        path,
+        format!(
+            "model_dir = \"{}\"\ndata_dir = \"{}\"\n{cache}out_dir = \"{}\"\n\
+             device = \"cpu\"\nnum_depths = 2\nmax_steps = 1\nbatch_tokens = 64\nprogress = false\n",
+            model.display(),
+            data.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
 }
 
 /// Token samples of 6-17 tokens over the tiny fixture's vocabulary, loss mask from token 3 on.

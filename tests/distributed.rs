@@ -5,20 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{clover_bin, max_abs_diff, repo_root, scratch_dir, tiny_samples};
+use crate::common::{clover_bin, free_port, max_abs_diff, repo_root, scratch_dir, tiny_samples};
 use clover::data::shards::{write_samples, Split};
 use clover::native::{GroupSpec, ProcessGroup};
 use clover::training::checkpoint::{list_checkpoints, read_checkpoint_head};
 use tch::{Kind, Tensor};
-
-/// A port that was free a moment ago (the OS picks it; c10d's TCPStore binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spec(port: u16, rank: usize, world: usize, backend: &str) -> GroupSpec<'_> {
     GroupSpec {

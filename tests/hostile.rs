@@ -2,7 +2,9 @@
 //! meant must end in a clear error (non-zero exit, the option named, no panic), and config files
 //! and job directories with the wrong contents must be refused before any work.
 
-use crate::common::{fixture, run_clover as clover, scratch_dir};
+use crate::common::{
+    fixture, run_clover as clover, scratch_dir, write_tiny_prepared, write_tiny_train_toml,
+};
 use clover::data::jobfiles::{publish_dir, DirLock};
 use clover::training::config::TrainConfig;
 use std::path::Path;
@@ -334,19 +336,6 @@ fn distill_refuses_an_output_another_run_holds() {
     assert!(text.contains("another clover process"), "{text}");
 }
 
-fn write_tiny_prepared(dir: &Path) {
-    use clover::data::shards::{write_samples, Sample, Split};
-    let samples: Vec<Sample> = (0..6)
-        .map(|i| Sample {
-            id: format!("s{i}"),
-            input_ids: (0..8).map(|t| ((i * 13 + t * 7) % 90 + 3) as i64).collect(),
-            loss_mask: vec![1; 8],
-        })
-        .collect();
-    write_samples(dir, Split::Train, &samples).unwrap();
-    write_samples(dir, Split::Eval, &samples[..2]).unwrap();
-}
-
 /// A prompt longer than the context minus the new tokens is refused at once, before any prefill
 /// (SmolLM2's context is 8,192 positions; 10,000 words are well past it).
 #[test]
@@ -414,18 +403,7 @@ fn a_cache_from_another_teacher_or_hidden_size_is_refused_before_training() {
     assert_eq!(code, 0, "{text}");
     let config = |model: &Path, name: &str| {
         let path = root.join(name);
-        std::fs::write(
-            &path,
-            format!(
-                "model_dir = \"{}\"\ndata_dir = \"{}\"\ndistill_cache = \"{}\"\nout_dir = \"{}\"\n\
-                 device = \"cpu\"\nnum_depths = 2\nmax_steps = 1\nbatch_tokens = 64\nprogress = false\n",
-                model.display(),
-                data.display(),
-                cache.display(),
-                root.join("out").display()
-            ),
-        )
-        .unwrap();
+        write_tiny_train_toml(&path, model, &data, Some(&cache), &root.join("out"));
         path
     };
     let other = config(&fixture("tiny-llama-untied"), "other.toml");

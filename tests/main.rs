@@ -13,6 +13,7 @@ mod gguf;
 mod head;
 mod heads;
 mod hostile;
+mod hostile_files;
 mod hostile_outputs;
 mod loss;
 mod native;

@@ -67,6 +67,38 @@ fn parse_f64(text: &str) -> Result<f64, String> {
         .map_err(|_| format!("{text:?} is not a number"))
 }
 
+/// A duration in seconds from an environment variable `var` holding `text`, within `range`
+/// (a finite number: `Duration` cannot hold what is past it, and values far outside any sensible
+/// range are typos). The error names the variable, its value and the range.
+pub fn seconds_in(
+    var: &str,
+    text: &str,
+    range: std::ops::RangeInclusive<f64>,
+) -> Result<std::time::Duration, String> {
+    let (min, max) = (*range.start(), *range.end());
+    match text.trim().parse::<f64>() {
+        Ok(secs) if range.contains(&secs) => Ok(std::time::Duration::from_secs_f64(secs)),
+        _ => Err(format!(
+            "{var} = {text:?} is not a number of seconds in {min} ..= {max}"
+        )),
+    }
+}
+
+/// The first few of `names`, then how many more: an error stays readable for thousands.
+pub fn first_few(names: &[&str]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    text
+}
+
 /// Collects every out-of-range field of one config, so a user fixes them all in one go.
 #[derive(Default)]
 pub struct Problems(Vec<String>);
@@ -113,6 +145,13 @@ mod tests {
             assert!(count(bad).is_err(), "count {bad:?}");
         }
         assert!(sequence_length("1").is_err());
+        for bad in ["NaN", "inf", "1e20", "1e-6", "0", "-1", "", "x", "1e300"] {
+            assert!(seconds_in("V", bad, 0.1..=60.0).is_err(), "seconds {bad:?}");
+        }
+        assert_eq!(
+            seconds_in("V", " 2.5 ", 0.1..=60.0),
+            Ok(std::time::Duration::from_millis(2500))
+        );
         assert_eq!(sequence_length("2"), Ok(2));
     }
 }

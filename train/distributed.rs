@@ -240,20 +240,16 @@ pub fn parse_shard(spec: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// The collectives' timeout: CLOVER_DIST_TIMEOUT seconds, or `DEFAULT_TIMEOUT`.
+/// The range CLOVER_DIST_TIMEOUT may set: at least a second (a collective of a real model takes
+/// that long), at most a week (beyond it a dead rank would hold the others forever).
+pub const TIMEOUT_RANGE_SECS: std::ops::RangeInclusive<f64> = 1.0..=7.0 * 86400.0;
+
+/// The collectives' timeout: CLOVER_DIST_TIMEOUT seconds (within `TIMEOUT_RANGE_SECS`), or
+/// `DEFAULT_TIMEOUT`.
 pub fn timeout_from_env() -> Result<Duration> {
     match std::env::var("CLOVER_DIST_TIMEOUT") {
-        Ok(s) => {
-            let secs: f64 = s
-                .trim()
-                .parse()
-                .ok()
-                .filter(|v: &f64| v.is_finite() && *v > 0.0)
-                .with_context(|| {
-                    format!("CLOVER_DIST_TIMEOUT = {s:?} is not a positive number of seconds")
-                })?;
-            Ok(Duration::from_secs_f64(secs))
-        }
+        Ok(s) => crate::checks::seconds_in("CLOVER_DIST_TIMEOUT", &s, TIMEOUT_RANGE_SECS)
+            .map_err(anyhow::Error::msg),
         Err(_) => Ok(DEFAULT_TIMEOUT),
     }
 }

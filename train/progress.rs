@@ -7,7 +7,8 @@
 //! [train] 120/400 (30.0%) 0.52/s elapsed 3m50s eta 8m58s | loss 27.9612 | 301 tok/s
 //! ```
 //!
-//! The interval is 30 s, or `CLOVER_PROGRESS_SECS` when set.
+//! The interval is 30 s, or `CLOVER_PROGRESS_SECS` when set (0.1 s to a day; a value outside is
+//! reported once and the default kept).
 
 use std::io::IsTerminal;
 use std::sync::{Arc, Condvar, Mutex};
@@ -188,13 +189,26 @@ impl Drop for Progress {
     }
 }
 
+/// The range CLOVER_PROGRESS_SECS may set: at most ten lines a second (faster floods a log with
+/// nothing new), at least one a day.
+pub const INTERVAL_RANGE_SECS: std::ops::RangeInclusive<f64> = 0.1..=86400.0;
+
 fn interval() -> Duration {
-    let secs = std::env::var("CLOVER_PROGRESS_SECS")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .unwrap_or(DEFAULT_INTERVAL_SECS);
-    Duration::from_secs_f64(secs)
+    let default = Duration::from_secs_f64(DEFAULT_INTERVAL_SECS);
+    let Ok(text) = std::env::var("CLOVER_PROGRESS_SECS") else {
+        return default;
+    };
+    crate::checks::seconds_in("CLOVER_PROGRESS_SECS", &text, INTERVAL_RANGE_SECS).unwrap_or_else(
+        |problem| {
+            // Progress is only a display: a bad value must not stop a job, but must not pass
+            // silently either. Said once, not once per progress display.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!("warning: {problem}; printing progress every {DEFAULT_INTERVAL_SECS} s")
+            });
+            default
+        },
+    )
 }
 
 /// The ticker: one plain line per interval until the job finishes.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use arrow::array::{
-    ArrayRef, AsArray, Int32Builder, ListBuilder, RecordBatch, StringBuilder, UInt8Builder,
+    Array, ArrayRef, AsArray, Int32Builder, ListArray, ListBuilder, RecordBatch, StringBuilder,
+    UInt8Builder,
 };
 use arrow::datatypes::{Int32Type, UInt8Type};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -122,6 +123,8 @@ pub fn read_split(dir: &Path, split: Split) -> Result<Vec<Sample>> {
 
 fn read_shard(path: &Path, samples: &mut Vec<Sample>) -> Result<()> {
     let file = std::fs::File::open(path)?;
+    // Rows are numbered from the file's start, over all its record batches.
+    let mut first_row = 0;
     for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
         let batch = batch?;
         let column = |name: &str| {
@@ -139,29 +142,50 @@ fn read_shard(path: &Path, samples: &mut Vec<Sample>) -> Result<()> {
             .as_list_opt::<i32>()
             .ok_or_else(|| anyhow!("loss_mask is not a list"))?;
         for row in 0..batch.num_rows() {
-            let tokens = input_ids.value(row);
+            let at = first_row + row;
+            let id = match ids.is_null(row) {
+                true => bail!("row {at}: column id is null"),
+                false => ids.value(row),
+            };
+            let tokens = list_without_nulls(input_ids, row, "input_ids")
+                .with_context(|| format!("row {at} (sample {id:?})"))?;
             let tokens = tokens
                 .as_primitive_opt::<Int32Type>()
                 .ok_or_else(|| anyhow!("input_ids items are not int32"))?;
-            let mask = loss_mask.value(row);
+            let mask = list_without_nulls(loss_mask, row, "loss_mask")
+                .with_context(|| format!("row {at} (sample {id:?})"))?;
             let mask = mask
                 .as_primitive_opt::<UInt8Type>()
                 .ok_or_else(|| anyhow!("loss_mask items are not uint8"))?;
             if tokens.len() != mask.len() {
                 bail!(
-                    "row {row}: {} tokens but {} mask values",
+                    "row {at} (sample {id:?}): {} tokens but {} mask values",
                     tokens.len(),
                     mask.len()
                 );
             }
             samples.push(Sample {
-                id: ids.value(row).to_string(),
+                id: id.to_string(),
                 input_ids: tokens.values().iter().map(|&t| i64::from(t)).collect(),
                 loss_mask: mask.values().to_vec(),
             });
         }
+        first_row += batch.num_rows();
     }
     Ok(())
+}
+
+/// Row `row` of a list column, refused when the list or any item in it is null: arrow keeps a
+/// value under every null slot, which would otherwise be read as real data.
+fn list_without_nulls(column: &ListArray, row: usize, name: &str) -> Result<ArrayRef> {
+    if column.is_null(row) {
+        bail!("column {name} is null");
+    }
+    let items = column.value(row);
+    if let Some(at) = (0..items.len()).find(|&i| items.is_null(i)) {
+        bail!("column {name} holds a null at position {at}");
+    }
+    Ok(items)
 }
 
 // ----------------------------------------------------------------------------------------------

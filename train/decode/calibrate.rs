@@ -17,10 +17,11 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use crate::checks::Problems;
 use crate::decode::speculative::{Drafter, HeadDrafter};
 use crate::decode::tree_search::{Costs, Curve};
 use crate::model::head::DraftHead;
@@ -105,21 +106,35 @@ impl Calibration {
                 path.display()
             )
         })?;
-        ensure!(
-            !calib.acceptance.is_empty() && calib.acceptance.iter().all(|r| !r.is_empty()),
-            "calibration {}: empty acceptance table",
-            path.display()
+        calib.validate(&format!("calibration {}", path.display()))?;
+        Ok(calib)
+    }
+
+    /// Refuses, all at once, tables and costs no measurement gives: an empty acceptance table
+    /// or cost curve (the search would read past its end), probabilities outside [0, 1], costs
+    /// that are not positive times (the search would predict infinite speed).
+    fn validate(&self, origin: &str) -> Result<()> {
+        let mut p = Problems::default();
+        p.require(
+            !self.acceptance.is_empty() && self.acceptance.iter().all(|r| !r.is_empty()),
+            "acceptance",
+            "empty table: every depth needs at least one rank",
         );
-        ensure!(
-            calib
-                .acceptance
+        p.require(
+            self.acceptance
                 .iter()
                 .flatten()
                 .all(|a| (0.0..=1.0).contains(a)),
-            "calibration {}: acceptance probabilities must lie in [0, 1]",
-            path.display()
+            "acceptance",
+            "probabilities must lie in [0, 1]",
         );
-        Ok(calib)
+        self.costs.check_measured(&mut p);
+        for (i, curve) in self.verify_by_context.iter().enumerate() {
+            curve
+                .ms
+                .check(&format!("verify_by_context[{i}].ms"), &mut p);
+        }
+        p.into_result(origin)
     }
 
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
@@ -177,6 +192,11 @@ pub fn calibrate(
     opts: &CalibrateOptions,
 ) -> Result<Calibration> {
     ensure!(!texts.is_empty(), "no calibration texts");
+    for (i, text) in texts.iter().enumerate() {
+        teacher
+            .check_token_ids(&text.input_ids)
+            .with_context(|| format!("calibration text {i}"))?;
+    }
     ensure!(
         opts.top_k >= 1 && opts.max_depth >= 1,
         "top-k and depth must be at least 1"

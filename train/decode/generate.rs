@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::decode::sampling::{check_context, pick_next, Answer, Timed};
@@ -23,6 +23,7 @@ pub struct GenerationConfig {
 /// Answer one prompt, timing prefill and decode separately.
 pub fn generate(teacher: &Teacher, prompt: &[i64], cfg: &GenerationConfig) -> Result<Timed> {
     ensure!(!prompt.is_empty(), "cannot generate from an empty prompt");
+    teacher.check_token_ids(prompt).context("the prompt")?;
     check_context(
         prompt.len(),
         cfg.max_new_tokens,
@@ -80,7 +81,10 @@ pub fn generate_batch(
         prompts.iter().all(|p| !p.is_empty()),
         "cannot generate from an empty prompt"
     );
-    for p in prompts {
+    for (i, p) in prompts.iter().enumerate() {
+        teacher
+            .check_token_ids(p)
+            .with_context(|| format!("prompt {i}"))?;
         check_context(
             p.len(),
             cfg.max_new_tokens,

@@ -412,6 +412,7 @@ pub fn generate_with_mode(
         "cannot generate from an empty prompt"
     );
     ensure!(max_new > 0, "max_new must be at least 1");
+    teacher.check_token_ids(prompt_ids).context("the prompt")?;
     check_context(prompt_ids.len(), max_new, cap)?;
     ensure!(
         prompt_ids.len() as i64 + depth < cap,

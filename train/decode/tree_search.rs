@@ -18,8 +18,10 @@
 //! n-node tree whenever the table falls with rank, so the search is exact there; the depth
 //! bounds cover the trade-off between one more draft step and wider, shallower trees.
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
+
+use crate::checks::Problems;
 
 /// A measured curve: (x, milliseconds) points with increasing x, read by linear interpolation
 /// and extrapolated from the last two points (flat with a single point).
@@ -30,17 +32,41 @@ pub struct Curve {
 
 impl Curve {
     pub fn new(mut points: Vec<(usize, f64)>) -> Result<Self> {
-        ensure!(!points.is_empty(), "a cost curve needs at least one point");
         points.sort_by_key(|p| p.0);
-        ensure!(
+        let curve = Self { points };
+        let mut p = Problems::default();
+        curve.check("points", &mut p);
+        p.into_result("cost curve")?;
+        Ok(curve)
+    }
+
+    /// Records what no curve can be (`field` names it): no points (`at` would have nothing to
+    /// read), a size measured twice or out of order, a time that is negative or not finite.
+    pub fn check(&self, field: &str, p: &mut Problems) {
+        self.check_times(field, p, |ms| ms >= 0.0, "a finite time >= 0");
+    }
+
+    /// As `check`, for a curve a device measured: every time is > 0 as well (a step that costs
+    /// nothing would be infinitely fast, and no measurement reads 0).
+    pub fn check_measured(&self, field: &str, p: &mut Problems) {
+        self.check_times(field, p, |ms| ms > 0.0, "a finite time > 0");
+    }
+
+    fn check_times(&self, field: &str, p: &mut Problems, ok: fn(f64) -> bool, what: &str) {
+        let points = &self.points;
+        p.require(!points.is_empty(), field, "no points: a curve needs one");
+        p.require(
             points.windows(2).all(|w| w[0].0 < w[1].0),
-            "a cost curve measures each size once"
+            field,
+            "sizes must increase: each is measured once",
         );
-        ensure!(
-            points.iter().all(|p| p.1.is_finite() && p.1 >= 0.0),
-            "cost curve times must be finite and non-negative"
-        );
-        Ok(Self { points })
+        if let Some(bad) = points.iter().find(|q| !(q.1.is_finite() && ok(q.1))) {
+            p.require(
+                false,
+                field,
+                format!("{} ms at size {} is not {what}", bad.1, bad.0),
+            );
+        }
     }
 
     /// The same curve made non-decreasing by taking, at each x, the least time measured at x
@@ -82,6 +108,25 @@ pub struct Costs {
     pub depth0_ms: f64,
     /// One plain greedy decoding step.
     pub plain_ms: f64,
+}
+
+impl Costs {
+    /// Records every cost no device measures: see `Curve::check_measured`; the two single times
+    /// must be finite and > 0 as well.
+    pub fn check_measured(&self, p: &mut Problems) {
+        self.verify_ms.check_measured("costs.verify_ms", p);
+        self.draft_step_ms.check_measured("costs.draft_step_ms", p);
+        for (field, ms) in [
+            ("costs.depth0_ms", self.depth0_ms),
+            ("costs.plain_ms", self.plain_ms),
+        ] {
+            p.require(
+                ms.is_finite() && ms > 0.0,
+                field,
+                format!("{ms} is not a finite time > 0"),
+            );
+        }
+    }
 }
 
 /// Bounds of the search.

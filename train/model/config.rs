@@ -5,6 +5,9 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 
+use crate::checks::Problems;
+use crate::model::head_config::HeadConfig;
+
 /// llama3-style frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 pub struct RopeScaling {
@@ -98,27 +101,14 @@ impl LlamaConfig {
                 path.display()
             );
         }
-        ensure!(
-            raw.num_attention_heads > 0 && raw.hidden_size % raw.num_attention_heads == 0,
-            "{}: hidden_size {} is not divisible by num_attention_heads {}",
-            path.display(),
-            raw.hidden_size,
-            raw.num_attention_heads
-        );
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        ensure!(
-            raw.num_attention_heads % num_key_value_heads == 0,
-            "{}: num_attention_heads {} is not a multiple of num_key_value_heads {num_key_value_heads}",
-            path.display(),
-            raw.num_attention_heads
-        );
         let (rope_theta, rope_scaling) = rope_settings(&raw, path)?;
         let eos_token_ids = match raw.eos_token_id {
             Some(OneOrMany::One(id)) => vec![id],
             Some(OneOrMany::Many(ids)) => ids,
             None => vec![],
         };
-        Ok(Self {
+        let config = Self {
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
             num_hidden_layers: raw.num_hidden_layers,
@@ -126,7 +116,7 @@ impl LlamaConfig {
             num_key_value_heads,
             head_dim: raw
                 .head_dim
-                .unwrap_or(raw.hidden_size / raw.num_attention_heads),
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
             vocab_size: raw.vocab_size,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
@@ -136,7 +126,64 @@ impl LlamaConfig {
             bos_token_id: raw.bos_token_id,
             eos_token_ids,
             pad_token_id: raw.pad_token_id,
-        })
+        };
+        config.validate(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    /// Refuses, all at once, values no model can have, before any weight is read: libtorch
+    /// would panic on some (a negative epsilon) and silently compute garbage with others (a
+    /// RoPE base <= 0 gives NaN angles).
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let mut p = Problems::default();
+        // The shape rule lives with the head, which copies these fields from its teacher.
+        HeadConfig::from_teacher(self).check_shape(&mut p);
+        p.require(
+            self.num_hidden_layers >= 1,
+            "num_hidden_layers",
+            format!("{} < 1", self.num_hidden_layers),
+        );
+        p.require(
+            self.rope_theta.is_finite() && self.rope_theta > 0.0,
+            "rope_theta",
+            format!("{} is not a finite number > 0", self.rope_theta),
+        );
+        p.require(
+            self.max_position_embeddings >= 1,
+            "max_position_embeddings",
+            format!("{} < 1", self.max_position_embeddings),
+        );
+        if let Some(s) = &self.rope_scaling {
+            s.check(&mut p);
+        }
+        p.into_result(origin)
+    }
+}
+
+impl RopeScaling {
+    /// llama3 scaling divides by `factor`, by both frequency factors and by their difference.
+    fn check(&self, p: &mut Problems) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        p.require(
+            positive(self.factor),
+            "rope_scaling.factor",
+            format!("{} is not a finite number > 0", self.factor),
+        );
+        p.require(
+            positive(self.low_freq_factor)
+                && self.high_freq_factor.is_finite()
+                && self.high_freq_factor > self.low_freq_factor,
+            "rope_scaling.high_freq_factor",
+            format!(
+                "{} must be finite and above low_freq_factor {} > 0",
+                self.high_freq_factor, self.low_freq_factor
+            ),
+        );
+        p.require(
+            self.original_max_position_embeddings >= 1,
+            "rope_scaling.original_max_position_embeddings",
+            format!("{} < 1", self.original_max_position_embeddings),
+        );
     }
 }
 

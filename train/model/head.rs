@@ -16,7 +16,7 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::model::config::LlamaConfig;
-use crate::model::draft_vocab::{DraftVocab, D2T};
+use crate::model::draft_vocab::{DraftVocab, D2T, T2D};
 use crate::model::finite::check_finite_tensors;
 use crate::model::head_config::{HeadConfig, HeadKind};
 use crate::model::layers::{linear, linear_cast, rms_norm, DecoderLayer, KvCache, Rope};
@@ -654,13 +654,17 @@ pub fn check_head_tensors(
     Ok(())
 }
 
-/// Reads the head's tensors from a safetensors file (extra keys such as lm_head.weight are ignored,
-/// as the reference's strict=False loader does), checking names and shapes.
+/// Reads the head's tensors from a safetensors file, checking names and shapes. The frozen
+/// teacher copies an export writes (`frozen_names`) and the draft vocabulary's membership mask
+/// are skipped; any other tensor the config does not describe (a third Augmenting-Block layer
+/// under `num_layers = 2`, a depth Medusa's `num_heads` does not count) is refused, since it
+/// means the config and the weights are of two different heads.
 pub fn read_head_tensors(file: &Path, cfg: &HeadConfig) -> Result<BTreeMap<String, Tensor>> {
     let all =
         Tensor::read_safetensors(file).with_context(|| format!("reading {}", file.display()))?;
     let mut wanted: std::collections::HashSet<String> =
         cfg.trainable_shapes().into_iter().map(|x| x.0).collect();
+    let mut skipped: Vec<&str> = crate::model::head_config::frozen_names(cfg.options.head).to_vec();
     if let Some(n) = cfg.options.draft_vocab {
         ensure!(
             all.iter().any(|(name, _)| name == D2T),
@@ -668,7 +672,23 @@ pub fn read_head_tensors(file: &Path, cfg: &HeadConfig) -> Result<BTreeMap<Strin
             file.display()
         );
         wanted.insert(D2T.to_string());
+        skipped.push(T2D);
     }
+    let mut unused: Vec<&str> = all
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !wanted.contains(*n) && !skipped.contains(n))
+        .collect();
+    unused.sort();
+    ensure!(
+        unused.is_empty(),
+        "{}: {} tensors are not part of the head its config.json describes ({} {}): {}",
+        file.display(),
+        unused.len(),
+        cfg.options.head.name(),
+        described_size(cfg),
+        crate::checks::first_few(&unused)
+    );
     let tensors: BTreeMap<String, Tensor> = all
         .into_iter()
         .filter(|(n, _)| wanted.contains(n))
@@ -676,6 +696,15 @@ pub fn read_head_tensors(file: &Path, cfg: &HeadConfig) -> Result<BTreeMap<Strin
     check_head_tensors(cfg, &tensors, &file.display().to_string())?;
     check_finite_tensors(&tensors).with_context(|| format!("{}", file.display()))?;
     Ok(tensors)
+}
+
+/// The config keys that decide which tensors a head has, for an error about them.
+fn described_size(cfg: &HeadConfig) -> String {
+    match cfg.options.head {
+        HeadKind::Clover2 => format!("with num_layers = {}", cfg.options.num_layers),
+        HeadKind::Eagle1 => "with one decoder layer".into(),
+        HeadKind::Medusa => format!("with num_heads = {}", cfg.options.num_depths),
+    }
 }
 
 /// Load an exported draft head for inference next to `teacher`, in the teacher's dtype (the

@@ -37,6 +37,18 @@ impl HeadKind {
     }
 }
 
+/// The frozen tensors a full state dict of `kind` holds, all copies of one teacher tensor: the
+/// lm_head for Clover-2 (`lm_head.weight`, `clover_embed_tokens.weight`), the teacher's
+/// `embed_tokens` for EAGLE-1 (its loader is strict), none for Medusa. An export may carry them;
+/// a head's loader skips them.
+pub fn frozen_names(kind: HeadKind) -> &'static [&'static str] {
+    match kind {
+        HeadKind::Clover2 => &["lm_head.weight", "clover_embed_tokens.weight"],
+        HeadKind::Eagle1 => &["embed_tokens.weight"],
+        HeadKind::Medusa => &[],
+    }
+}
+
 /// The weights file of an exported head: Medusa's loader reads `medusa_lm_head.safetensors`,
 /// EAGLE-1's and Clover-2's read `model.safetensors` (docs/heads.md §1.4, §2.4).
 pub fn head_weights_file(kind: HeadKind) -> &'static str {
@@ -348,22 +360,7 @@ impl HeadConfig {
                 "draft head {name} = {head} but the teacher has {teacher}"
             );
         }
-        ensure!(
-            self.options.num_depths >= 1,
-            "num_depths must be >= 1, got {}",
-            self.options.num_depths
-        );
-        ensure!(
-            self.options.num_layers >= 1,
-            "num_layers must be >= 1, got {}",
-            self.options.num_layers
-        );
-        ensure!(
-            self.hidden_size % self.num_attention_heads == 0,
-            "hidden_size {} is not a multiple of num_attention_heads {}",
-            self.hidden_size,
-            self.num_attention_heads
-        );
+        self.validate("draft head")?;
         ensure!(
             (0..cfg.num_hidden_layers).contains(&self.options.init_from_layer),
             "init_from_layer {} is outside the teacher's {} layers",
@@ -489,7 +486,7 @@ impl HeadConfig {
                 path.display()
             )
         })?;
-        Ok(HeadConfig {
+        let cfg = HeadConfig {
             hidden_size: c.hidden_size,
             intermediate_size: c.intermediate_size,
             num_attention_heads: c.num_attention_heads,
@@ -511,6 +508,71 @@ impl HeadConfig {
                 init_from_layer: c.clover_rs.init_from_layer,
                 ..HeadOptions::default()
             },
-        })
+        };
+        cfg.validate(&path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Records every shape value no weights can have: an empty dimension, heads that do not
+    /// divide the hidden size or each other, an odd head dimension (RoPE rotates its two
+    /// halves), an RMSNorm epsilon that is not a positive number (the norm would divide by zero
+    /// or take the root of a negative number). These are the fields a head copies from its
+    /// teacher, and a teacher's config.json is checked through that copy
+    /// (`LlamaConfig::validate`): one rule for both.
+    pub fn check_shape(&self, p: &mut Problems) {
+        for (name, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("vocab_size", self.vocab_size),
+        ] {
+            p.require(value >= 1, name, format!("{value} < 1"));
+        }
+        p.require(
+            self.head_dim >= 2 && self.head_dim % 2 == 0,
+            "head_dim",
+            format!(
+                "{} is not an even number >= 2 (RoPE rotates two halves)",
+                self.head_dim
+            ),
+        );
+        for (name, whole, part_name, part) in [
+            (
+                "hidden_size",
+                self.hidden_size,
+                "num_attention_heads",
+                self.num_attention_heads,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                "num_key_value_heads",
+                self.num_key_value_heads,
+            ),
+        ] {
+            if part >= 1 {
+                p.require(
+                    whole % part == 0,
+                    name,
+                    format!("{whole} is not divisible by {part_name} {part}"),
+                );
+            }
+        }
+        p.require(
+            self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0,
+            "rms_norm_eps",
+            format!("{} is not a finite number > 0", self.rms_norm_eps),
+        );
+    }
+
+    /// Refuses, all at once, out-of-range values: the shape by the rule a teacher's config.json
+    /// is held to (`check_shape`), the options by the training config's (`HeadOptions::check`),
+    /// so an exported head is held to what training would have accepted.
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let mut p = Problems::default();
+        self.check_shape(&mut p);
+        self.options.check(&mut p);
+        p.into_result(origin)
     }
 }

@@ -34,6 +34,11 @@ impl Teacher {
     /// listed in model.safetensors.index.json.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         ensure!(
+            !dir.is_file(),
+            "model directory {} is a file, not a directory",
+            dir.display()
+        );
+        ensure!(
             dir.is_dir(),
             "model directory {} does not exist",
             dir.display()
@@ -85,6 +90,7 @@ impl Teacher {
                         .map(Tensor::shallow_clone)
                 };
                 DecoderLayer::from_weights(&config, &get)
+                    .with_context(|| format!("{}: model.layers.{i}", dir.display()))
             })
             .collect::<Result<Vec<_>>>()?;
         let h = config.hidden_size;
@@ -100,7 +106,14 @@ impl Teacher {
                 t.size()
             );
         }
-        lookup(&weights, dir, "model.norm.weight")?;
+        let norm = lookup(&weights, dir, "model.norm.weight")?;
+        ensure!(
+            norm.size() == [h],
+            "{}: model.norm.weight has shape {:?}, config.json implies [{h}]",
+            dir.display(),
+            norm.size()
+        );
+        refuse_unused(&weights, &config, dir)?;
         Ok(Self {
             rope: Rope::new(&config, device),
             config,
@@ -174,6 +187,81 @@ impl Teacher {
     pub fn weight(&self, hf_name: &str) -> Result<&Tensor> {
         lookup(&self.weights, &self.dir, hf_name)
     }
+
+    /// Refuses token ids the teacher has no embedding for (libtorch would abort on them): a
+    /// tokenizer or prepared data from another model. The error names the first bad id, its
+    /// position and the teacher; callers say whose ids they are.
+    pub fn check_token_ids(&self, ids: &[i64]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        match ids.iter().position(|&t| !(0..vocab).contains(&t)) {
+            None => Ok(()),
+            Some(at) => bail!(
+                "token id {} at position {at} is outside the vocabulary of the teacher {} \
+                 ({vocab} ids): are the tokenizer or the data from another model?",
+                ids[at],
+                self.dir.display()
+            ),
+        }
+    }
+}
+
+/// The names a teacher of `config` reads: its layers' tensors, the embeddings, the final norm,
+/// the lm_head. `rotary_emb.inv_freq` buffers that old checkpoints carry are recomputed from the
+/// config and count as read.
+fn is_used(name: &str, config: &LlamaConfig) -> bool {
+    const TOP: [&str; 3] = [
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ];
+    if TOP.contains(&name) || name.ends_with(".rotary_emb.inv_freq") {
+        return true;
+    }
+    const LAYER: [&str; 9] = [
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ];
+    let Some((index, rest)) = name
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split_once('.'))
+    else {
+        return false;
+    };
+    index
+        .parse::<i64>()
+        .is_ok_and(|i| (0..config.num_hidden_layers).contains(&i))
+        && LAYER.contains(&rest)
+}
+
+/// Weights the config does not use mean the config does not describe them (say, two layers
+/// declared over thirty of weights): running would silently compute another model.
+fn refuse_unused(
+    weights: &HashMap<String, Tensor>,
+    config: &LlamaConfig,
+    dir: &Path,
+) -> Result<()> {
+    let mut unused: Vec<&str> = weights
+        .keys()
+        .map(String::as_str)
+        .filter(|name| !is_used(name, config))
+        .collect();
+    unused.sort();
+    ensure!(
+        unused.is_empty(),
+        "{}: {} weights are not used by config.json ({} layers): {}",
+        dir.display(),
+        unused.len(),
+        config.num_hidden_layers,
+        crate::checks::first_few(&unused)
+    );
+    Ok(())
 }
 
 fn lookup<'a>(weights: &'a HashMap<String, Tensor>, dir: &Path, name: &str) -> Result<&'a Tensor> {

@@ -1,7 +1,7 @@
 //! Training batches: a deterministic data order (SplitMix64 from seed and epoch), length-bucketed
 //! batches under a token budget, and padded device tensors with the shifted loss mask.
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use tch::{Kind, Tensor};
 
 use crate::data::shards::Sample;
@@ -217,6 +217,9 @@ pub fn make_batch(
     let mut tokens = 0;
     for (r, s) in samples.iter().enumerate() {
         let (sid, smask) = truncated(s, max_len);
+        teacher
+            .check_token_ids(sid)
+            .with_context(|| format!("sample {:?}", s.id))?;
         let (n_ids, n_mask) = shift_for_training(sid, smask);
         let o = r * width;
         ids[o..o + sid.len()].copy_from_slice(sid);

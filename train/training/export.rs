@@ -14,7 +14,7 @@ use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
 use crate::model::draft_vocab::{mapping_of_d2t, D2T};
 use crate::model::head::check_head_tensors;
-pub use crate::model::head_config::head_weights_file;
+pub use crate::model::head_config::{frozen_names, head_weights_file};
 use crate::model::head_config::{HeadConfig, HeadKind};
 use crate::outputs::write_marker;
 
@@ -28,17 +28,6 @@ pub fn is_export_file(name: &str) -> bool {
         || [HeadKind::Clover2, HeadKind::Eagle1, HeadKind::Medusa]
             .iter()
             .any(|&kind| name == head_weights_file(kind))
-}
-
-/// The frozen tensors a full state dict of `kind` holds, all copies of one teacher tensor: the
-/// lm_head for Clover-2 (`lm_head.weight`, `clover_embed_tokens.weight`), the teacher's
-/// `embed_tokens` for EAGLE-1 (its loader is strict), none for Medusa.
-pub fn frozen_names(kind: HeadKind) -> &'static [&'static str] {
-    match kind {
-        HeadKind::Clover2 => &["lm_head.weight", "clover_embed_tokens.weight"],
-        HeadKind::Eagle1 => &["embed_tokens.weight"],
-        HeadKind::Medusa => &[],
-    }
 }
 
 /// The reference draft config: the teacher's config.json with num_hidden_layers = 1 and the

@@ -90,6 +90,11 @@ pub fn run(args: &DistillOptions) -> Result<()> {
         "{}: the train split is empty",
         args.data.display()
     );
+    for s in &samples {
+        teacher
+            .check_token_ids(&s.input_ids)
+            .with_context(|| format!("{}: train sample {:?}", args.data.display(), s.id))?;
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     let manifest = Manifest {
@@ -218,6 +223,111 @@ fn write_shard(
     atomic_write(&shard_path(out, k), &serialized)
 }
 
+impl Manifest {
+    /// The counts must fit together: the shards are exactly the samples cut into blocks of
+    /// `SAMPLES_PER_SHARD` (what `clover distill` writes), each row `hidden_size` wide.
+    fn check(&self, path: &Path) -> Result<()> {
+        ensure!(
+            self.samples_per_shard == SAMPLES_PER_SHARD,
+            "{}: samples_per_shard = {}, but this clover reads caches of {SAMPLES_PER_SHARD}",
+            path.display(),
+            self.samples_per_shard
+        );
+        ensure!(
+            self.shards == self.samples.div_ceil(SAMPLES_PER_SHARD),
+            "{}: shards = {} does not fit samples = {} ({} shards of {SAMPLES_PER_SHARD})",
+            path.display(),
+            self.shards,
+            self.samples,
+            self.samples.div_ceil(SAMPLES_PER_SHARD)
+        );
+        ensure!(
+            self.hidden_size >= 1,
+            "{}: hidden_size = {} < 1",
+            path.display(),
+            self.hidden_size
+        );
+        Ok(())
+    }
+}
+
+/// One opened cache shard: its map, its samples' token offsets, its dtype.
+struct Shard {
+    mmap: Mmap,
+    offsets: Vec<i64>,
+    kind: Kind,
+}
+
+impl Shard {
+    /// Maps `file` and checks it holds `block`'s states: 16-bit prenorm rows of the manifest's
+    /// hidden size, and i64 offsets that start at 0, step by each sample's token count and end
+    /// at the last row.
+    fn open(file: &Path, manifest: &Manifest, block: &[Sample]) -> Result<Self> {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        // SAFETY: shards are written once (temp + rename) and never modified in place.
+        let mmap =
+            unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", file.display()))?;
+        let st = SafeTensors::deserialize(&mmap)
+            .with_context(|| format!("{} is corrupt", file.display()))?;
+        let view = |name: &str| {
+            st.tensor(name)
+                .with_context(|| format!("{}: no tensor {name}", file.display()))
+        };
+        let offs = view("offsets")?;
+        ensure!(
+            offs.dtype() == Dtype::I64 && offs.shape().len() == 1,
+            "{}: offsets is {:?} of shape {:?}, expected a list of i64",
+            file.display(),
+            offs.dtype(),
+            offs.shape()
+        );
+        let offsets: Vec<i64> = offs
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let prenorm = view("prenorm")?;
+        let rows = match prenorm.shape() {
+            [rows, h] if *h as i64 == manifest.hidden_size => *rows as i64,
+            shape => bail!(
+                "{}: prenorm has shape {shape:?}, but its {MANIFEST} says hidden size {}",
+                file.display(),
+                manifest.hidden_size
+            ),
+        };
+        let mut expected = vec![0i64];
+        for s in block {
+            expected.push(expected.last().unwrap() + s.input_ids.len() as i64);
+        }
+        ensure!(
+            offsets == expected && expected.last() == Some(&rows),
+            "{}: token offsets (first {:?}, last {:?}, {} of them) and {rows} prenorm rows do \
+             not match the {} samples ({} tokens) of the prepared data in {}",
+            file.display(),
+            offsets.first(),
+            offsets.last(),
+            offsets.len(),
+            block.len(),
+            expected.last().unwrap(),
+            manifest.data.display()
+        );
+        let kind = match prenorm.dtype() {
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::F16 => Kind::Half,
+            other => bail!(
+                "{}: prenorm has dtype {other:?}, expected 16-bit",
+                file.display()
+            ),
+        };
+        Ok(Self {
+            mmap,
+            offsets,
+            kind,
+        })
+    }
+}
+
 /// A memory-mapped distillation cache, read by the trainer in offline mode.
 pub struct DistillCache {
     samples: Vec<Sample>,
@@ -231,7 +341,9 @@ pub struct DistillCache {
 }
 
 impl DistillCache {
-    /// Open a finished cache; every shard must be present (a partial cache names what is missing).
+    /// Open a finished cache; every shard must be present (a partial cache names what is missing)
+    /// and agree with the manifest and the prepared data, so a damaged cache is refused here
+    /// rather than read out of bounds later.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let manifest: Manifest = serde_json::from_str(
@@ -239,6 +351,7 @@ impl DistillCache {
                 .with_context(|| format!("cannot read {}", path.display()))?,
         )
         .with_context(|| format!("{} is not a clover distill manifest", path.display()))?;
+        manifest.check(&path)?;
         let missing: Vec<usize> = (0..manifest.shards)
             .filter(|&k| !shard_path(dir, k).exists())
             .collect();
@@ -261,52 +374,12 @@ impl DistillCache {
         let mut shards = vec![];
         let mut offsets = vec![];
         let mut kind = Kind::BFloat16;
-        for k in 0..manifest.shards {
+        for (k, block) in samples.chunks(SAMPLES_PER_SHARD).enumerate() {
             let file = shard_path(dir, k);
-            let f = std::fs::File::open(&file)
-                .with_context(|| format!("cannot open {}", file.display()))?;
-            // SAFETY: shards are written once (temp + rename) and never modified in place.
-            let mmap = unsafe { Mmap::map(&f) }
-                .with_context(|| format!("cannot map {}", file.display()))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .with_context(|| format!("{} is corrupt", file.display()))?;
-            let offs: Vec<i64> = st
-                .tensor("offsets")?
-                .data()
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            let block =
-                &samples[k * SAMPLES_PER_SHARD..((k + 1) * SAMPLES_PER_SHARD).min(samples.len())];
-            ensure!(
-                offs.len() == block.len() + 1
-                    && block
-                        .iter()
-                        .zip(offs.windows(2))
-                        .all(|(s, w)| (w[1] - w[0]) as usize == s.input_ids.len()),
-                "{}: token counts do not match the prepared data in {}",
-                file.display(),
-                manifest.data.display()
-            );
-            let prenorm = st.tensor("prenorm")?;
-            ensure!(
-                prenorm.shape().get(1) == Some(&(manifest.hidden_size as usize)),
-                "{}: prenorm has shape {:?}, but {} says hidden size {}",
-                file.display(),
-                prenorm.shape(),
-                path.display(),
-                manifest.hidden_size
-            );
-            kind = match prenorm.dtype() {
-                Dtype::BF16 => Kind::BFloat16,
-                Dtype::F16 => Kind::Half,
-                other => bail!(
-                    "{}: prenorm has dtype {other:?}, expected 16-bit",
-                    file.display()
-                ),
-            };
-            offsets.push(offs);
-            shards.push(mmap);
+            let shard = Shard::open(&file, &manifest, block)?;
+            kind = shard.kind;
+            offsets.push(shard.offsets);
+            shards.push(shard.mmap);
         }
         Ok(Self {
             samples,
@@ -365,7 +438,9 @@ impl DistillCache {
         &self.samples
     }
 
-    /// Sample `i` and its teacher pre-norm states [T,H] (16-bit, CPU).
+    /// Sample `i` and its teacher pre-norm states [T,H] (16-bit, CPU). A non-finite state is
+    /// refused here, naming the shard and the sample, rather than surfacing steps later as a
+    /// non-finite loss that names neither.
     pub fn get(&self, i: usize) -> Result<(Sample, Tensor)> {
         ensure!(
             i < self.samples.len(),
@@ -379,8 +454,26 @@ impl DistillCache {
         let (a, b) = (self.offsets[k][j] as usize, self.offsets[k][j + 1] as usize);
         let bytes = &view.data()[a * row_bytes..b * row_bytes];
         let states = Tensor::from_data_size(bytes, &[(b - a) as i64, self.hidden_size], self.kind);
-        Ok((self.samples[i].clone(), states))
+        let sample = &self.samples[i];
+        if let Some(token) = first_non_finite_row(&states) {
+            bail!(
+                "{}: {} row {j} (sample {:?}, train sample {i}) holds a non-finite teacher state \
+                 at token {token}: the cache is damaged; delete that shard and rerun `clover \
+                 distill` to recompute it",
+                self.dir.display(),
+                shard_path(&self.dir, k).display(),
+                sample.id
+            );
+        }
+        Ok((sample.clone(), states))
     }
+}
+
+/// The first row of `states` [T,H] holding a NaN or an infinity, if any.
+fn first_non_finite_row(states: &Tensor) -> Option<i64> {
+    let bad = states.isfinite().logical_not().any_dim(1, false);
+    let first = bad.nonzero();
+    (first.size()[0] > 0).then(|| first.int64_value(&[0, 0]))
 }
 
 /// Two names of one directory (relative or absolute, through links) count as the same.
