@@ -13,6 +13,7 @@ mod gguf;
 mod head;
 mod heads;
 mod hostile;
+mod hostile_prepare;
 mod loss;
 mod native;
 mod random;
