@@ -1,8 +1,9 @@
 //! Hostile records for `data prepare` (issue 19): a conversation of 100k turns or one enormous
 //! string must cost what its kept `--max-len` tokens need, not what the record holds, and give
-//! exactly the tokens the whole record would.
+//! exactly the tokens the whole record would; a tokenizer whose ids the model lacks and a
+//! `--max-len` past the model's context are refused before any work.
 
-use crate::common::{fixture_model_dir, scratch_dir};
+use crate::common::{fixture_model_dir, run_clover, scratch_dir};
 use clover::data::prepare::{prepare, PrepareOptions};
 use clover::data::shards::{read_split, Split};
 use clover::formats::chat::{mask_from_spans, ChatTokenizer, Effort, Message, Role, TemplateName};
@@ -258,4 +259,78 @@ fn prepare_keeps_the_first_tokens_of_enormous_records() {
             sample.id
         );
     }
+}
+
+/// A model dir: the fixture's tokenizer files and a config.json with these fields.
+fn model_dir(dir: &Path, config: serde_json::Value) -> std::path::PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture_model_dir().join(file), model.join(file)).unwrap();
+    }
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    model
+}
+
+fn prepare_cli(input: &Path, model: &Path, out: &Path, max_len: usize) -> (i32, String) {
+    let max_len = max_len.to_string();
+    run_clover(&[
+        "data".as_ref(),
+        "prepare".as_ref(),
+        "--input".as_ref(),
+        input.as_os_str(),
+        "--model".as_ref(),
+        model.as_os_str(),
+        "--template".as_ref(),
+        "chatml".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--max-len".as_ref(),
+        std::ffi::OsStr::new(&max_len),
+        "--eval-fraction".as_ref(),
+        "0".as_ref(),
+    ])
+}
+
+#[test]
+fn a_tokenizer_with_ids_the_model_lacks_is_refused() {
+    let dir = scratch_dir("hostile-prepare", "vocab");
+    let input = dir.join("in.jsonl");
+    write_jsonl(&input, &[("a", &many_turns(4))]);
+    // The fixture's SmolLM2 tokenizer reaches id 40800; a 96-token model cannot embed it.
+    let model = model_dir(&dir, serde_json::json!({"vocab_size": 96}));
+    let (code, text) = prepare_cli(&input, &model, &dir.join("out"), 512);
+    assert_eq!(code, 1, "{text}");
+    for needle in ["tokenizer.json", "config.json", "40800", "vocab_size 96"] {
+        assert!(text.contains(needle), "{needle:?} missing from: {text}");
+    }
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(!dir.join("out").exists(), "refused before any work");
+    // A padded embedding table (config larger than the tokenizer) is fine.
+    let model = model_dir(&dir, serde_json::json!({"vocab_size": 49152}));
+    let (code, text) = prepare_cli(&input, &model, &dir.join("out"), 512);
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn a_max_len_past_the_models_context_is_refused() {
+    let dir = scratch_dir("hostile-prepare", "context");
+    let input = dir.join("in.jsonl");
+    write_jsonl(&input, &[("a", &many_turns(4))]);
+    let model = model_dir(
+        &dir,
+        serde_json::json!({"vocab_size": 49152, "max_position_embeddings": 256}),
+    );
+    let (code, text) = prepare_cli(&input, &model, &dir.join("out"), 2048);
+    assert_eq!(code, 1, "{text}");
+    for needle in [
+        "--max-len 2048",
+        "config.json",
+        "max_position_embeddings 256",
+        "--max-len 256 or less",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from: {text}");
+    }
+    let (code, text) = prepare_cli(&input, &model, &dir.join("out"), 256);
+    assert_eq!(code, 0, "{text}");
 }

@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::data::model_fit::check_model_fits;
 use crate::data::shards::{write_samples, Sample, Split};
 use crate::data::sharegpt::{read_conversations, Conversation, SkipReason, Skipped};
 use crate::formats::chat::{ChatTokenizer, TemplateName};
@@ -120,6 +121,7 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
     );
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?
         .with_system_prompt(!args.no_system_prompt);
+    check_model_fits(&args.model, &chat, args.max_len)?;
     let (conversations, notes) = read_conversations(&args.input)?;
     let mut summary = Summary {
         read: count_records(&conversations, &notes),

@@ -425,6 +425,11 @@ impl ChatTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// The largest id the tokenizer can produce (added tokens included).
+    pub fn max_token_id(&self) -> Option<u32> {
+        self.tokenizer.get_vocab(true).into_values().max()
+    }
+
     fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let messages = self.with_system(messages);
         self.render_values(&message_values(&messages), add_generation_prompt)
