@@ -15,6 +15,7 @@ mod heads;
 mod hostile;
 mod hostile_files;
 mod hostile_outputs;
+mod hostile_prepare;
 mod loss;
 mod native;
 mod random;

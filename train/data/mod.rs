@@ -4,6 +4,7 @@
 
 pub mod chitchat;
 pub mod jobfiles;
+pub mod model_fit;
 pub mod prepare;
 pub mod regenerate;
 pub mod shards;

@@ -9,6 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::data::model_fit::check_model_fits;
 use crate::data::shards::{write_samples, Sample, Split};
 use crate::data::sharegpt::{read_conversations, Conversation, SkipReason, Skipped};
 use crate::formats::chat::{ChatTokenizer, TemplateName};
@@ -120,6 +121,7 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
     );
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?
         .with_system_prompt(!args.no_system_prompt);
+    check_model_fits(&args.model, &chat, args.max_len)?;
     let (conversations, notes) = read_conversations(&args.input)?;
     let mut summary = Summary {
         read: count_records(&conversations, &notes),
@@ -241,26 +243,24 @@ fn tokenize_all(
 }
 
 /// Over-long conversations are truncated to `max_len`, as the reference trainer does (spec
-/// §2.1), rather than skipped: their first `max_len` tokens are still good training data.
+/// §2.1), rather than skipped: their first `max_len` tokens are still good training data. Only
+/// as much of the conversation is rendered and tokenized as those tokens need.
 fn tokenize_one(chat: &ChatTokenizer, conversation: &Conversation, max_len: usize) -> Encoded {
-    let (mut input_ids, mut loss_mask) = chat
-        .encode_conversation(&conversation.messages)
+    let head = chat
+        .encode_conversation_head(&conversation.messages, max_len)
         .map_err(|e| (SkipReason::TemplateError, format!("{e:#}")))?;
-    let truncated = input_ids.len() > max_len;
-    input_ids.truncate(max_len);
-    loss_mask.truncate(max_len);
-    if !loss_mask.contains(&1) {
+    if !head.mask.contains(&1) {
         return Err((
             SkipReason::NoAssistantTokens,
-            format!("{} tokens, none from the assistant", input_ids.len()),
+            format!("{} tokens, none from the assistant", head.ids.len()),
         ));
     }
     let sample = Sample {
         id: conversation.id.clone(),
-        input_ids,
-        loss_mask,
+        input_ids: head.ids,
+        loss_mask: head.mask,
     };
-    Ok((sample, truncated))
+    Ok((sample, head.truncated))
 }
 
 /// Deterministic split: a hash of (id, seed) mapped to [0, 1) below `eval_fraction` goes to eval.

@@ -185,13 +185,23 @@ fn batch_order(
         let Some(first_user) = prompt.iter().position(|m| m.role == Role::User) else {
             continue;
         };
-        let n = chat.encode_prompt(&prompt[..=first_user])?.len();
-        if n <= max_prompt_tokens {
-            lengths.push((n, i));
+        if let Some(ids) = prompt_within(chat, &prompt[..=first_user], max_prompt_tokens)? {
+            lengths.push((ids.len(), i));
         }
     }
     lengths.sort_by_key(|&(n, _)| n);
     Ok(lengths.into_iter().map(|(_, i)| i).collect())
+}
+
+/// The prompt's tokens, or None when it has more than `max_prompt_tokens`. Only one token past
+/// the cap is tokenized, so an enormous user message costs no more than a prompt that fits.
+fn prompt_within(
+    chat: &ChatTokenizer,
+    messages: &[Message],
+    max_prompt_tokens: usize,
+) -> Result<Option<Vec<i64>>> {
+    let head = chat.encode_prompt_head(messages, max_prompt_tokens.saturating_add(1))?;
+    Ok((head.ids.len() <= max_prompt_tokens).then_some(head.ids))
 }
 
 /// Concatenate the part files into OUTPUT_FILE with the conversations in input order.
@@ -275,14 +285,13 @@ fn answer_batch(
         let mut ids = vec![];
         let mut answered_rows = vec![];
         for i in rows {
-            let prompt = chat.encode_prompt(&histories[i])?;
-            if prompt.len() > max_prompt_tokens {
+            if let Some(prompt) = prompt_within(chat, &histories[i], max_prompt_tokens)? {
+                ids.push(prompt);
+                answered_rows.push(i);
+            } else {
                 // Too long to answer: the conversation ends with the previous answer.
                 histories[i].pop();
                 cursors[i] = prompts[i].len();
-            } else {
-                ids.push(prompt);
-                answered_rows.push(i);
             }
         }
         let rows = answered_rows;

@@ -13,6 +13,8 @@
 //! is masked when it overlaps a span, and the first..last overlapping tokens are marked
 //! contiguously, which is what HF's `return_assistant_tokens_mask` does.
 
+mod partial_render;
+
 use std::ops::Range;
 use std::path::Path;
 
@@ -20,6 +22,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
+
+use self::partial_render::PartialRender;
+use crate::formats::token_head::{encode_head, Head, WholeText};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -183,6 +188,8 @@ pub struct ChatTokenizer {
     end_of_turn: Vec<String>,
     config_tokens: SpecialTokens,
     config_eos_ids: Vec<i64>,
+    /// The longest vocabulary entry in bytes: sizes the text that surely holds n tokens.
+    max_token_bytes: usize,
 }
 
 /// Rendered text plus the byte ranges of the assistant spans (content + end-of-turn marker).
@@ -190,6 +197,25 @@ pub struct ChatTokenizer {
 pub struct Rendered {
     pub text: String,
     pub spans: Vec<Range<usize>>,
+}
+
+/// A conversation's first tokens and their loss mask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationHead {
+    pub ids: Vec<i64>,
+    pub mask: Vec<u8>,
+    /// The whole conversation has more tokens than were asked for.
+    pub truncated: bool,
+    pub effort: Effort,
+}
+
+/// The work that encoding a conversation's head cost, which must not grow with what is cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effort {
+    /// Messages handed to the template, summed over every render.
+    pub rendered_messages: usize,
+    /// Bytes handed to the tokenizer, summed over every attempt.
+    pub tokenized_bytes: usize,
 }
 
 const TEMPLATE_NAME: &str = "chat";
@@ -263,6 +289,12 @@ impl ChatTokenizer {
             }
         };
         let env = jinja_environment(template.source())?;
+        let max_token_bytes = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1);
         // The LLaMA-3 family: the built-in template, or a model's own that uses its headers.
         let llama3 = match &template {
             Template::Llama3 => true,
@@ -278,6 +310,7 @@ impl ChatTokenizer {
             end_of_turn,
             config_tokens,
             config_eos_ids,
+            max_token_bytes,
         })
     }
 
@@ -309,26 +342,12 @@ impl ChatTokenizer {
 
     /// Renders the whole conversation (no generation prompt) with its assistant spans.
     pub fn render_conversation(&self, messages: &[Message]) -> Result<Rendered> {
-        let messages = self.with_system(messages);
-        let messages = messages.as_ref();
-        let values = message_values(messages);
-        let text = self.render_values(&values, false)?;
-        let mut spans = Vec::new();
-        for (i, message) in messages.iter().enumerate() {
-            if message.role != Role::Assistant {
-                continue;
-            }
-            let before = self.render_values(&values[..i], true)?;
-            let through = self.render_values(&values[..=i], false)?;
-            if !through.starts_with(&before) || !text.starts_with(&through) {
-                bail!(
-                    "chat template is not prefix-stable at message {i}: cannot locate the assistant \
-                     turn (does the conversation start with the assistant?)"
-                );
-            }
-            spans.push(self.assistant_span(&through, before.len()));
-        }
-        Ok(Rendered { text, spans })
+        let mut render = PartialRender::whole(self, messages)?;
+        let spans = render.assistant_spans(usize::MAX)?;
+        Ok(Rendered {
+            text: render.into_text(),
+            spans,
+        })
     }
 
     /// Renders the conversation followed by the generation prompt.
@@ -338,23 +357,46 @@ impl ChatTokenizer {
 
     /// Token ids and loss mask (1 = assistant content and its end-of-turn marker).
     pub fn encode_conversation(&self, messages: &[Message]) -> Result<(Vec<i64>, Vec<u8>)> {
-        let rendered = self.render_conversation(messages)?;
-        let encoding = self
-            .tokenizer
-            .encode(rendered.text.as_str(), false)
-            .map_err(|e| anyhow!("tokenizing a conversation: {e}"))?;
-        let ids = encoding.get_ids().iter().map(|&id| id as i64).collect();
-        let mask = mask_from_spans(encoding.get_offsets(), &rendered.spans);
-        Ok((ids, mask))
+        let head = self.encode_conversation_head(messages, usize::MAX)?;
+        Ok((head.ids, head.mask))
+    }
+
+    /// The first `max_len` tokens of the conversation and their loss mask: the whole encoding
+    /// cut to `max_len`, for work bounded by what `max_len` needs however long the conversation
+    /// (see `PartialRender` and `token_head`).
+    pub fn encode_conversation_head(
+        &self,
+        messages: &[Message],
+        max_len: usize,
+    ) -> Result<ConversationHead> {
+        let mut render = PartialRender::new(self, messages);
+        let head = encode_head(&self.tokenizer, &mut render, max_len, self.max_token_bytes)?;
+        let kept_end = head.offsets.iter().map(|&(_, end)| end).max().unwrap_or(0);
+        let spans = render.assistant_spans(kept_end)?;
+        Ok(ConversationHead {
+            mask: mask_from_spans(&head.offsets, &spans),
+            ids: head.ids,
+            truncated: head.truncated,
+            effort: Effort {
+                rendered_messages: render.rendered_messages,
+                tokenized_bytes: head.tokenized_bytes,
+            },
+        })
     }
 
     pub fn encode_prompt(&self, messages: &[Message]) -> Result<Vec<i64>> {
+        Ok(self.encode_prompt_head(messages, usize::MAX)?.ids)
+    }
+
+    /// The first `limit` tokens of the prompt, without tokenizing all of an enormous one.
+    pub fn encode_prompt_head(&self, messages: &[Message], limit: usize) -> Result<Head> {
         let text = self.render_prompt(messages)?;
-        let encoding = self
-            .tokenizer
-            .encode(text.as_str(), false)
-            .map_err(|e| anyhow!("tokenizing a prompt: {e}"))?;
-        Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
+        encode_head(
+            &self.tokenizer,
+            &mut WholeText(&text),
+            limit,
+            self.max_token_bytes,
+        )
     }
 
     /// Decodes without special tokens: the text of a generated answer, stop token excluded.
@@ -381,6 +423,11 @@ impl ChatTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The largest id the tokenizer can produce (added tokens included).
+    pub fn max_token_id(&self) -> Option<u32> {
+        self.tokenizer.get_vocab(true).into_values().max()
     }
 
     fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {

@@ -6,3 +6,4 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod import;
 pub mod safetensors;
+pub mod token_head;
