@@ -194,7 +194,15 @@ pub fn step_ms(paths: &[Vec<usize>], costs: &Costs) -> f64 {
             }
         })
         .sum();
-    costs.depth0_ms + draft + costs.verify_ms.at(paths.len() + 1)
+    costs.depth0_ms + draft + verify_floor_ms(paths.len() + 1, costs)
+}
+
+/// Verifying `n` tree tokens runs the teacher's forward over them all, plus the acceptance walk:
+/// never less than one plain step. A measured curve below the plain step is timing noise (two
+/// separately timed medians), and trusting it would let a tree that commits nothing extra look
+/// faster than plain decoding.
+fn verify_floor_ms(n: usize, costs: &Costs) -> f64 {
+    costs.verify_ms.at(n).max(costs.plain_ms)
 }
 
 /// Committed tokens per second of a tree (plain decoding for no paths).
@@ -316,6 +324,17 @@ mod tests {
         let zero = vec![vec![0.0; 3]; 3];
         let c = costs(vec![(1, 10.0), (64, 10.0)], 0.0, 0.1, 10.0);
         assert!(best_tree(&zero, &c, limits(8, 3)).is_plain());
+    }
+
+    /// Verification timed below a plain step (noise between two medians, as seen on a busy
+    /// 2-core CPU: 72 ms against 92 ms) must not make a tree that accepts nothing look faster.
+    #[test]
+    fn a_tree_that_accepts_nothing_never_beats_plain_decoding() {
+        let acc = vec![vec![0.0; 4], vec![0.0; 4]];
+        let c = costs(vec![(1, 72.0), (4, 88.0)], 2.3, 8.9, 92.0);
+        let r = best_tree(&acc, &c, limits(4, 2));
+        assert!(r.paths.is_empty(), "chose {:?}", r.paths);
+        assert_eq!(r.tokens_per_s, 1000.0 / 92.0);
     }
 
     #[test]
