@@ -452,3 +452,44 @@ fn distill_and_prepare_never_take_a_foreign_directory() {
         "1,2"
     );
 }
+
+/// `clover` run from `dir`.
+fn clover_in(dir: &Path, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(crate::common::clover_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A cache distilled with relative paths trains from another working directory: the manifest
+/// records where the data and teacher are, not how they were spelled.
+#[test]
+fn a_cache_made_with_relative_paths_trains_from_any_directory() {
+    let root = scratch_dir("outputs", "relative-cache");
+    let (config, _) = tiny_job(&root, "max_steps = 1");
+    let teacher = root.join("teacher");
+    std::os::unix::fs::symlink(fixture("tiny-llama-untied"), &teacher).unwrap();
+    let (code, text) = clover_in(
+        &root,
+        &[
+            "distill", "--data", "prep", "--model", "teacher", "--out", "cache", "--device", "cpu",
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+    let elsewhere = root.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let cache = format!("distill_cache=\"{}\"", root.join("cache").display());
+    let model = format!("model_dir=\"{}\"", teacher.display());
+    let (code, text) = clover_in(
+        &elsewhere,
+        &["train", "--config", s(&config), "--set", &cache, "--set", &model],
+    );
+    assert_eq!(code, 0, "{text}");
+}

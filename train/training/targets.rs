@@ -97,9 +97,15 @@ pub fn run(args: &DistillOptions) -> Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
+    // Absolute paths: training may run from any directory (a relative one recorded here would
+    // name another place there, or nothing).
+    let absolute = |p: &Path| {
+        p.canonicalize()
+            .with_context(|| format!("resolving {}", p.display()))
+    };
     let manifest = Manifest {
-        data: args.data.clone(),
-        model: args.model.clone(),
+        data: absolute(&args.data)?,
+        model: absolute(&args.model)?,
         dtype: if kind == Kind::Half { "f16" } else { "bf16" }.to_string(),
         hidden_size: teacher.config.hidden_size,
         samples: samples.len(),
@@ -340,6 +346,25 @@ pub struct DistillCache {
     manifest: Manifest,
 }
 
+impl Manifest {
+    /// Caches of older versions record the paths as given, relative to the directory distill ran
+    /// in: usable only from there, so say so instead of failing on a missing directory or, worse,
+    /// a false "changed since distillation".
+    fn check_recorded_paths(&self, path: &Path) -> Result<()> {
+        for (key, recorded) in [("data", &self.data), ("model", &self.model)] {
+            ensure!(
+                recorded.is_absolute() || recorded.exists(),
+                "{}: {key} is recorded as the relative path {} (an older clover's cache), which \
+                 names nothing from this directory: run from the directory distill ran in, or \
+                 distill again",
+                path.display(),
+                recorded.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 impl DistillCache {
     /// Open a finished cache; every shard must be present (a partial cache names what is missing)
     /// and agree with the manifest and the prepared data, so a damaged cache is refused here
@@ -352,6 +377,7 @@ impl DistillCache {
         )
         .with_context(|| format!("{} is not a clover distill manifest", path.display()))?;
         manifest.check(&path)?;
+        manifest.check_recorded_paths(&path)?;
         let missing: Vec<usize> = (0..manifest.shards)
             .filter(|&k| !shard_path(dir, k).exists())
             .collect();
