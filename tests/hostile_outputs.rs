@@ -489,7 +489,48 @@ fn a_cache_made_with_relative_paths_trains_from_any_directory() {
     let model = format!("model_dir=\"{}\"", teacher.display());
     let (code, text) = clover_in(
         &elsewhere,
-        &["train", "--config", s(&config), "--set", &cache, "--set", &model],
+        &[
+            "train",
+            "--config",
+            s(&config),
+            "--set",
+            &cache,
+            "--set",
+            &model,
+        ],
+    );
+    assert_eq!(code, 0, "{text}");
+}
+
+/// Rows longer than the teacher's context (the tiny fixture's is 256 positions) are refused by
+/// distill and train, naming the row and both numbers; `max_len` within the context trains.
+#[test]
+fn rows_past_the_teachers_context_are_refused() {
+    let root = scratch_dir("outputs", "context");
+    let data = root.join("prep");
+    let mut rows = tiny_samples(4, 2);
+    rows[1].input_ids = (0..300).map(|i| i % 90 + 3).collect();
+    rows[1].loss_mask = vec![1; 300];
+    write_samples(&data, Split::Train, &rows).unwrap();
+    write_samples(&data, Split::Eval, &tiny_samples(2, 4)).unwrap();
+    let (code, text) = clover(&[
+        "distill",
+        "--data",
+        s(&data),
+        "--model",
+        s(&fixture("tiny-llama-tied")),
+        "--out",
+        s(&root.join("cache")),
+        "--device",
+        "cpu",
+    ]);
+    assert_refused(code, &text, &["\"s1\"", "300 tokens", "context of 256"]);
+    let (config, _) = tiny_job(&root, "max_steps = 1\nmax_len = 512");
+    let (code, text) = train(&config, &["--set", "batch_tokens=1024"]);
+    assert_refused(code, &text, &["300 tokens", "context of 256", "max_len"]);
+    let (code, text) = train(
+        &config,
+        &["--set", "batch_tokens=1024", "--set", "max_len=256"],
     );
     assert_eq!(code, 0, "{text}");
 }

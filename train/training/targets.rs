@@ -90,10 +90,19 @@ pub fn run(args: &DistillOptions) -> Result<()> {
         "{}: the train split is empty",
         args.data.display()
     );
+    let context = teacher.config.max_position_embeddings as usize;
     for s in &samples {
         teacher
             .check_token_ids(&s.input_ids)
             .with_context(|| format!("{}: train sample {:?}", args.data.display(), s.id))?;
+        ensure!(
+            s.input_ids.len() <= context,
+            "{}: train sample {:?} has {} tokens, more than the teacher's context of {context} \
+             positions: prepare the data again with --max-len {context} or less",
+            args.data.display(),
+            s.id,
+            s.input_ids.len()
+        );
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;

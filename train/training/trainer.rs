@@ -381,11 +381,21 @@ impl<'a> Run<'a> {
         if let Source::Offline(cache) = source {
             cache.check_against(&cfg.model_dir, &cfg.data_dir, teacher.config.hidden_size)?;
         }
+
         let lengths: Vec<usize> = source.samples()[..n_train]
             .iter()
             .map(|s| s.input_ids.len().min(cfg.max_len))
             .collect();
         let longest = lengths.iter().copied().max().unwrap_or(0);
+        let context = teacher.config.max_position_embeddings as usize;
+        ensure!(
+            longest <= context,
+            "the longest training row has {longest} tokens after truncation to max_len = {}, \
+             more than the teacher's context of {context} positions ({}/config.json \
+             max_position_embeddings): set max_len to {context} or less",
+            cfg.max_len,
+            cfg.model_dir.display()
+        );
         let (budget_key, budget) = match cfg.micro_batch_tokens {
             Some(tokens) => ("micro_batch_tokens", tokens),
             None => ("batch_tokens", cfg.batch_tokens),
