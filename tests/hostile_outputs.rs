@@ -131,14 +131,17 @@ fn report_and_import_outputs_never_replace_their_inputs() {
     assert_refused(code, &text, &["--report", "is the input --prompts"]);
     let chats = root.join("chats.json");
     std::fs::write(&chats, "[]").unwrap();
-    let (code, text) = clover(&[
-        "data",
-        "import-chitchat",
-        "--input",
-        s(&chats),
-        "--out",
-        s(&chats),
-    ]);
+    let import = |out: &Path| {
+        clover(&[
+            "data",
+            "import-chitchat",
+            "--input",
+            s(&chats),
+            "--out",
+            s(out),
+        ])
+    };
+    let (code, text) = import(&chats);
     assert_refused(code, &text, &["--out", "is the input --input"]);
     assert_eq!(
         std::fs::read_to_string(&questions).unwrap(),
@@ -148,14 +151,7 @@ fn report_and_import_outputs_never_replace_their_inputs() {
     // An existing file that is no input is replaced only with --overwrite.
     let other = root.join("other.json");
     std::fs::write(&other, "mine").unwrap();
-    let (code, text) = clover(&[
-        "data",
-        "import-chitchat",
-        "--input",
-        s(&chats),
-        "--out",
-        s(&other),
-    ]);
+    let (code, text) = import(&other);
     assert_refused(code, &text, &["exists", "--overwrite"]);
     assert_eq!(std::fs::read_to_string(&other).unwrap(), "mine");
 }
@@ -423,29 +419,22 @@ fn distill_and_prepare_never_take_a_foreign_directory() {
     let mine = root.join("mine");
     std::fs::create_dir_all(&mine).unwrap();
     std::fs::write(mine.join("results.csv"), "1,2").unwrap();
-    let (code, text) = clover(&[
-        "distill",
-        "--data",
-        s(&root.join("prep")),
-        "--model",
-        s(&fixture("tiny-llama-tied")),
-        "--out",
-        s(&mine),
-        "--device",
-        "cpu",
-    ]);
+    let distill_into = |out: &Path| {
+        clover(&[
+            "distill",
+            "--data",
+            s(&root.join("prep")),
+            "--model",
+            s(&fixture("tiny-llama-tied")),
+            "--out",
+            s(out),
+            "--device",
+            "cpu",
+        ])
+    };
+    let (code, text) = distill_into(&mine);
     assert_refused(code, &text, &["results.csv", "did not write"]);
-    let (code, text) = clover(&[
-        "distill",
-        "--data",
-        s(&root.join("prep")),
-        "--model",
-        s(&fixture("tiny-llama-tied")),
-        "--out",
-        s(&root.join("prep/cache")),
-        "--device",
-        "cpu",
-    ]);
+    let (code, text) = distill_into(&root.join("prep/cache"));
     assert_refused(code, &text, &["lies inside the input --data"]);
     assert_eq!(
         std::fs::read_to_string(mine.join("results.csv")).unwrap(),

@@ -111,6 +111,15 @@ impl Problems {
         }
     }
 
+    /// Records `field` unless `value` is a finite number > 0 (a scale, a base, an epsilon).
+    pub fn require_positive(&mut self, field: &str, value: f64) {
+        self.require(
+            value.is_finite() && value > 0.0,
+            field,
+            format!("{value} is not a finite number > 0"),
+        );
+    }
+
     /// Ok when nothing was recorded; otherwise one error listing every problem, naming `origin`.
     pub fn into_result(self, origin: &str) -> anyhow::Result<()> {
         if self.0.is_empty() {

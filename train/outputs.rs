@@ -107,15 +107,16 @@ impl OutputDir {
         })
     }
 
-    /// As `claim`, for a command whose finished output is replaced only when the user says so.
-    pub fn claim_replaceable(
-        dir: &Path,
+    /// The output of a resumable job (`--out` of distill or regenerate): none of `inputs`, and
+    /// new or the same command's (a rerun continues it).
+    pub fn claim_for_job(
+        out: &Path,
+        inputs: &[Named],
         command: &str,
-        overwrite: bool,
         legacy: &dyn Fn(&str) -> bool,
     ) -> Result<Self> {
-        check_replaceable(dir, command, overwrite, legacy)?;
-        Self::claim(dir, command, legacy)
+        refuse_overlap(("--out", out), inputs)?;
+        Self::claim(out, command, legacy)
     }
 }
 

@@ -184,12 +184,9 @@ impl RegenerateArgs {
 }
 
 pub fn run_regenerate(args: &RegenerateArgs) -> Result<()> {
-    refuse_overlap(
-        ("--out", &args.out),
-        &[("--data", &args.data), ("--model", &args.model)],
-    )?;
-    OutputDir::claim(
+    OutputDir::claim_for_job(
         &args.out,
+        &[("--data", &args.data), ("--model", &args.model)],
         "clover data regenerate",
         &crate::data::regenerate::is_output_file,
     )?;

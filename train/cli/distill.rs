@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::model::device::RunOn;
-use crate::outputs::{refuse_overlap, OutputDir};
+use crate::outputs::OutputDir;
 
 #[derive(clap::Args, Debug)]
 pub struct DistillArgs {
@@ -50,12 +50,9 @@ impl DistillArgs {
 }
 
 pub fn run(args: &DistillArgs) -> Result<()> {
-    refuse_overlap(
-        ("--out", &args.out),
-        &[("--data", &args.data), ("--model", &args.model)],
-    )?;
-    OutputDir::claim(
+    OutputDir::claim_for_job(
         &args.out,
+        &[("--data", &args.data), ("--model", &args.model)],
         "clover distill",
         &crate::training::targets::is_output_file,
     )?;

@@ -143,11 +143,7 @@ impl LlamaConfig {
             "num_hidden_layers",
             format!("{} < 1", self.num_hidden_layers),
         );
-        p.require(
-            self.rope_theta.is_finite() && self.rope_theta > 0.0,
-            "rope_theta",
-            format!("{} is not a finite number > 0", self.rope_theta),
-        );
+        p.require_positive("rope_theta", self.rope_theta);
         p.require(
             self.max_position_embeddings >= 1,
             "max_position_embeddings",

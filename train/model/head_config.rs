@@ -195,11 +195,7 @@ impl HeadOptions {
             "heads_coefficient",
             format!("{} is not a finite number >= 0", self.heads_coefficient),
         );
-        p.require(
-            self.draft_rope_theta.is_finite() && self.draft_rope_theta > 0.0,
-            "draft_rope_theta",
-            format!("{} is not a finite number > 0", self.draft_rope_theta),
-        );
+        p.require_positive("draft_rope_theta", self.draft_rope_theta);
         p.require(
             self.init_from_layer >= 0,
             "init_from_layer",
@@ -559,11 +555,7 @@ impl HeadConfig {
                 );
             }
         }
-        p.require(
-            self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0,
-            "rms_norm_eps",
-            format!("{} is not a finite number > 0", self.rms_norm_eps),
-        );
+        p.require_positive("rms_norm_eps", self.rms_norm_eps);
     }
 
     /// Refuses, all at once, out-of-range values: the shape by the rule a teacher's config.json
