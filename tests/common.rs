@@ -297,3 +297,28 @@ progress = false
     );
     clover::training::config::TrainConfig::from_toml(&text, "tiny").unwrap()
 }
+
+/// The loss of a whole batch (no data-parallel share), as the trainer computes it.
+pub fn whole_batch_loss(
+    teacher: &Teacher,
+    (u, mask): (&Tensor, &Tensor),
+    outs: &[Tensor],
+    lm_head: clover::training::loss::DepthLogits,
+    weights: &clover::training::loss::LossWeights,
+    chunk: usize,
+    vocab: Option<&clover::model::draft_vocab::DraftVocab>,
+) -> clover::training::loss::LossParts {
+    clover::training::loss::BatchLoss {
+        teacher,
+        u,
+        mask,
+        outs,
+        lm_head,
+        weights,
+        chunk,
+        vocab,
+        counts: None,
+    }
+    .compute()
+    .expect("batch loss")
+}

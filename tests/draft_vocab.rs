@@ -1,6 +1,7 @@
 //! Draft vocabularies in training (`draft_vocab = N`, EAGLE-3) and the sampled acceptance table
 //! of `clover calibrate --temperature`.
 
+use crate::common::whole_batch_loss;
 use crate::common::{tiny_samples, tiny_teacher, tiny_train_config, F64_U};
 use crate::speculative::{greedy_with_mode, plain_greedy};
 use clover::data::vocab::frequent_tokens;
@@ -12,7 +13,7 @@ use clover::model::draft_vocab::DraftVocab;
 use clover::model::head::DraftHead;
 use clover::training::checkpoint::read_checkpoint_head;
 use clover::training::config::{TrainConfig, TrainOptions};
-use clover::training::loss::{batch_loss, target_rows, DepthLoss, LossWeights};
+use clover::training::loss::{target_rows, DepthLoss, LossWeights};
 use clover::training::run_dir::Start;
 use clover::training::trainer::{train, Source};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -40,9 +41,7 @@ fn draft_vocab_loss_restricts_renormalises_and_skips_rows_outside() {
     let lm = |_: usize, o: &Tensor| vocab.draft_logits(o);
     let loss = |chunk: usize| -> Vec<DepthLoss> {
         tch::no_grad(|| {
-            batch_loss(&teacher, &u, &mask, &outs, &lm, &w, chunk, Some(&vocab))
-                .unwrap()
-                .depths
+            whole_batch_loss(&teacher, (&u, &mask), &outs, &lm, &w, chunk, Some(&vocab)).depths
         })
     };
     let got = loss(0);

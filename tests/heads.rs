@@ -4,6 +4,7 @@
 use clover::training::run_dir::Start;
 use std::collections::BTreeMap;
 
+use crate::common::whole_batch_loss;
 use crate::common::{scratch_dir, tiny_teacher};
 use crate::speculative::{load, plain_greedy, tiny_llama};
 use clover::decode::eagle_drafter::EagleDrafter;
@@ -14,7 +15,7 @@ use clover::model::head::DraftHead;
 use clover::model::head_config::{HeadConfig, HeadKind, HeadOptions};
 use clover::model::teacher::Teacher;
 use clover::training::export::export_head;
-use clover::training::loss::{batch_loss, LossWeights};
+use clover::training::loss::LossWeights;
 use tch::{Device, Kind, Tensor};
 
 fn head_of(teacher: &Teacher, kind: HeadKind, depths: i64, seed: i64) -> DraftHead {
@@ -203,7 +204,7 @@ fn loss_weights_per_head_and_the_loss_they_give() {
         let outs = tch::no_grad(|| head.depth_outputs(&u, &next, None));
         assert_eq!(outs.len(), n_out);
         let logits = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
-        let parts = batch_loss(&teacher, &u, &mask, &outs, &logits, &w, 0, None).unwrap();
+        let parts = whole_batch_loss(&teacher, (&u, &mask), &outs, &logits, &w, 0, None);
         for (i, d) in parts.depths.iter().enumerate() {
             let want = (v_w * d.vloss + p_w * d.ploss) * 0.7f64.powi(i as i32);
             // f64 sums of three f32 values of size ~10: 1e-5 relative is generous.

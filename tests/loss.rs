@@ -13,11 +13,11 @@
 use clover::training::run_dir::Start;
 use std::collections::BTreeMap;
 
-use crate::common::{max_abs, tiny_head, tiny_teacher, BF16_U, F32_U, F64_U};
+use crate::common::{max_abs, tiny_head, tiny_teacher, whole_batch_loss, BF16_U, F32_U, F64_U};
 use clover::model::head::DraftHead;
 use clover::model::teacher::Teacher;
 use clover::training::loss::{
-    at_least_f32, batch_loss, shift_for_training, target_rows, DepthLoss, LossWeights,
+    at_least_f32, shift_for_training, target_rows, DepthLoss, LossWeights,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -69,7 +69,7 @@ fn run(
 ) -> Run {
     let w = LossWeights::reference(head.config());
     let lm_head = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
-    let parts = batch_loss(teacher, u, mask, outs, &lm_head, &w, chunk, None).unwrap();
+    let parts = whole_batch_loss(teacher, (u, mask), outs, &lm_head, &w, chunk, None);
     let params = head.named_tensors();
     let mut inputs: Vec<&Tensor> = outs.iter().collect();
     inputs.extend(params.values());

@@ -138,7 +138,7 @@ fn truncated(s: &Sample, max_len: usize) -> (&[i64], &[u8]) {
 
 /// N_i of §2.2 for a batch of `samples` and depths 0..`depths`: the masked positions t' >= i
 /// under the shifted loss mask, exactly as `make_batch` builds it. Data-parallel ranks compute it
-/// for a whole batch of which each holds a share (`loss::batch_loss_of_share`).
+/// for a whole batch of which each holds a share (`loss::BatchLoss::counts`).
 pub fn depth_counts(samples: &[&Sample], max_len: usize, depths: usize) -> Vec<i64> {
     let mut counts = vec![0i64; depths];
     for s in samples {

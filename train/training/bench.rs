@@ -11,7 +11,7 @@ use crate::model::head::DraftHead;
 use crate::model::head_config::HeadConfig;
 use crate::model::random::TeacherSource;
 use crate::training::batches::{make_batch, SplitMix64};
-use crate::training::loss::{batch_loss, LossWeights};
+use crate::training::loss::{BatchLoss, LossWeights};
 use crate::training::optimizer::{clip_grads_by_value, zero_grads, AdamW};
 
 /// Which training step `bench-train` times.
@@ -92,16 +92,18 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
                 _ => &cached,
             };
             let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-            let parts = batch_loss(
-                &teacher,
-                &batch.u,
-                &batch.mask,
-                &outs,
-                &lm_head,
-                &weights,
-                head.loss_chunk(args.loss_chunk),
-                None,
-            )?;
+            let parts = BatchLoss {
+                teacher: &teacher,
+                u: &batch.u,
+                mask: &batch.mask,
+                outs: &outs,
+                lm_head: &lm_head,
+                weights: &weights,
+                chunk: head.loss_chunk(args.loss_chunk),
+                vocab: None,
+                counts: None,
+            }
+            .compute()?;
             zero_grads(&params);
             parts.total.backward();
             clip_grads_by_value(&params, 0.5);

@@ -10,7 +10,7 @@ use crate::model::head::DraftHead;
 use crate::model::teacher::Teacher;
 use crate::training::batches::{epoch_batches, make_batch, Batch};
 use crate::training::config::TrainConfig;
-use crate::training::loss::{batch_loss, LossWeights};
+use crate::training::loss::{BatchLoss, LossWeights};
 use crate::training::metrics::EvalRecord;
 
 /// Held-out loss (the training loss, token-weighted over batches, chunked by `loss_chunk` as in
@@ -47,16 +47,18 @@ pub fn evaluate(
             let samples: Vec<&Sample> = idx.iter().map(|&i| &eval[i]).collect();
             let batch = make_batch(teacher, &samples, None, cfg.max_len)?;
             let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
-            let parts = batch_loss(
+            let parts = BatchLoss {
                 teacher,
-                &batch.u,
-                &batch.mask,
-                &outs,
-                &lm_head,
-                &weights,
-                head.loss_chunk(cfg.loss_chunk),
-                head.draft_vocab(),
-            )?;
+                u: &batch.u,
+                mask: &batch.mask,
+                outs: &outs,
+                lm_head: &lm_head,
+                weights: &weights,
+                chunk: head.loss_chunk(cfg.loss_chunk),
+                vocab: head.draft_vocab(),
+                counts: None,
+            }
+            .compute()?;
             let n = parts.depths.first().map_or(0, |d| d.count) as f64;
             loss_sum += parts.depths.iter().map(|d| d.loss).sum::<f64>() * n;
             loss_weight += n;

@@ -12,7 +12,7 @@
 //!
 //! Memory: `teacher_targets` + `clover_loss` hold the teacher distribution [M,V] and, per depth,
 //! logits and log-probs [n_i,V] that autograd keeps for the backward: about 100 GB for LLaMA-3's
-//! V = 128,256 at 32k tokens. `clover_loss_chunked` (`batch_loss` with a chunk > 0, the trainer's
+//! V = 128,256 at 32k tokens. `clover_loss_chunked` (`BatchLoss` with a chunk > 0, the trainer's
 //! `loss_chunk`) walks the M masked positions in chunks instead: per chunk it computes the teacher
 //! distribution once for all depths, and per depth the student's soft cross-entropy and its
 //! gradient with respect to the chunk's rows in a local graph that is freed at once; the gradients
@@ -227,84 +227,81 @@ pub struct LossParts {
     pub teacher_top1: Tensor,
 }
 
-/// The loss of one batch: the teacher side from the pre-norm states u [B,T,H] and the shifted
-/// 0/1 mask [B,T], then the per-depth loss of `outs` (`DraftHead::depth_outputs`). `chunk` = 0
-/// materialises the teacher distribution and every depth's logits at once (`teacher_targets` +
-/// `clover_loss`); `chunk` > 0 walks the masked positions `chunk` at a time
-/// (`clover_loss_chunked`). Same values and gradients up to round-off.
-///
-/// With a draft vocabulary `vocab` (a head trained with `draft_vocab = N`), `lm_head` gives
-/// draft-space logits [n,N] (`DraftHead::loss_logits_at`); the teacher's distribution is
-/// restricted to the same N tokens and renormalised, and positions whose teacher argmax falls
-/// outside them are left out, normaliser included (EAGLE-3).
-#[allow(clippy::too_many_arguments)]
-pub fn batch_loss(
-    teacher: &Teacher,
-    u: &Tensor,
-    mask: &Tensor,
-    outs: &[Tensor],
-    lm_head: DepthLogits,
-    weights: &LossWeights,
-    chunk: usize,
-    vocab: Option<&DraftVocab>,
-) -> Result<LossParts> {
-    batch_loss_of_share(teacher, u, mask, outs, lm_head, weights, chunk, vocab, None)
+/// What the loss of one batch is computed from: the teacher side from the pre-norm states u
+/// [B,T,H] and the shifted 0/1 mask [B,T], and the per-depth outputs `outs`
+/// (`DraftHead::depth_outputs`) with their logits `lm_head`.
+pub struct BatchLoss<'a> {
+    pub teacher: &'a Teacher,
+    pub u: &'a Tensor,
+    pub mask: &'a Tensor,
+    pub outs: &'a [Tensor],
+    pub lm_head: DepthLogits<'a>,
+    pub weights: &'a LossWeights,
+    /// 0 materialises the teacher distribution and every depth's logits at once
+    /// (`teacher_targets` + `clover_loss`); > 0 walks the masked positions `chunk` at a time
+    /// (`clover_loss_chunked`). Same values and gradients up to round-off.
+    pub chunk: usize,
+    /// A head trained with `draft_vocab = N`: `lm_head` gives draft-space logits [n,N]
+    /// (`DraftHead::loss_logits_at`); the teacher's distribution is restricted to the same N
+    /// tokens and renormalised, and positions whose teacher argmax falls outside them are left
+    /// out, normaliser included (EAGLE-3).
+    pub vocab: Option<&'a DraftVocab>,
+    /// When these rows are one data-parallel share of a batch: the whole batch's N_i
+    /// (`training::batches::depth_counts`), so each depth's sums are divided by the batch's
+    /// N_i + 1 and the shares' losses and gradients add up to the batch's. `DepthLoss::count`
+    /// stays this share's rows. `None`: the rows here are the whole batch.
+    pub counts: Option<&'a [i64]>,
 }
 
-/// `batch_loss` of a share of a batch whose other rows are on other data-parallel ranks:
-/// `counts` are the whole batch's N_i (`training::batches::depth_counts`), so each depth's sums
-/// are divided by the batch's N_i + 1 and the shares' losses and gradients add up to the batch's.
-/// `None`: the rows here are the whole batch. `DepthLoss::count` stays this share's rows.
-#[allow(clippy::too_many_arguments)]
-pub fn batch_loss_of_share(
-    teacher: &Teacher,
-    u: &Tensor,
-    mask: &Tensor,
-    outs: &[Tensor],
-    lm_head: DepthLogits,
-    weights: &LossWeights,
-    chunk: usize,
-    vocab: Option<&DraftVocab>,
-    counts: Option<&[i64]>,
-) -> Result<LossParts> {
-    if let Some(counts) = counts {
-        ensure!(
-            counts.len() == outs.len(),
-            "{} normaliser counts for {} depths",
-            counts.len(),
-            outs.len()
-        );
-        // The counts come from the loss masks; a draft vocabulary drops rows by the teacher's
-        // argmax, which only the rank holding them knows.
-        ensure!(
-            vocab.is_none(),
-            "a draft vocabulary cannot train on shares of a batch across data-parallel ranks"
-        );
-    }
-    let mut rows = target_rows(teacher, u, mask);
-    if let Some(vocab) = vocab {
-        rows = rows_in_vocab(teacher, rows, vocab, chunk);
-    }
-    let teacher_logits = |h: &Tensor| {
-        let logits = teacher_lm_head(teacher, h);
-        match vocab {
-            Some(vocab) => vocab.restrict(&logits),
-            None => logits,
+impl BatchLoss<'_> {
+    /// The batch's per-depth loss.
+    pub fn compute(&self) -> Result<LossParts> {
+        let (teacher, vocab, chunk) = (self.teacher, self.vocab, self.chunk);
+        if let Some(counts) = self.counts {
+            ensure!(
+                counts.len() == self.outs.len(),
+                "{} normaliser counts for {} depths",
+                counts.len(),
+                self.outs.len()
+            );
+            // The counts come from the loss masks; a draft vocabulary drops rows by the
+            // teacher's argmax, which only the rank holding them knows.
+            ensure!(
+                vocab.is_none(),
+                "a draft vocabulary cannot train on shares of a batch across data-parallel ranks"
+            );
         }
-    };
-    if chunk == 0 {
-        let targets = targets_of_rows(rows, &teacher_logits);
-        return Ok(clover_loss_over(outs, &targets, lm_head, weights, counts));
+        let mut rows = target_rows(teacher, self.u, self.mask);
+        if let Some(vocab) = vocab {
+            rows = rows_in_vocab(teacher, rows, vocab, chunk);
+        }
+        let teacher_logits = |h: &Tensor| {
+            let logits = teacher_lm_head(teacher, h);
+            match vocab {
+                Some(vocab) => vocab.restrict(&logits),
+                None => logits,
+            }
+        };
+        if chunk == 0 {
+            let targets = targets_of_rows(rows, &teacher_logits);
+            return Ok(clover_loss_over(
+                self.outs,
+                &targets,
+                self.lm_head,
+                self.weights,
+                self.counts,
+            ));
+        }
+        chunked_loss_over(
+            self.outs,
+            &rows,
+            &teacher_logits,
+            self.lm_head,
+            self.weights,
+            chunk,
+            self.counts,
+        )
     }
-    chunked_loss_over(
-        outs,
-        &rows,
-        &teacher_logits,
-        lm_head,
-        weights,
-        chunk,
-        counts,
-    )
 }
 
 /// The per-depth loss of `outs` (o_i with T-i rows, from `DraftHead::depth_outputs`). `lm_head`

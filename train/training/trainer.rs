@@ -32,7 +32,7 @@ use crate::training::checkpoint::{
 };
 use crate::training::config::{TrainConfig, TrainOptions};
 use crate::training::evaluate::evaluate;
-use crate::training::loss::{batch_loss_of_share, DepthLoss, LossWeights};
+use crate::training::loss::{BatchLoss, DepthLoss, LossWeights};
 use crate::training::metrics::{
     append_jsonl, check_finite, log_eval, log_step, EvalRecord, StepRecord,
 };
@@ -695,17 +695,18 @@ impl<'a> Run<'a> {
             .training_outputs(&batch.u, &batch.next_ids, noise_seed);
         let head = &self.head;
         let lm_head = |i: usize, o: &Tensor| head.loss_logits_at(i as i64, o);
-        let mut parts = batch_loss_of_share(
+        let mut parts = BatchLoss {
             teacher,
-            &batch.u,
-            &batch.mask,
-            &outs,
-            &lm_head,
-            &self.weights,
-            head.loss_chunk(cfg.loss_chunk),
-            head.draft_vocab(),
+            u: &batch.u,
+            mask: &batch.mask,
+            outs: &outs,
+            lm_head: &lm_head,
+            weights: &self.weights,
+            chunk: head.loss_chunk(cfg.loss_chunk),
+            vocab: head.draft_vocab(),
             counts,
-        )?;
+        }
+        .compute()?;
         if opts.inject_nan_at_step == Some(step) {
             parts.depths[0].loss = f64::NAN;
             parts.total = parts.total * f64::NAN;
