@@ -228,8 +228,16 @@ impl TrainConfig {
     /// negative learning rate, an empty batch) is refused before any work, all of them at once.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
-        let positive = |x: f64| x.is_finite() && x > 0.0;
         self.head.check(&mut p);
+        self.check_paths(&mut p);
+        self.check_batching(&mut p);
+        self.check_optimizer(&mut p);
+        self.check_schedule(&mut p);
+        p.into_result(origin)
+    }
+
+    /// The directories a run reads and writes are named.
+    fn check_paths(&self, p: &mut Problems) {
         for (key, path) in [
             ("model_dir", &self.model_dir),
             ("data_dir", &self.data_dir),
@@ -242,6 +250,10 @@ impl TrainConfig {
                 "is empty: name a directory",
             );
         }
+    }
+
+    /// How much a run trains on, and in what batches.
+    fn check_batching(&self, p: &mut Problems) {
         p.require(
             self.max_steps != Some(0),
             "max_steps",
@@ -295,6 +307,11 @@ impl TrainConfig {
                 self.loss_chunk
             ),
         );
+    }
+
+    /// AdamW's settings and the gradient clip.
+    fn check_optimizer(&self, p: &mut Problems) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
         p.require(
             positive(self.lr),
             "lr",
@@ -321,6 +338,10 @@ impl TrainConfig {
             "clip_value",
             format!("{} is not a finite number > 0", self.clip_value),
         );
+    }
+
+    /// Warm-up and schedule against the run length; checkpoints and evaluation.
+    fn check_schedule(&self, p: &mut Problems) {
         if let Some(steps) = self.max_steps {
             // A run that warms up for its whole length never reaches its lr (one step of
             // warm-up in a one-step run trains at lr 0: a run that changes nothing).
@@ -350,11 +371,10 @@ impl TrainConfig {
             "0 < 1 (the newest checkpoint is always kept)",
         );
         p.require(
-            self.eval_every == 0 || self.eval_samples >= 1,
-            "eval_samples",
-            "0 with eval_every > 0: nothing to evaluate (set eval_every = 0 to turn evaluation off)",
-        );
-        p.into_result(origin)
+        self.eval_every == 0 || self.eval_samples >= 1,
+        "eval_samples",
+        "0 with eval_every > 0: nothing to evaluate (set eval_every = 0 to turn evaluation off)",
+    );
     }
 
     /// The settings of `self` that differ from `earlier` (a checkpoint's), as `key: old -> new`.

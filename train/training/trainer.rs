@@ -349,6 +349,108 @@ fn give_draft_vocab(
     Ok(())
 }
 
+/// The training rows a run uses (`max_train_samples` of them) and their lengths after
+/// truncation to `max_len`, checked: something to learn, a cache of this teacher and data, rows
+/// within the teacher's context and the batch budget.
+fn training_rows<'s>(
+    cfg: &TrainConfig,
+    teacher: &Teacher,
+    source: &'s Source,
+) -> Result<(&'s [Sample], Vec<usize>)> {
+    let n_train = source
+        .samples()
+        .len()
+        .min(cfg.max_train_samples.unwrap_or(usize::MAX));
+    ensure!(n_train > 0, "no training samples");
+    let trained = &source.samples()[..n_train];
+    ensure!(
+        trained_tokens(trained, cfg.max_len) > 0,
+        "{}: no training row has a trained token (every loss-mask value is 0 within max_len = \
+         {}): the run would change nothing",
+        cfg.data_dir.display(),
+        cfg.max_len
+    );
+    if let Source::Offline(cache) = source {
+        cache.check_against(&cfg.model_dir, &cfg.data_dir, teacher.config.hidden_size)?;
+    }
+    let lengths: Vec<usize> = trained
+        .iter()
+        .map(|s| s.input_ids.len().min(cfg.max_len))
+        .collect();
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    let context = teacher.config.max_position_embeddings as usize;
+    ensure!(
+        longest <= context,
+        "the longest training row has {longest} tokens after truncation to max_len = {}, more \
+         than the teacher's context of {context} positions ({}/config.json \
+         max_position_embeddings): set max_len to {context} or less",
+        cfg.max_len,
+        cfg.model_dir.display()
+    );
+    let (budget_key, budget) = match cfg.micro_batch_tokens {
+        Some(tokens) => ("micro_batch_tokens", tokens),
+        None => ("batch_tokens", cfg.batch_tokens),
+    };
+    ensure!(
+        longest <= budget,
+        "{budget_key} = {budget} is below the longest training row ({longest} tokens after \
+         truncation to max_len = {}): raise {budget_key} or lower max_len",
+        cfg.max_len
+    );
+    Ok((trained, lengths))
+}
+
+/// The run's optimizer steps: `max_steps`, or `epochs` passes of `steps_per_epoch`.
+fn run_length(cfg: &TrainConfig, steps_per_epoch: usize) -> Result<u64> {
+    let total_steps = match (cfg.max_steps, cfg.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => e * steps_per_epoch as u64,
+        (None, None) => bail!("set max_steps or epochs in the training config"),
+    };
+    // With `epochs` the step count is known only now (with `max_steps`, `validate` checked it
+    // at load): the warm-up must fit in it too.
+    ensure!(
+        cfg.max_steps.is_some() || cfg.warmup_steps == 0 || cfg.warmup_steps < total_steps,
+        "warmup_steps = {} must be below the run's {total_steps} steps (or 0)",
+        cfg.warmup_steps
+    );
+    Ok(total_steps)
+}
+
+/// The head a run trains: `init_from`'s or the reference init, with its draft vocabulary and
+/// compute dtype.
+fn build_head(
+    cfg: &TrainConfig,
+    teacher: &Teacher,
+    trained: &[Sample],
+    group: Option<&Group>,
+) -> Result<DraftHead> {
+    let mut head = match &cfg.init_from {
+        Some(dir) => {
+            DraftHead::load(dir, teacher).with_context(|| format!("init_from {}", dir.display()))?
+        }
+        None => DraftHead::new(teacher, cfg.head_config(teacher), cfg.seed as i64)?,
+    };
+    give_draft_vocab(&mut head, cfg, trained, group)?;
+    if let Some(kind) = cfg.autocast_kind(teacher.device()) {
+        head.set_compute_kind(kind);
+    }
+    Ok(head)
+}
+
+/// The run's bar (or plain lines), labelled with its rank in a group.
+fn progress_bar(cfg: &TrainConfig, group: Option<&Group>, total_steps: u64) -> Progress {
+    let label = match group {
+        Some(g) => format!("train rank {}/{}", g.rank, g.world),
+        None => "train".to_string(),
+    };
+    if cfg.progress {
+        Progress::new(&label, total_steps)
+    } else {
+        Progress::hidden(&label)
+    }
+}
+
 impl<'a> Run<'a> {
     /// Checks the data against the config, builds the head (reference init or `init_from`) and
     /// its optimizer, and opens the logs.
@@ -365,84 +467,17 @@ impl<'a> Run<'a> {
         } else {
             None
         };
-        let n_train = source
-            .samples()
-            .len()
-            .min(cfg.max_train_samples.unwrap_or(usize::MAX));
-        ensure!(n_train > 0, "no training samples");
-        let trained = &source.samples()[..n_train];
-        ensure!(
-            trained_tokens(trained, cfg.max_len) > 0,
-            "{}: no training row has a trained token (every loss-mask value is 0 within max_len = \
-             {}): the run would change nothing",
-            cfg.data_dir.display(),
-            cfg.max_len
-        );
-        if let Source::Offline(cache) = source {
-            cache.check_against(&cfg.model_dir, &cfg.data_dir, teacher.config.hidden_size)?;
-        }
-
-        let lengths: Vec<usize> = source.samples()[..n_train]
-            .iter()
-            .map(|s| s.input_ids.len().min(cfg.max_len))
-            .collect();
-        let longest = lengths.iter().copied().max().unwrap_or(0);
-        let context = teacher.config.max_position_embeddings as usize;
-        ensure!(
-            longest <= context,
-            "the longest training row has {longest} tokens after truncation to max_len = {}, \
-             more than the teacher's context of {context} positions ({}/config.json \
-             max_position_embeddings): set max_len to {context} or less",
-            cfg.max_len,
-            cfg.model_dir.display()
-        );
-        let (budget_key, budget) = match cfg.micro_batch_tokens {
-            Some(tokens) => ("micro_batch_tokens", tokens),
-            None => ("batch_tokens", cfg.batch_tokens),
-        };
-        ensure!(
-            longest <= budget,
-            "{budget_key} = {budget} is below the longest training row ({longest} tokens after \
-             truncation to max_len = {}): raise {budget_key} or lower max_len",
-            cfg.max_len
-        );
+        let (trained, lengths) = training_rows(cfg, teacher, source)?;
         let batches = epoch_steps(&lengths, cfg.batching(), cfg.seed, 0);
-        let total_steps = match (cfg.max_steps, cfg.epochs) {
-            (Some(s), _) => s,
-            (None, Some(e)) => e * batches.len() as u64,
-            (None, None) => bail!("set max_steps or epochs in the training config"),
-        };
-        // With `epochs` the step count is known only now (with `max_steps`, `validate` checked
-        // it at load): the warm-up must fit in it too.
-        ensure!(
-            cfg.max_steps.is_some() || cfg.warmup_steps == 0 || cfg.warmup_steps < total_steps,
-            "warmup_steps = {} must be below the run's {total_steps} steps (or 0)",
-            cfg.warmup_steps
-        );
-        let mut head = match &cfg.init_from {
-            Some(dir) => DraftHead::load(dir, teacher)
-                .with_context(|| format!("init_from {}", dir.display()))?,
-            None => DraftHead::new(teacher, cfg.head_config(teacher), cfg.seed as i64)?,
-        };
-        give_draft_vocab(&mut head, cfg, &source.samples()[..n_train], group)?;
-        if let Some(kind) = cfg.autocast_kind(teacher.device()) {
-            head.set_compute_kind(kind);
-        }
+        let total_steps = run_length(cfg, batches.len())?;
+        let head = build_head(cfg, teacher, trained, group)?;
         let params = head.named_tensors();
         if let Some(group) = group {
             // `init_from` or the seeded init: either way every rank starts from rank 0's.
             group.broadcast_from_first(&params.values().collect::<Vec<_>>())?;
         }
         let opt = AdamW::new(&params, cfg.betas, cfg.adam_eps, cfg.weight_decay);
-        let label = match group {
-            Some(g) => format!("train rank {}/{}", g.rank, g.world),
-            None => "train".to_string(),
-        };
-        let bar = if cfg.progress {
-            Progress::new(&label, total_steps)
-        } else {
-            Progress::hidden(&label)
-        };
+        let bar = progress_bar(cfg, group, total_steps);
         Ok(Run {
             weights: LossWeights::reference(head.config()),
             cfg,
