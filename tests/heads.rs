@@ -329,7 +329,7 @@ fn eagle_tree_drafting_equals_causal_passes_along_each_path() {
 fn greedy_speculative_equals_plain_for_eagle1_and_medusa_tiny() {
     let dir = tiny_llama("heads", 96, 4.0, 31);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     for kind in [HeadKind::Eagle1, HeadKind::Medusa] {
         let head = head_of(&teacher, kind, 5, 5);
         for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
@@ -349,7 +349,7 @@ fn medusa_tree_deeper_than_its_heads_is_refused() {
     let dir = tiny_llama("heads-deep", 96, 4.0, 31);
     let teacher = load(&dir);
     let head = head_of(&teacher, HeadKind::Medusa, 3, 5);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let err = generate_speculative(&teacher, &head, &tree, &[3, 4], 8, Sampling::greedy(), &[])
         .unwrap_err()
         .to_string();
@@ -363,7 +363,7 @@ fn greedy_speculative_equals_plain_smollm2_random_eagle1_and_medusa() {
     tch::set_num_threads(1);
     let dir = crate::common::smollm2_dir();
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let (prompt, stop) = crate::speculative::smollm2_chat_prompt(&dir);
     let plain = plain_greedy(&teacher, &prompt, 40, &stop);
     assert!(

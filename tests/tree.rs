@@ -8,10 +8,10 @@ fn json_tree_file_round_trips_and_verify_mask_shape() {
     let dir = crate::common::scratch_dir("tree", "json-file");
     let file = dir.join("tree.json");
     std::fs::write(&file, serde_json::to_string(&mc_sim_7b_63()).unwrap()).unwrap();
-    let t = Tree::load(Some(file.to_str().unwrap())).unwrap();
-    assert_eq!(t.tree_indices, Tree::load(None).unwrap().tree_indices);
+    let t = Tree::from_json_file(&file).unwrap();
+    assert_eq!(t.tree_indices, Tree::default_tree().tree_indices);
     std::fs::write(&file, "{\"not\": \"a list\"}").unwrap();
-    assert!(Tree::load(Some(file.to_str().unwrap())).is_err());
+    assert!(Tree::from_json_file(&file).is_err());
 
     let tt = t.to_device(Device::Cpu);
     let m = tt.verify_mask(7);
