@@ -165,6 +165,17 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         a.iter().zip(&b).all(|(x, y)| close(*x, *y)),
         "{a:?} vs {b:?}"
     );
+    // Devices are spelled as eval reports spell them; a file written before that, with tch's
+    // `Cpu` / `Cuda(0)`, still reads, in today's spelling.
+    assert_eq!(calib.device, "cpu");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(json["device"], "cpu");
+    for (old, now) in [("Cpu", "cpu"), ("Cuda(1)", "cuda:1")] {
+        json["device"] = old.into();
+        std::fs::write(&file, json.to_string()).unwrap();
+        assert_eq!(Calibration::read(&file).unwrap().device, now);
+    }
     std::fs::write(&file, "{\"acceptance\": []}").unwrap();
     let err = format!("{:#}", Calibration::read(&file).unwrap_err());
     assert!(err.contains("calib.json"), "{err}");

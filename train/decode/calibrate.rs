@@ -79,6 +79,8 @@ pub struct VerifyCurve {
 /// A calibration file (`calib.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Calibration {
+    /// `cpu` or `cuda:N`, as eval reports spell it (older files' `Cpu` / `Cuda(0)` read too).
+    #[serde(deserialize_with = "crate::model::device::deserialize_device_name")]
     pub device: String,
     pub dtype: String,
     /// Size of the draft vocabulary the head was measured with (None = the full vocabulary).
@@ -234,7 +236,7 @@ pub fn calibrate(
             / opts.contexts.len() as f64,
     };
     Ok(Calibration {
-        device: format!("{:?}", teacher.device()),
+        device: crate::model::device::device_name(teacher.device()),
         dtype: format!("{:?}", teacher.kind()),
         draft_vocab: drafter.vocab_len(),
         top_k: opts.top_k,

@@ -43,6 +43,7 @@ use crate::decode::tree::Tree;
 use crate::decode::tree_search::{best_tree, SearchLimits, SearchResult};
 use crate::decode::tree_spec::TreeSpec;
 use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
+use crate::model::device::device_name;
 use crate::model::head::{load_head, DraftHead};
 use crate::model::head_config::HeadKind;
 use crate::model::teacher::Teacher;
@@ -655,13 +656,6 @@ pub fn run(args: &EvalOptions) -> Result<()> {
         eprintln!("report written to {}", path.display());
     }
     Ok(())
-}
-
-fn device_name(device: tch::Device) -> String {
-    match device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    }
 }
 
 /// Decode one prompt with one tree setting. "auto" may have picked plain decoding: that is the
