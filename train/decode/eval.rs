@@ -37,7 +37,7 @@ use crate::decode::dynamic::DynamicTree;
 use crate::decode::generate::{generate, GenerationConfig};
 use crate::decode::sampling::{Sampling, Timed};
 use crate::decode::speculative::{
-    drafter_for, drafting_vocab, generate_with_mode, DraftVocab, HeadDrafter, SpecStats, TreeMode,
+    drafter_for, drafting_vocab, generate_with_mode, DraftVocab, SpecStats, TreeMode,
 };
 use crate::decode::tree::Tree;
 use crate::decode::tree_search::{best_tree, SearchLimits, SearchResult};
@@ -460,8 +460,7 @@ fn auto_setting(
                 "--tree auto needs a calibration: --calib FILE (from `clover calibrate`), \
                  --calib-prompts FILE, or --data DIR (prepared data whose eval split calibrates)"
             );
-            let mut drafter = HeadDrafter::new(head).with_vocab(vocab);
-            calibrate(teacher, &mut drafter, head, &texts, &args.calibrate)?
+            calibrate(teacher, head, vocab, &texts, &args.calibrate)?
         }
     };
     ensure!(
@@ -541,8 +540,8 @@ fn tree_settings(
                 if head.config().options.head != HeadKind::Clover2 =>
             {
                 anyhow::bail!(
-                    "--tree {spec} works with Clover-2 heads (calibration and dynamic drafting \
-                     step its regressive cell); this head is {}: use a static tree",
+                    "--tree {spec} works with Clover-2 heads (the searched and grown trees are \
+                     only validated on them); this head is {}: use a static tree",
                     head.config().options.head.name()
                 )
             }
