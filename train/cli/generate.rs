@@ -28,7 +28,7 @@ pub struct GenerateArgs {
     /// Print one JSON object {"text", "token_ids", "tokens_per_s"} instead of the text.
     #[arg(long)]
     pub json: bool,
-    /// Exported Clover-2 draft head: decode speculatively with it and report tau.
+    /// Exported draft head (Clover-2, EAGLE-1 or Medusa): decode speculatively with it and report tau.
     #[arg(long)]
     pub draft: Option<std::path::PathBuf>,
     /// Speculation tree with --draft: default (mc_sim_7b_63) or a JSON file with a list of
