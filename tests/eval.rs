@@ -1,11 +1,6 @@
 //! `clover eval`: pooled figures by hand, and a small end-to-end run on SmolLM2.
 use clover::decode::eval::{run, summarize, EvalOptions, EvalSettings, TurnRecord};
 use clover::decode::tree_spec::TreeSpec;
-use clover::model::head::DraftHead;
-use clover::model::head_config::HeadConfig;
-use clover::model::teacher::Teacher;
-use clover::training::export::export_head;
-use tch::{Device, Kind};
 
 fn record(cat: &str, accepted: Vec<usize>, tokens: usize, secs: f64, base_secs: f64) -> TurnRecord {
     TurnRecord {
@@ -66,19 +61,8 @@ fn eval_end_to_end_smollm2_random_head() {
     tch::set_num_threads(1);
     let model = crate::common::smollm2_dir();
     let dir = crate::common::scratch_dir("eval", "end-to-end");
-    let teacher = Teacher::load(&model, Device::Cpu, Kind::Float).unwrap();
-    let cfg = HeadConfig::from_teacher(&teacher.config);
-    let head = DraftHead::new(&teacher, cfg.clone(), 3).unwrap();
     let draft = dir.join("draft");
-    export_head(
-        &cfg,
-        &head.named_tensors(),
-        &model.join("config.json"),
-        None,
-        &draft,
-    )
-    .unwrap();
-    drop((head, teacher));
+    crate::common::export_random_head(&model, &draft);
     let prompts = dir.join("q.jsonl");
     std::fs::write(
         &prompts,

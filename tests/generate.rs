@@ -103,19 +103,8 @@ fn generate_reads_tree_default_as_eval_does() {
     tch::set_num_threads(1);
     let model = crate::common::smollm2_dir();
     let dir = crate::common::scratch_dir("generate", "tree-default");
-    let teacher = Teacher::load(&model, Device::Cpu, Kind::Float).unwrap();
-    let cfg = clover::model::head_config::HeadConfig::from_teacher(&teacher.config);
-    let head = clover::model::head::DraftHead::new(&teacher, cfg.clone(), 3).unwrap();
     let draft = dir.join("draft");
-    clover::training::export::export_head(
-        &cfg,
-        &head.named_tensors(),
-        &model.join("config.json"),
-        None,
-        &draft,
-    )
-    .unwrap();
-    drop((head, teacher));
+    crate::common::export_random_head(&model, &draft);
     let generate = |tree: &str| {
         crate::common::run_clover(&[
             "generate",
