@@ -8,23 +8,57 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// What the venv's python (`$PYTHON`, else `python3`: the one torch-sys finds torch with under
+/// LIBTORCH_USE_PYTORCH) prints for `import torch, os; print(<expr>)`.
+fn ask_torch(expr: &str) -> Option<String> {
+    println!("cargo:rerun-if-env-changed=PYTHON");
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(python)
+        .args(["-c", &format!("import torch, os; print({expr})")])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 /// Torch's install root (the dir holding `lib/` and `include/`): `$LIBTORCH`, or the Python
 /// package's dir as torch-sys finds it with LIBTORCH_USE_PYTORCH.
 fn torch_root() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("LIBTORCH") {
         return Some(PathBuf::from(dir));
     }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import torch, os; print(os.path.dirname(torch.__file__))",
-        ])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    ask_torch("os.path.dirname(torch.__file__)").map(PathBuf::from)
+}
+
+/// Torch's C++ ABI flag, as torch itself reports it: the shims must be compiled with the one
+/// libtorch was, or std::string arguments cross the boundary in the wrong layout. A bare
+/// `$LIBTORCH` has no python to ask: torch wheels since 2.7 use the new ABI, so that is assumed.
+fn torch_cxx11_abi() -> &'static str {
+    if std::env::var_os("LIBTORCH").is_none() {
+        match ask_torch("int(torch._C._GLIBCXX_USE_CXX11_ABI)").as_deref() {
+            Some("0") => return "0",
+            Some("1") => return "1",
+            other => println!(
+                "cargo:warning=torch did not report its C++ ABI ({other:?}): assuming the new one"
+            ),
+        }
+    }
+    "1"
+}
+
+/// Reruns this script when torch changes under the same path (a venv upgrade): its version file
+/// and its library dir.
+fn watch_torch(root: &Path) {
+    for path in [
+        root.join("version.py"),
+        root.join("build-version"),
+        root.join("lib"),
+    ] {
+        if path.exists() {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
 }
 
 fn link_torch(lib: &Path) {
@@ -117,8 +151,7 @@ fn compile_native(root: &Path) {
         .std("c++17")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
-        // torch wheels since 2.7 are built with the new libstdc++ ABI.
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("_GLIBCXX_USE_CXX11_ABI", torch_cxx11_abi())
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
         // c10's CUDA headers align by the cache-line size; torch is built with the same value.
@@ -155,6 +188,7 @@ fn main() {
     let root = torch_root().expect(
         "torch not found: set LIBTORCH, or LIBTORCH_USE_PYTORCH=1 with torch's venv first on PATH",
     );
+    watch_torch(&root);
     link_torch(&root.join("lib"));
     compile_native(&root);
 }

@@ -15,12 +15,13 @@ TEACHER=checkpoints/smollm2-135m-instruct
 WORK=data/work
 HEAD_OUT=checkpoints/clover2-smollm2
 
-if $CLOVER doctor | grep -q "cuda available:  true"; then
-  DEVICE=cuda; CONVERSATIONS=4096; TURNS=2; NEW_TOKENS=256; PER_CATEGORY=10; EVAL_TOKENS=256; PROFILE=cuda
+DEVICE=$(scripts/doctor-device.sh "$CLOVER")
+if [ "$DEVICE" = cuda ]; then
+  CONVERSATIONS=4096; TURNS=2; NEW_TOKENS=256; PER_CATEGORY=10; EVAL_TOKENS=256; PROFILE=cuda
   # All 80 MT-bench questions are evaluated: calibrate on the prepared eval split instead.
   CALIBRATION=(--data "$WORK/prepared")
 else
-  DEVICE=cpu; CONVERSATIONS=256; TURNS=1; NEW_TOKENS=96; PER_CATEGORY=2; EVAL_TOKENS=40; PROFILE=cpu
+  CONVERSATIONS=256; TURNS=1; NEW_TOKENS=96; PER_CATEGORY=2; EVAL_TOKENS=40; PROFILE=cpu
   # 16 of the 64 MT-bench questions this run does not evaluate (the teacher answers them first).
   CALIBRATION=(--calib-prompts "$WORK/mt_bench_questions.jsonl" --calib-limit 16)
 fi

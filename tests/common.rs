@@ -322,3 +322,19 @@ pub fn whole_batch_loss(
     .compute()
     .expect("batch loss")
 }
+
+/// A random (reference-init, seed 3) Clover-2 head for the teacher at `model`, exported to
+/// `out` as `clover export` writes one.
+pub fn export_random_head(model: &Path, out: &Path) {
+    let teacher = Teacher::load(model, Device::Cpu, Kind::Float).unwrap();
+    let cfg = HeadConfig::from_teacher(&teacher.config);
+    let head = DraftHead::new(&teacher, cfg.clone(), 3).unwrap();
+    clover::training::export::export_head(
+        &cfg,
+        &head.named_tensors(),
+        &model.join("config.json"),
+        None,
+        out,
+    )
+    .unwrap();
+}

@@ -304,7 +304,7 @@ fn bf16_greedy_speculative_on_the_test_device_equals_plain() {
     let teacher = Teacher::load(&dir, device, BF16).unwrap();
     let mut head = DraftHead::new(&teacher, HeadConfig::from_teacher(&teacher.config), 5).unwrap();
     head.to_kind(BF16);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let mut checked = 0;
     // bf16 logits near 10 are spaced 1/16 apart, so near-ties are frequent: many short prompts.
     let prompts: Vec<Vec<i64>> = (0..12i64)
@@ -438,4 +438,27 @@ fn bf16_distill_train_eval_pipeline_on_the_test_device() {
     assert_eq!(json["dtype"], "BFloat16", "{json}");
     assert!(json["tau"].as_f64().unwrap() >= 1.0);
     assert!(json["tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+/// `clover doctor --json` is one object with the keys scripts/doctor-device.sh parses, devices
+/// named as `--device` names them.
+#[test]
+fn doctor_json_reports_cuda_devices_and_torch_version() {
+    let (code, text) = crate::common::run_clover(&["doctor", "--json"]);
+    assert_eq!(code, 0, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let found: serde_json::Value = serde_json::from_str(line).unwrap();
+    let cuda = found["cuda_available"]
+        .as_bool()
+        .expect("cuda_available is a bool");
+    let devices = found["devices"].as_array().unwrap();
+    assert_eq!(devices[0], "cpu");
+    assert_eq!(devices.len() > 1, cuda, "{found}");
+    assert!(
+        found["torch_version"].as_str().unwrap().starts_with('2'),
+        "{found}"
+    );
 }

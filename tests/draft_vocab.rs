@@ -185,7 +185,7 @@ fn trained_draft_vocab_exports_eagle3_mapping_and_decodes_losslessly() {
     let off = logits.index_select(1, &Tensor::from_slice(&outside));
     assert!(bool::try_from(off.isinf().all()).unwrap());
 
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let dynamic = DynamicTree {
         tokens: 12,
         depth: 3,

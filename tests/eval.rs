@@ -1,10 +1,6 @@
 //! `clover eval`: pooled figures by hand, and a small end-to-end run on SmolLM2.
 use clover::decode::eval::{run, summarize, EvalOptions, EvalSettings, TurnRecord};
-use clover::model::head::DraftHead;
-use clover::model::head_config::HeadConfig;
-use clover::model::teacher::Teacher;
-use clover::training::export::export_head;
-use tch::{Device, Kind};
+use clover::decode::tree_spec::TreeSpec;
 
 fn record(cat: &str, accepted: Vec<usize>, tokens: usize, secs: f64, base_secs: f64) -> TurnRecord {
     TurnRecord {
@@ -65,19 +61,8 @@ fn eval_end_to_end_smollm2_random_head() {
     tch::set_num_threads(1);
     let model = crate::common::smollm2_dir();
     let dir = crate::common::scratch_dir("eval", "end-to-end");
-    let teacher = Teacher::load(&model, Device::Cpu, Kind::Float).unwrap();
-    let cfg = HeadConfig::from_teacher(&teacher.config);
-    let head = DraftHead::new(&teacher, cfg.clone(), 3).unwrap();
     let draft = dir.join("draft");
-    export_head(
-        &cfg,
-        &head.named_tensors(),
-        &model.join("config.json"),
-        None,
-        &draft,
-    )
-    .unwrap();
-    drop((head, teacher));
+    crate::common::export_random_head(&model, &draft);
     let prompts = dir.join("q.jsonl");
     std::fs::write(
         &prompts,
@@ -110,7 +95,7 @@ fn eval_end_to_end_smollm2_random_head() {
         model: model.clone(),
         draft,
         prompts,
-        trees: vec!["default".into(), "auto".into(), "dynamic".into()],
+        trees: vec![TreeSpec::Default, TreeSpec::Auto, TreeSpec::Dynamic],
         calib: Some(calib),
         calibration_texts: vec![],
         calibration_prompts: vec![],
@@ -191,7 +176,7 @@ fn eval_end_to_end_smollm2_random_head() {
     assert_eq!(json["draft_vocab"], 4096);
     // That table is greedy's: sampling with it is refused, naming the fix.
     let sampled = EvalOptions {
-        trees: vec!["auto".into()],
+        trees: vec![TreeSpec::Auto],
         temperature: 0.7,
         report: None,
         ..args.clone()
@@ -209,7 +194,7 @@ fn eval_end_to_end_smollm2_random_head() {
         .map(|q| q.turns[0].clone())
         .collect();
     let held_out = EvalOptions {
-        trees: vec!["auto".into()],
+        trees: vec![TreeSpec::Auto],
         calib: None,
         calibration_prompts: first_turns.clone(),
         calibrate: clover::decode::calibrate::CalibrateOptions {
@@ -250,7 +235,7 @@ fn eval_end_to_end_smollm2_random_head() {
         run_on: clover::model::device::RunOn::cpu(),
         json: true,
         draft: Some(dir.join("draft")),
-        tree: None,
+        tree: TreeSpec::Default,
     };
     clover::cli::generate::run(&gen).unwrap();
 }

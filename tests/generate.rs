@@ -94,3 +94,42 @@ fn smollm2_knows_the_capital_of_france() {
     let text = chat.decode(&answer.token_ids).unwrap();
     assert!(text.contains("Paris"), "answer: {text}");
 }
+
+/// `generate --tree` reads the names `eval --tree` reads: `default` is the built-in tree, not a
+/// file called "default" (the two commands once parsed tree names apart), and the trees that
+/// need a per-head choice are refused by name.
+#[test]
+fn generate_reads_tree_default_as_eval_does() {
+    tch::set_num_threads(1);
+    let model = crate::common::smollm2_dir();
+    let dir = crate::common::scratch_dir("generate", "tree-default");
+    let draft = dir.join("draft");
+    crate::common::export_random_head(&model, &draft);
+    let generate = |tree: &str| {
+        crate::common::run_clover(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--draft",
+            draft.to_str().unwrap(),
+            "--tree",
+            tree,
+            "--prompt",
+            "The sea is",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ])
+    };
+    let (code, text) = generate("default");
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("\"tau\""), "{text}");
+    let (code, text) = generate("auto");
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("generate decodes with a static tree"),
+        "{text}"
+    );
+}

@@ -330,7 +330,7 @@ fn eagle_tree_drafting_equals_causal_passes_along_each_path() {
 fn greedy_speculative_equals_plain_for_eagle1_and_medusa_tiny() {
     let dir = tiny_llama("heads", 96, 4.0, 31);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     for kind in [HeadKind::Eagle1, HeadKind::Medusa] {
         let head = head_of(&teacher, kind, 5, 5);
         for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
@@ -350,7 +350,7 @@ fn medusa_tree_deeper_than_its_heads_is_refused() {
     let dir = tiny_llama("heads-deep", 96, 4.0, 31);
     let teacher = load(&dir);
     let head = head_of(&teacher, HeadKind::Medusa, 3, 5);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let err = generate_speculative(&teacher, &head, &tree, &[3, 4], 8, Sampling::greedy(), &[])
         .unwrap_err()
         .to_string();
@@ -364,7 +364,7 @@ fn greedy_speculative_equals_plain_smollm2_random_eagle1_and_medusa() {
     tch::set_num_threads(1);
     let dir = crate::common::smollm2_dir();
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let (prompt, stop) = crate::speculative::smollm2_chat_prompt(&dir);
     let plain = plain_greedy(&teacher, &prompt, 40, &stop);
     assert!(
@@ -684,4 +684,103 @@ fn train_set_overrides_keys() {
         err.contains("gpt") && err.contains("eagle1") && err.contains("medusa"),
         "{err}"
     );
+}
+
+/// The greedy acceptance counts of `calibrate`, replayed independently: for every root the
+/// drafter starts afresh on the whole prefix, then steps along the teacher's greedy chain as
+/// far as it is accepted and the text follows it. Returns (hits[d][r], trials[d]).
+fn replay_acceptance(
+    teacher: &Teacher,
+    drafter: &mut dyn clover::decode::speculative::Drafter,
+    texts: &[clover::decode::calibrate::CalibrationText],
+    (k, depths): (usize, usize),
+) -> (Vec<Vec<usize>>, Vec<usize>) {
+    let _g = tch::no_grad_guard();
+    let (mut hits, mut trials) = (vec![vec![0usize; k]; depths], vec![0usize; depths]);
+    for text in texts {
+        let ids = &text.input_ids;
+        let n = ids.len() as i64;
+        let u = teacher.forward(
+            &Tensor::from_slice(ids).unsqueeze(0),
+            &Tensor::arange(n, (Kind::Int64, Device::Cpu)).unsqueeze(0),
+            None,
+            None,
+        );
+        let pred =
+            Vec::<i64>::try_from(teacher.logits(&u.squeeze_dim(0)).argmax(-1, false)).unwrap();
+        for t in 0..ids.len() - 1 {
+            if text.loss_mask[t + 1] != 1 || ids[t + 1] != pred[t] {
+                continue;
+            }
+            drafter.reset();
+            let next = Tensor::from_slice(&ids[1..=t + 1]).unsqueeze(0);
+            let (mut logits, mut state) = drafter
+                .extend(&u.narrow(1, 0, t as i64 + 1), &next)
+                .unwrap();
+            for d in 0..depths.min(ids.len() - t - 1) {
+                trials[d] += 1;
+                let top = Vec::<i64>::try_from(logits.topk(k as i64, -1, true, true).1.view([-1]))
+                    .unwrap();
+                let Some(r) = top.iter().position(|&x| x == pred[t + d + 1]) else {
+                    break;
+                };
+                hits[d][r] += 1;
+                if d + 1 == depths || t + d + 2 >= ids.len() || ids[t + d + 2] != pred[t + d + 1] {
+                    break;
+                }
+                (logits, state) = drafter
+                    .step(&state, &Tensor::from_slice(&[pred[t + d + 1]]))
+                    .unwrap();
+            }
+        }
+    }
+    (hits, trials)
+}
+
+/// `calibrate` drafts through the drafter decoding uses for each head kind: a Medusa head is
+/// measured at the depths it has heads for (3 here, though 5 are asked) without stepping past
+/// them, each depth with its own head; EAGLE-1 with its context-dependent step. Each table
+/// equals an independent replay through `drafter_for` (the old calibration stepped the head
+/// directly: Medusa's head 1 at every depth and then a panic at "draft step", EAGLE-1's
+/// context-free step).
+#[test]
+fn calibrate_measures_every_head_kind_through_its_decoding_drafter() {
+    use clover::decode::calibrate::{calibrate, CalibrateOptions};
+    use clover::decode::speculative::drafter_for;
+    tch::set_num_threads(1);
+    let dir = tiny_llama("heads-calibrate", 96, 4.0, 31);
+    let teacher = load(&dir);
+    let texts = crate::tree::greedy_texts(&teacher);
+    let opts = CalibrateOptions {
+        top_k: 4,
+        max_depth: 5,
+        max_tree_tokens: 8,
+        contexts: vec![16],
+        warmup: 1,
+        repeats: 1,
+        temperature: 0.0,
+        seed: 0,
+    };
+    for (kind, measured) in [(HeadKind::Medusa, 3), (HeadKind::Eagle1, 5)] {
+        let head = head_of(&teacher, kind, 3, 5);
+        let calib = calibrate(&teacher, &head, None, &texts, &opts).unwrap();
+        assert_eq!(calib.acceptance.len(), measured, "{kind:?}");
+        let mut drafter = drafter_for(&head, None);
+        let (hits, trials) = replay_acceptance(&teacher, drafter.as_mut(), &texts, (4, measured));
+        assert_eq!(calib.trials, trials, "{kind:?}");
+        for d in 0..measured {
+            for r in 0..4 {
+                // acceptance = hits / trials: rounding the product back recovers the count.
+                let counted = (calib.acceptance[d][r] * trials[d] as f64).round() as usize;
+                assert_eq!(counted, hits[d][r], "{kind:?} depth {} rank {r}", d + 1);
+            }
+        }
+        // The sampled table, through the same drafter, stops at the same depths.
+        let sampled_opts = CalibrateOptions {
+            temperature: 0.8,
+            ..opts.clone()
+        };
+        let sampled = calibrate(&teacher, &head, None, &texts, &sampled_opts).unwrap();
+        assert_eq!(sampled.acceptance.len(), measured, "{kind:?}");
+    }
 }

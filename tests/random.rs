@@ -164,6 +164,8 @@ fn bench_train_reports_offline_and_online_steps_as_json_lines() {
         ] {
             assert!(!line[key].is_null(), "{key} missing in {line}");
         }
+        // The spelling eval reports and `--device` use, not tch's `Cpu`.
+        assert_eq!(line["device"], "cpu");
         assert!(line["tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(line["last_loss"].as_f64().unwrap().is_finite());
     }

@@ -213,7 +213,7 @@ fn oracle<'a>(teacher: &'a Teacher, prompt: &[i64], noise: f64) -> NoisyOracle<'
 fn greedy_speculative_equals_plain_with_noisy_oracle() {
     let dir = tiny_llama("greedy", 96, 4.0, 11);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     for (i, prompt) in [
         vec![3i64, 17, 42, 5, 60],
         vec![7i64],
@@ -261,7 +261,7 @@ fn greedy_speculative_equals_plain_with_noisy_oracle() {
 fn greedy_speculative_stops_where_plain_stops() {
     let dir = tiny_llama("stops", 96, 4.0, 12);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let prompt = [4i64, 8, 15, 16, 23, 42];
     let plain = plain_greedy(&teacher, &prompt, 40, &[]);
     let stop = plain[12];
@@ -533,7 +533,7 @@ fn speculative_sampling_end_to_end_first_tokens() {
     let v = 12i64;
     let dir = tiny_llama("e2e", v, 1.5, 21);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let prompt = [3i64, 9, 4];
     let temperature = 0.8;
     // Exact joint of (x1, x2) at temperature T.
@@ -589,7 +589,7 @@ fn speculative_sampling_end_to_end_first_tokens() {
 fn speculative_sampling_with_exact_draft_accepts_full_depth() {
     let dir = tiny_llama("exact", 32, 1.5, 22);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let prompt = [5i64, 6, 7];
     let mut drafter = oracle(&teacher, &prompt, 0.0);
     let sampling = Sampling {
@@ -614,7 +614,7 @@ fn speculative_sampling_with_exact_draft_accepts_full_depth() {
 fn kv_compaction_matches_fresh_forward() {
     let dir = tiny_llama("compact", 64, 2.0, 23);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let plan = VerifyPlan::new(&tree, Device::Cpu);
     let prefix = [2i64, 40, 41, 7, 9];
     let _g = tch::no_grad_guard();
@@ -673,7 +673,7 @@ fn greedy_speculative_equals_plain_with_random_head_tiny() {
     let dir = tiny_llama("head", 96, 4.0, 31);
     let teacher = load(&dir);
     let head = random_head(&teacher, 5);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     for prompt in [vec![3i64, 17, 42, 5, 60, 61, 62], vec![11i64, 12]] {
         let plain = plain_greedy(&teacher, &prompt, 40, &[]);
         let (spec, stats) =
@@ -692,7 +692,7 @@ fn greedy_speculative_equals_plain_smollm2_random_head() {
     let dir = crate::common::smollm2_dir();
     let teacher = load(&dir);
     let head = random_head(&teacher, 1);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let (prompt, stop) = crate::speculative::smollm2_chat_prompt(&dir);
     let plain = plain_greedy(&teacher, &prompt, 40, &stop);
     let (spec, stats) = generate_speculative(
@@ -778,7 +778,7 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
     let (head_cfg, tensors) = clover::training::checkpoint::read_checkpoint_head(&ck).unwrap();
     let trained = DraftHead::from_tensors(&teacher, head_cfg, &tensors).unwrap();
     let untrained = random_head(&teacher, 3);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let (mut tau_trained, mut tau_untrained) = (0.0, 0.0);
     for i in 0..4i64 {
         let prompt = vec![5 + i * 11, 40 + i, 77 - i];
@@ -807,7 +807,7 @@ fn greedy_speculative_equals_plain_with_trained_head_tiny() {
 fn greedy_dynamic_tree_equals_plain_with_noisy_oracle() {
     let dir = tiny_llama("dynamic", 96, 4.0, 11);
     let teacher = load(&dir);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let dynamic = DynamicTree {
         tokens: tree.len(),
         depth: tree.max_depth(),
@@ -860,7 +860,7 @@ fn greedy_with_draft_vocab_equals_plain_tiny() {
     let dir = tiny_llama("vocab", 96, 4.0, 31);
     let teacher = load(&dir);
     let head = random_head(&teacher, 5);
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     // Every third id: the teacher's own choices often fall outside, which must not matter.
     let ids: Vec<i64> = (0..96).step_by(3).collect();
     let vocab = head.slice_vocab(&ids, 10).unwrap();
@@ -907,7 +907,7 @@ fn greedy_dynamic_and_draft_vocab_equal_plain_smollm2() {
     let plain = plain_greedy(&teacher, &prompt, 32, &stop);
     let ids: Vec<i64> = (0..4096).collect();
     let vocab = head.slice_vocab(&ids, 10).unwrap();
-    let tree = Tree::load(None).unwrap();
+    let tree = Tree::default_tree();
     let dynamic = DynamicTree {
         tokens: 26,
         depth: 5,

@@ -8,10 +8,10 @@ fn json_tree_file_round_trips_and_verify_mask_shape() {
     let dir = crate::common::scratch_dir("tree", "json-file");
     let file = dir.join("tree.json");
     std::fs::write(&file, serde_json::to_string(&mc_sim_7b_63()).unwrap()).unwrap();
-    let t = Tree::load(Some(file.to_str().unwrap())).unwrap();
-    assert_eq!(t.tree_indices, Tree::load(None).unwrap().tree_indices);
+    let t = Tree::from_json_file(&file).unwrap();
+    assert_eq!(t.tree_indices, Tree::default_tree().tree_indices);
     std::fs::write(&file, "{\"not\": \"a list\"}").unwrap();
-    assert!(Tree::load(Some(file.to_str().unwrap())).is_err());
+    assert!(Tree::from_json_file(&file).is_err());
 
     let tt = t.to_device(Device::Cpu);
     let m = tt.verify_mask(7);
@@ -25,34 +25,42 @@ fn json_tree_file_round_trips_and_verify_mask_shape() {
     }
 }
 
+/// Calibration texts of the shape of regenerated data: four short prompts, each followed by
+/// the teacher's greedy answer of 20 tokens (the answer masked in).
+pub fn greedy_texts(
+    teacher: &clover::model::teacher::Teacher,
+) -> Vec<clover::decode::calibrate::CalibrationText> {
+    let prompts: Vec<Vec<i64>> = (0..4i64).map(|i| vec![2 + i, 30 + 7 * i, 60 - i]).collect();
+    prompts
+        .iter()
+        .map(|p| {
+            let answer = crate::speculative::plain_greedy(teacher, p, 20, &[]);
+            let input_ids: Vec<i64> = p.iter().chain(&answer).copied().collect();
+            let loss_mask = (0..input_ids.len())
+                .map(|j| u8::from(j >= p.len()))
+                .collect();
+            clover::decode::calibrate::CalibrationText {
+                input_ids,
+                loss_mask,
+            }
+        })
+        .collect()
+}
+
 /// `calibrate` on the tiny teacher with a random head, texts = prompts + the teacher's greedy
 /// answers (the shape of the regenerated data): the table has the asked shape, each depth's ranks
 /// are disjoint events, depth-1 counts equal an independent incremental replay through the
 /// drafter's KV cache, the costs are positive and non-decreasing, and the file round-trips.
 #[test]
 fn calibrate_tiny_table_matches_incremental_replay() {
-    use clover::decode::calibrate::{calibrate, CalibrateOptions, Calibration, CalibrationText};
+    use clover::decode::calibrate::{calibrate, CalibrateOptions, Calibration};
     use clover::decode::speculative::{Drafter, HeadDrafter};
     use tch::{Kind, Tensor};
     tch::set_num_threads(1);
     let dir = crate::speculative::tiny_llama("calib", 96, 4.0, 31);
     let teacher = crate::speculative::load(&dir);
     let head = crate::common::tiny_head(&teacher, 3, 5);
-    let prompts: Vec<Vec<i64>> = (0..4i64).map(|i| vec![2 + i, 30 + 7 * i, 60 - i]).collect();
-    let texts: Vec<CalibrationText> = prompts
-        .iter()
-        .map(|p| {
-            let answer = crate::speculative::plain_greedy(&teacher, p, 20, &[]);
-            let input_ids: Vec<i64> = p.iter().chain(&answer).copied().collect();
-            let loss_mask = (0..input_ids.len())
-                .map(|j| u8::from(j >= p.len()))
-                .collect();
-            CalibrationText {
-                input_ids,
-                loss_mask,
-            }
-        })
-        .collect();
+    let texts = greedy_texts(&teacher);
     let opts = CalibrateOptions {
         top_k: 4,
         max_depth: 3,
@@ -63,8 +71,7 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         temperature: 0.0,
         seed: 0,
     };
-    let mut drafter = HeadDrafter::new(&head);
-    let calib = calibrate(&teacher, &mut drafter, &head, &texts, &opts).unwrap();
+    let calib = calibrate(&teacher, &head, None, &texts, &opts).unwrap();
     // The table of tree sampling at T = 0.8 on the same texts: the committed rank is one event
     // per position, so each depth's row sums to at most 1, and it says which temperature it is for.
     let sampled_opts = CalibrateOptions {
@@ -72,7 +79,7 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         seed: 3,
         ..opts.clone()
     };
-    let sampled = calibrate(&teacher, &mut drafter, &head, &texts, &sampled_opts).unwrap();
+    let sampled = calibrate(&teacher, &head, None, &texts, &sampled_opts).unwrap();
     assert_eq!(sampled.temperature, 0.8);
     assert_eq!(sampled.acceptance.len(), 3);
     for row in &sampled.acceptance {
@@ -96,6 +103,7 @@ fn calibrate_tiny_table_matches_incremental_replay() {
 
     // Depth 1 by replay: feed the text one position at a time through the drafter's cache.
     let _g = tch::no_grad_guard();
+    let mut drafter = HeadDrafter::new(&head);
     let mut hits = [0usize; 4];
     let mut trials = 0;
     for text in &texts {
@@ -165,6 +173,17 @@ fn calibrate_tiny_table_matches_incremental_replay() {
         a.iter().zip(&b).all(|(x, y)| close(*x, *y)),
         "{a:?} vs {b:?}"
     );
+    // Devices are spelled as eval reports spell them; a file written before that, with tch's
+    // `Cpu` / `Cuda(0)`, still reads, in today's spelling.
+    assert_eq!(calib.device, "cpu");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(json["device"], "cpu");
+    for (old, now) in [("Cpu", "cpu"), ("Cuda(1)", "cuda:1")] {
+        json["device"] = old.into();
+        std::fs::write(&file, json.to_string()).unwrap();
+        assert_eq!(Calibration::read(&file).unwrap().device, now);
+    }
     std::fs::write(&file, "{\"acceptance\": []}").unwrap();
     let err = format!("{:#}", Calibration::read(&file).unwrap_err());
     assert!(err.contains("calib.json"), "{err}");

@@ -109,7 +109,7 @@ fn bench_teacher(teacher: &Teacher, args: &BenchArgs) -> Result<Value> {
     let timed = generate(teacher, &prompt, &cfg)?;
     let decoded = timed.answer.token_ids.len().saturating_sub(1).max(1);
     Ok(json!({
-        "device": format!("{device:?}"),
+        "device": crate::model::device::device_name(device),
         "dtype": format!("{:?}", teacher.kind()),
         "threads": tch::get_num_threads(),
         "prefill_tokens": n,

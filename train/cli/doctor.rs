@@ -1,27 +1,87 @@
-//! `clover doctor`: the libtorch this process loaded, CUDA availability and devices, paths.
+//! `clover doctor`: the libtorch this process loaded, CUDA availability and devices, paths; as
+//! text for a person, or with `--json` as one object for scripts (which parse it rather than
+//! match a wording that may change).
 
 use anyhow::Result;
 
-pub(crate) fn doctor() -> Result<()> {
-    let exe = std::env::current_exe()?;
-    println!("clover {}", env!("CARGO_PKG_VERSION"));
-    println!("executable:      {}", exe.display());
-    println!("libtorch:        {}", torch_version());
-    let cuda = tch::Cuda::is_available();
-    println!("cuda available:  {cuda}");
-    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
-    let count = tch::Cuda::device_count();
-    println!("cuda devices:    {count}");
-    for i in 0..count {
-        println!("  cuda:{i}");
+use crate::model::device::device_name;
+
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// Print one JSON object {"cuda_available", "devices", "torch_version", ...} instead.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `doctor` found.
+#[derive(Debug, serde::Serialize)]
+struct Findings {
+    clover_version: &'static str,
+    executable: String,
+    /// The torch package's version ("unknown" where it cannot be read).
+    torch_version: String,
+    /// The libtorch_cpu.so this process loaded, when found.
+    libtorch: Option<String>,
+    cuda_available: bool,
+    cudnn_available: bool,
+    /// Every device a command can run on, as `--device` names it: "cpu", then "cuda:N".
+    devices: Vec<String>,
+    cpu_threads: i32,
+    working_dir: String,
+    /// LIBTORCH, LD_LIBRARY_PATH, CUDA_VISIBLE_DEVICES (None where unset).
+    environment: std::collections::BTreeMap<&'static str, Option<String>>,
+}
+
+fn findings() -> Result<Findings> {
+    let lib = loaded_libtorch();
+    let cuda_devices = tch::Cuda::device_count().max(0) as usize;
+    Ok(Findings {
+        clover_version: env!("CARGO_PKG_VERSION"),
+        executable: std::env::current_exe()?.display().to_string(),
+        torch_version: lib
+            .as_deref()
+            .and_then(torch_version)
+            .unwrap_or_else(|| "unknown".into()),
+        libtorch: lib.map(|p| p.display().to_string()),
+        cuda_available: tch::Cuda::is_available(),
+        cudnn_available: tch::Cuda::cudnn_is_available(),
+        devices: std::iter::once(tch::Device::Cpu)
+            .chain((0..cuda_devices).map(tch::Device::Cuda))
+            .map(device_name)
+            .collect(),
+        cpu_threads: tch::get_num_threads(),
+        working_dir: std::env::current_dir()?.display().to_string(),
+        environment: ["LIBTORCH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES"]
+            .into_iter()
+            .map(|var| (var, std::env::var(var).ok()))
+            .collect(),
+    })
+}
+
+pub(crate) fn doctor(args: &DoctorArgs) -> Result<()> {
+    let f = findings()?;
+    if args.json {
+        println!("{}", serde_json::to_string(&f)?);
+        return Ok(());
     }
-    println!("cpu threads:     {}", tch::get_num_threads());
-    println!("working dir:     {}", std::env::current_dir()?.display());
-    for var in ["LIBTORCH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES"] {
-        println!(
-            "{var:<16} {}",
-            std::env::var(var).unwrap_or_else(|_| "(unset)".into())
-        );
+    println!("clover {}", f.clover_version);
+    println!("executable:      {}", f.executable);
+    match &f.libtorch {
+        Some(lib) => println!("libtorch:        {} ({lib})", f.torch_version),
+        None => {
+            println!("libtorch:        unknown (libtorch_cpu.so not found in the process maps)")
+        }
+    }
+    println!("cuda available:  {}", f.cuda_available);
+    println!("cudnn available: {}", f.cudnn_available);
+    println!("cuda devices:    {}", f.devices.len() - 1);
+    for device in &f.devices[1..] {
+        println!("  {device}");
+    }
+    println!("cpu threads:     {}", f.cpu_threads);
+    println!("working dir:     {}", f.working_dir);
+    for (var, value) in &f.environment {
+        println!("{var:<16} {}", value.as_deref().unwrap_or("(unset)"));
     }
     Ok(())
 }
@@ -35,24 +95,21 @@ fn loaded_libtorch() -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
 }
 
-/// The libtorch version, from the `version.py` of the torch package the library came from
-/// (libtorch_cpu.so lives in torch/lib/), or from libtorch's own build-version file.
-fn torch_version() -> String {
-    let Some(lib) = loaded_libtorch() else {
-        return "unknown (libtorch_cpu.so not found in the process maps)".into();
-    };
-    let root = lib.parent().and_then(|d| d.parent());
-    let from_py = root
-        .and_then(|r| std::fs::read_to_string(r.join("version.py")).ok())
+/// The version of the libtorch at `lib`: the `version.py` of the torch package it came from
+/// (libtorch_cpu.so lives in torch/lib/), or libtorch's own build-version file.
+fn torch_version(lib: &std::path::Path) -> Option<String> {
+    let root = lib.parent()?.parent()?;
+    let from_py = std::fs::read_to_string(root.join("version.py"))
+        .ok()
         .and_then(|text| {
             text.lines().find_map(|l| {
                 l.strip_prefix("__version__ = ")
                     .map(|v| v.trim_matches(['\'', '"']).to_string())
             })
         });
-    let from_build = root.and_then(|r| std::fs::read_to_string(r.join("build-version")).ok());
-    let version = from_py
-        .or(from_build.map(|v| v.trim().to_string()))
-        .unwrap_or_else(|| "unknown".into());
-    format!("{version} ({})", lib.display())
+    from_py.or_else(|| {
+        std::fs::read_to_string(root.join("build-version"))
+            .ok()
+            .map(|v| v.trim().to_string())
+    })
 }

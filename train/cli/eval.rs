@@ -9,6 +9,7 @@ use crate::data::shards::{read_split, Split};
 use crate::decode::calibrate::{CalibrateOptions, CalibrationText};
 use crate::decode::dynamic::DynamicTree;
 use crate::decode::tree_search::SearchLimits;
+use crate::decode::tree_spec::TreeSpec;
 use crate::formats::chat::TemplateName;
 use crate::outputs::{claim_file, refuse_overlap};
 
@@ -19,7 +20,7 @@ pub struct TreeArgs {
     /// top-level figures): default (mc_sim_7b_63), auto (searched from a calibration), dynamic
     /// (EAGLE-2), or a JSON file with a list of paths.
     #[arg(long, value_delimiter = ',', default_value = "default")]
-    pub tree: Vec<String>,
+    pub tree: Vec<TreeSpec>,
     /// Calibration file for --tree auto (from `clover calibrate`); without it auto calibrates
     /// on the eval split of --data first.
     #[arg(long)]
@@ -173,7 +174,7 @@ impl EvalArgs {
     /// The library's plain options for this command line (reads --data where needed).
     pub fn options(&self) -> Result<crate::decode::eval::EvalOptions> {
         let t = &self.trees;
-        let needs_calibration = t.tree.iter().any(|s| s == "auto") && t.calib.is_none();
+        let needs_calibration = t.tree.contains(&TreeSpec::Auto) && t.calib.is_none();
         let calibration_prompts = match (&t.calib_prompts, needs_calibration) {
             (Some(file), true) => crate::decode::eval::read_questions(file)?
                 .into_iter()

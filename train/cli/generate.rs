@@ -3,6 +3,7 @@
 use anyhow::Result;
 
 use crate::decode::generate::{generate, GenerationConfig};
+use crate::decode::tree_spec::TreeSpec;
 use crate::model::teacher::Teacher;
 
 #[derive(clap::Args, Debug)]
@@ -27,12 +28,13 @@ pub struct GenerateArgs {
     /// Print one JSON object {"text", "token_ids", "tokens_per_s"} instead of the text.
     #[arg(long)]
     pub json: bool,
-    /// Exported Clover-2 draft head: decode speculatively with it and report tau.
+    /// Exported draft head (Clover-2, EAGLE-1 or Medusa): decode speculatively with it and report tau.
     #[arg(long)]
     pub draft: Option<std::path::PathBuf>,
-    /// Speculation tree with --draft: "mc_sim_7b_63" (default) or a JSON file with a list of paths.
-    #[arg(long)]
-    pub tree: Option<String>,
+    /// Speculation tree with --draft: default (mc_sim_7b_63) or a JSON file with a list of
+    /// paths (the names `eval --tree` reads).
+    #[arg(long, default_value = "default")]
+    pub tree: TreeSpec,
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
@@ -66,7 +68,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         None => (generate(&teacher, &prompt, &cfg)?, None),
         Some(dir) => {
             let head = crate::model::head::load_head(dir, &teacher)?;
-            let tree = crate::decode::tree::Tree::load(args.tree.as_deref())?;
+            let tree = args.tree.static_tree("generate")?;
             let sampling = crate::decode::sampling::Sampling {
                 temperature: cfg.temperature,
                 seed: cfg.seed as i64,

@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Show the libtorch version, CUDA availability and devices, and the paths in use.
-    Doctor,
+    Doctor(crate::cli::doctor::DoctorArgs),
     /// Convert a llama.cpp GGUF file into an HF-style model directory.
     ImportGguf(crate::cli::import::ImportGgufArgs),
     /// Write a model dir with a real architecture (vicuna-7b, llama3-8b-instruct, smollm2-135m)
@@ -71,7 +71,7 @@ enum DataCommand {
 
 pub fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Doctor => crate::cli::doctor::doctor(),
+        Command::Doctor(args) => crate::cli::doctor::doctor(&args),
         Command::Data(DataCommand::Prepare(args)) => crate::cli::data::run_prepare(&args),
         Command::Data(DataCommand::Regenerate(args)) => crate::cli::data::run_regenerate(&args),
         Command::Data(DataCommand::ImportChitchat(args)) => {

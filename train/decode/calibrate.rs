@@ -3,10 +3,12 @@
 //! (a) The head's acceptance table, on calibration texts (the prepared data's eval split, never
 //! the evaluation prompts): for each depth d and sibling rank r < top_k, the probability that
 //! the teacher's greedy token is the head's rank-r draft, given that its parent was accepted.
-//! One teacher forward gives the teacher's argmax at every position; the head then unrolls along
-//! the teacher's own greedy chain from every answer position at once. A depth counts a position
-//! only while the text follows that chain (the regenerated data is the teacher's greedy output,
-//! so it nearly always does) and the parent was within the top-k.
+//! One teacher forward gives the teacher's argmax at every position; the drafter decoding uses
+//! for the head's kind is then extended along the text and, from every answer position, steps
+//! along the teacher's own greedy chain (so EAGLE-1 drafts with its context, and a Medusa head
+//! only to the depths it has heads for). A depth counts a position only while the text follows
+//! that chain (the regenerated data is the teacher's greedy output, so it nearly always does)
+//! and the parent was within the top-k.
 //!
 //! (b) This device's costs, each the median of `repeats` timings after `warmup` untimed ones:
 //! the teacher's verification of n = 1..64 tree tokens (forward, logits, argmax, one host read)
@@ -22,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::checks::Problems;
-use crate::decode::speculative::{Drafter, HeadDrafter};
+use crate::decode::speculative::{deepest_draft, drafter_for, drafting_vocab, DraftVocab, Drafter};
 use crate::decode::tree_search::{Costs, Curve};
 use crate::model::head::DraftHead;
 use crate::model::layers::causal_mask;
@@ -79,6 +81,8 @@ pub struct VerifyCurve {
 /// A calibration file (`calib.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Calibration {
+    /// `cpu` or `cuda:N`, as eval reports spell it (older files' `Cpu` / `Cuda(0)` read too).
+    #[serde(deserialize_with = "crate::model::device::deserialize_device_name")]
     pub device: String,
     pub dtype: String,
     /// Size of the draft vocabulary the head was measured with (None = the full vocabulary).
@@ -183,11 +187,13 @@ pub fn answered_texts(
     Ok(texts)
 }
 
-/// Measure the acceptance table and the costs.
+/// Measure the acceptance table and the costs, drafting through the drafter decoding uses for
+/// this head's kind (`drafter_for`), from `vocab` when one is given. A Medusa head is measured
+/// at the depths it has heads for (`deepest_draft`), however many `opts.max_depth` asks.
 pub fn calibrate(
     teacher: &Teacher,
-    drafter: &mut HeadDrafter,
     head: &DraftHead,
+    vocab: Option<&DraftVocab>,
     texts: &[CalibrationText],
     opts: &CalibrateOptions,
 ) -> Result<Calibration> {
@@ -201,13 +207,20 @@ pub fn calibrate(
         opts.top_k >= 1 && opts.max_depth >= 1,
         "top-k and depth must be at least 1"
     );
+    let depths = deepest_draft(head).map_or(opts.max_depth, |d| d.min(opts.max_depth));
+    ensure!(
+        deepest_draft(head) != Some(1),
+        "a Medusa head with one head drafts no step: there is no tree to search beyond depth 1"
+    );
+    let mut drafter = drafter_for(head, vocab);
+    let drafter = drafter.as_mut();
     let _guard = tch::no_grad_guard();
     let (acceptance, trials) = if opts.temperature > 0.0 {
         crate::rng::seeded(opts.seed, || {
-            measure_sampled_acceptance(teacher, drafter, head, texts, opts)
+            measure_sampled_acceptance(teacher, drafter, texts, opts, depths)
         })?
     } else {
-        measure_acceptance(teacher, drafter, head, texts, opts)?
+        measure_acceptance(teacher, drafter, texts, opts, depths)?
     };
     let verify_by_context = measure_verify(teacher, opts)?;
     let mean: Vec<(usize, f64)> = verify_by_context[0]
@@ -223,20 +236,20 @@ pub fn calibrate(
     let context = opts.contexts[0];
     let costs = Costs {
         verify_ms: Curve::new(mean)?,
-        draft_step_ms: measure_draft_steps(teacher, drafter, opts)?,
-        depth0_ms: measure_depth0(teacher, drafter, context, opts),
+        draft_step_ms: measure_draft_steps(teacher, drafter, context, opts)?,
+        depth0_ms: measure_depth0(teacher, drafter, context, opts)?,
         // Averaged over the same contexts as verification, so plain and tree steps compare alike.
         plain_ms: opts
             .contexts
             .iter()
             .map(|&c| measure_plain(teacher, c, opts))
-            .sum::<f64>()
+            .sum::<Result<f64>>()?
             / opts.contexts.len() as f64,
     };
     Ok(Calibration {
-        device: format!("{:?}", teacher.device()),
+        device: crate::model::device::device_name(teacher.device()),
         dtype: format!("{:?}", teacher.kind()),
-        draft_vocab: drafter.vocab_len(),
+        draft_vocab: drafting_vocab(head, vocab),
         top_k: opts.top_k,
         temperature: opts.temperature,
         acceptance,
@@ -249,77 +262,39 @@ pub fn calibrate(
 /// acceptance[d][r] and the positions counted per depth.
 fn measure_acceptance(
     teacher: &Teacher,
-    drafter: &mut HeadDrafter,
-    head: &DraftHead,
+    drafter: &mut dyn Drafter,
     texts: &[CalibrationText],
     opts: &CalibrateOptions,
+    depths: usize,
 ) -> Result<(Vec<Vec<f64>>, Vec<usize>)> {
-    let (k, depths) = (opts.top_k, opts.max_depth);
+    let k = opts.top_k;
     let mut hits = vec![vec![0usize; k]; depths];
     let mut trials = vec![0usize; depths];
     let mut bar = Progress::new("calibrate (acceptance)", texts.len() as u64);
-    let device = teacher.device();
     for text in texts {
         let ids = &text.input_ids;
-        let (u, positions, logits) = teacher_pass(teacher, ids);
+        let (u, logits) = teacher_pass(teacher, ids);
         let pred = Vec::<i64>::try_from(logits.argmax(-1, false).to_device(tch::Device::Cpu))?;
-        // The draft pairs the state at t with x_{t+1} (G4); the last state with the teacher's token.
-        let mut next: Vec<i64> = ids[1..].to_vec();
-        next.push(pred[ids.len() - 1]);
-        let next_t = Tensor::from_slice(&next).to_device(device).unsqueeze(0);
-        let (o0, s0) = head.depth0(&u, &next_t, &positions, None, None);
         // Roots: answer positions whose next text token is the teacher's greedy token.
-        let mut rows: Vec<usize> = (0..ids.len() - 1)
+        let roots: Vec<usize> = (0..ids.len() - 1)
             .filter(|&t| text.loss_mask.get(t + 1) == Some(&1) && ids[t + 1] == pred[t])
             .collect();
-        let mut out = o0.squeeze_dim(0);
-        let mut state = s0.squeeze_dim(0);
-        for d in 0..depths {
-            // Depth d+1 drafts from row t predict pred[t+d+1]; keep rows where it exists.
-            rows.retain(|&t| t + d + 1 < ids.len());
-            if rows.is_empty() {
-                break;
+        walk_roots(drafter, (&u, ids), &roots, depths, |t, d, logits| {
+            // Depth d+1 drafted from root t predicts pred[t+d+1].
+            if t + d + 1 >= ids.len() {
+                return Ok(None);
             }
-            let idx = Tensor::from_slice(&rows.iter().map(|&t| t as i64).collect::<Vec<_>>())
-                .to_device(device);
-            let o = out.index_select(0, &idx);
-            let s = state.index_select(0, &idx);
-            let top = drafter
-                .logits(d as i64, &o)
-                .topk(k as i64, -1, true, true)
-                .1;
+            trials[d] += 1;
+            let top = logits.topk(k as i64, -1, true, true).1;
             let top = Vec::<i64>::try_from(top.to_device(tch::Device::Cpu).view([-1]))?;
-            let mut accepted = Vec::new();
-            for (i, &t) in rows.iter().enumerate() {
-                trials[d] += 1;
-                let target = pred[t + d + 1];
-                if let Some(r) = top[i * k..(i + 1) * k].iter().position(|&x| x == target) {
-                    hits[d][r] += 1;
-                    accepted.push(i);
-                }
-            }
-            // The next depth continues accepted rows whose text still follows the greedy chain.
-            let keep: Vec<usize> = accepted
-                .into_iter()
-                .filter(|&i| {
-                    rows[i] + d + 2 < ids.len() && ids[rows[i] + d + 2] == pred[rows[i] + d + 1]
-                })
-                .collect();
-            if keep.is_empty() {
-                break;
-            }
-            let keep_idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                .to_device(device);
-            let tokens: Vec<i64> = keep.iter().map(|&i| pred[rows[i] + d + 1]).collect();
-            let (o_next, s_next) = head.step(
-                &s.index_select(0, &keep_idx),
-                &Tensor::from_slice(&tokens).to_device(device),
-            );
-            rows = keep.iter().map(|&i| rows[i]).collect();
-            // Re-index: row j of the new tensors belongs to rows[j]; store at a dense index.
-            out = scatter_rows(&o_next, &rows, ids.len());
-            state = scatter_rows(&s_next, &rows, ids.len());
-        }
+            let Some(r) = top.iter().position(|&x| x == pred[t + d + 1]) else {
+                return Ok(None);
+            };
+            hits[d][r] += 1;
+            // The next depth continues while the text still follows the greedy chain.
+            let follows = t + d + 2 < ids.len() && ids[t + d + 2] == pred[t + d + 1];
+            Ok(follows.then_some(pred[t + d + 1]))
+        })?;
         bar.inc(1);
     }
     bar.finish();
@@ -330,14 +305,50 @@ fn measure_acceptance(
     Ok((rates(hits, &trials), trials))
 }
 
-/// The teacher's pre-norm states u [1,T,H], positions [1,T] and logits [T,V] of one text.
-fn teacher_pass(teacher: &Teacher, ids: &[i64]) -> (Tensor, Tensor, Tensor) {
+/// Drafts from every root of one text as decoding would: the drafter is extended over the
+/// text's positions up to the root (each state u_t paired with x_{t+1}, G4), then steps along a
+/// chain of tokens. `score(root, d, logits)` reads depth d+1's logits and names the token the
+/// chain continues with, or None where it ends. Extending in order reuses the drafter's cache,
+/// and each extend drops the tree rows of the previous root's chain, as between decoding steps.
+fn walk_roots(
+    drafter: &mut dyn Drafter,
+    (u, ids): (&Tensor, &[i64]),
+    roots: &[usize],
+    depths: usize,
+    mut score: impl FnMut(usize, usize, &Tensor) -> Result<Option<i64>>,
+) -> Result<()> {
+    let device = u.device();
+    let next = Tensor::from_slice(&ids[1..]).to_device(device).unsqueeze(0);
+    drafter.reset();
+    let mut committed = 0usize;
+    for &root in roots {
+        let n = (root + 1 - committed) as i64;
+        let (mut logits, mut state) = drafter.extend(
+            &u.narrow(1, committed as i64, n),
+            &next.narrow(1, committed as i64, n),
+        )?;
+        committed = root + 1;
+        for d in 0..depths {
+            match score(root, d, &logits)? {
+                Some(token) if d + 1 < depths => {
+                    let token = Tensor::from_slice(&[token]).to_device(device);
+                    (logits, state) = drafter.step(&state, &token)?;
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The teacher's pre-norm states u [1,T,H] and logits [T,V] of one text.
+fn teacher_pass(teacher: &Teacher, ids: &[i64]) -> (Tensor, Tensor) {
     let device = teacher.device();
     let input = Tensor::from_slice(ids).to_device(device).unsqueeze(0);
     let positions = Tensor::arange(ids.len() as i64, (Kind::Int64, device)).unsqueeze(0);
     let u = teacher.forward(&input, &positions, None, None);
     let logits = teacher.logits(&u.squeeze_dim(0));
-    (u, positions, logits)
+    (u, logits)
 }
 
 /// Hits per depth and rank over the positions tried at that depth.
@@ -362,12 +373,12 @@ fn rates(hits: Vec<Vec<f64>>, trials: &[usize]) -> Vec<Vec<f64>> {
 /// approximation of conditioning on the sampled parent.
 fn measure_sampled_acceptance(
     teacher: &Teacher,
-    drafter: &mut HeadDrafter,
-    head: &DraftHead,
+    drafter: &mut dyn Drafter,
     texts: &[CalibrationText],
     opts: &CalibrateOptions,
+    depths: usize,
 ) -> Result<(Vec<Vec<f64>>, Vec<usize>)> {
-    let (k, depths, temp) = (opts.top_k as i64, opts.max_depth, opts.temperature);
+    let (k, temp) = (opts.top_k as i64, opts.temperature);
     let device = teacher.device();
     let mut hits: Vec<Tensor> = (0..depths)
         .map(|_| Tensor::zeros([k], (Kind::Double, device)))
@@ -376,56 +387,24 @@ fn measure_sampled_acceptance(
     let mut bar = Progress::new("calibrate (sampled acceptance)", texts.len() as u64);
     for text in texts {
         let ids = &text.input_ids;
-        let len = ids.len() as i64;
-        let (u, positions, logits) = teacher_pass(teacher, ids);
+        let (u, logits) = teacher_pass(teacher, ids);
         let p_all = (logits.to_kind(Kind::Float) / temp).softmax(-1, Kind::Float);
-        // The draft pairs the state at t with x_{t+1} (G4); the last state's partner is unused.
-        let mut next: Vec<i64> = ids[1..].to_vec();
-        next.push(0);
-        let next_t = Tensor::from_slice(&next).to_device(device).unsqueeze(0);
-        let (o0, s0) = head.depth0(&u, &next_t, &positions, None, None);
-        let roots: Vec<i64> = (0..len - 1)
-            .filter(|&t| text.loss_mask.get(t as usize + 1) == Some(&1))
+        let roots: Vec<usize> = (0..ids.len() - 1)
+            .filter(|&t| text.loss_mask.get(t + 1) == Some(&1))
             .collect();
-        let mut o = o0.squeeze_dim(0);
-        let mut state = s0.squeeze_dim(0);
-        if !roots.is_empty() {
-            let idx = Tensor::from_slice(&roots).to_device(device);
-            o = o.index_select(0, &idx);
-            state = state.index_select(0, &idx);
-        }
-        let mut rows = roots;
-        for d in 0..depths {
-            // Depth d+1 from row t drafts the token after position t+d+1; keep rows where the
-            // text has it.
-            let keep: Vec<i64> = (0..rows.len() as i64)
-                .filter(|&i| rows[i as usize] + d as i64 + 1 < len)
-                .collect();
-            if keep.is_empty() {
-                break;
+        walk_roots(drafter, (&u, ids), &roots, depths, |t, d, logits| {
+            // Depth d+1 from root t drafts the token after position t+d+1.
+            let at = t + d + 1;
+            if at >= ids.len() {
+                return Ok(None);
             }
-            let keep_idx = Tensor::from_slice(&keep).to_device(device);
-            rows = keep.iter().map(|&i| rows[i as usize]).collect();
-            o = o.index_select(0, &keep_idx);
-            state = state.index_select(0, &keep_idx);
-            let at = Tensor::from_slice(&rows).to_device(device) + (d as i64 + 1);
-            let p = p_all.index_select(0, &at);
-            let q =
-                (drafter.logits(d as i64, &o).to_kind(Kind::Float) / temp).softmax(-1, Kind::Float);
+            let p = p_all.narrow(0, at as i64, 1);
+            let q = (logits.to_kind(Kind::Float) / temp).softmax(-1, Kind::Float);
             hits[d] += committed_by_rank(&p, &q, k).sum_dim_intlist(0, false, Kind::Double);
-            trials[d] += rows.len();
-            if d + 1 < depths {
-                // The parent of the next depth: the text's token after position t+d+1 (rows
-                // without one are dropped at the next depth's filter).
-                let parent_at = (&at + 1).clamp_max(len - 1);
-                let parent = Tensor::from_slice(ids)
-                    .to_device(device)
-                    .index_select(0, &parent_at);
-                let (on, sn) = head.step(&state, &parent);
-                o = on;
-                state = sn;
-            }
-        }
+            trials[d] += 1;
+            // The parent of the next depth: the text's own token after position t+d+1.
+            Ok(ids.get(at + 1).copied())
+        })?;
         bar.inc(1);
     }
     bar.finish();
@@ -466,29 +445,24 @@ pub fn committed_by_rank(p: &Tensor, q: &Tensor, k: i64) -> Tensor {
     Tensor::cat(&out, 1)
 }
 
-/// Rows [m,H] placed at positions `rows` of a zero [len,H] tensor, so the loop can keep
-/// indexing by text position.
-fn scatter_rows(values: &Tensor, rows: &[usize], len: usize) -> Tensor {
-    let h = values.size()[1];
-    let idx = Tensor::from_slice(&rows.iter().map(|&t| t as i64).collect::<Vec<_>>())
-        .to_device(values.device());
-    Tensor::zeros([len as i64, h], (values.kind(), values.device())).index_copy(0, &idx, values)
+/// Median of the milliseconds `run` reports over `repeats` runs after `warmup` untimed ones:
+/// `run` times its own measured part (see [`time_ms`]), so it may prepare each run untimed.
+fn median_ms(opts: &CalibrateOptions, mut run: impl FnMut() -> Result<f64>) -> Result<f64> {
+    for _ in 0..opts.warmup {
+        run()?;
+    }
+    let mut times = (0..opts.repeats.max(1))
+        .map(|_| run())
+        .collect::<Result<Vec<f64>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
-/// Median milliseconds of `f` over `repeats` runs after `warmup` untimed ones.
-fn median_ms(opts: &CalibrateOptions, mut f: impl FnMut()) -> f64 {
-    for _ in 0..opts.warmup {
-        f();
-    }
-    let mut times: Vec<f64> = (0..opts.repeats.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1000.0
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+/// Milliseconds `f` takes.
+fn time_ms(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed().as_secs_f64() * 1000.0)
 }
 
 /// Tree sizes timed: every n up to 8, where small trees live, then about 1.5x apart up to the
@@ -542,11 +516,14 @@ fn measure_verify(teacher: &Teacher, opts: &CalibrateOptions) -> Result<Vec<Veri
             // The cost of a tree forward does not depend on the mask's pattern: a chain will do.
             let mask = causal_mask(c, n as i64, device);
             let ms = median_ms(opts, || {
-                let u = teacher.forward(&ids, &pos, Some(&mask), Some(&mut cache));
-                let pred = teacher.logits(&u.squeeze_dim(0)).argmax(-1, false);
-                let _ = pred.sum(Kind::Int64).int64_value(&[]);
-                cache.truncate(c);
-            });
+                time_ms(|| {
+                    let u = teacher.forward(&ids, &pos, Some(&mask), Some(&mut cache));
+                    let pred = teacher.logits(&u.squeeze_dim(0)).argmax(-1, false);
+                    let _ = pred.sum(Kind::Int64).int64_value(&[]);
+                    cache.truncate(c);
+                    Ok(())
+                })
+            })?;
             points.push((n, ms));
             bar.inc(1);
         }
@@ -559,63 +536,88 @@ fn measure_verify(teacher: &Teacher, opts: &CalibrateOptions) -> Result<Vec<Veri
     Ok(curves)
 }
 
+/// Zero states and token 1 at `context` positions: what a cost measurement commits (the cost
+/// does not depend on the values).
+fn blank_prefix(teacher: &Teacher, context: usize) -> (Tensor, Tensor) {
+    let device = teacher.device();
+    let (c, h) = (context as i64, teacher.config.hidden_size);
+    (
+        Tensor::zeros([1, c, h], (teacher.kind(), device)),
+        Tensor::ones([1, c], (Kind::Int64, device)),
+    )
+}
+
+/// One depth-1 step on m nodes after a `context`-position prefix. Each run first commits one
+/// position untimed, which puts the drafter back at depth 1 (and drops EAGLE-1's tree rows) as
+/// a decoding step does; the prefix grows by those few positions.
 fn measure_draft_steps(
     teacher: &Teacher,
-    drafter: &mut HeadDrafter,
+    drafter: &mut dyn Drafter,
+    context: usize,
     opts: &CalibrateOptions,
 ) -> Result<Curve> {
     let device = teacher.device();
-    let h = teacher.config.hidden_size;
+    let (u, ids) = blank_prefix(teacher, context);
+    drafter.reset();
+    let _ = drafter.extend(&u, &ids)?;
+    let (u1, ids1) = (u.narrow(1, 0, 1), ids.narrow(1, 0, 1));
     let mut points = Vec::new();
     for m in [1usize, 2, 4, 8, 16, 32] {
-        let states = Tensor::zeros([m as i64, h], (teacher.kind(), device));
+        let parents = Tensor::zeros([m as i64], (Kind::Int64, device));
         let tokens = Tensor::ones([m as i64], (Kind::Int64, device));
         let ms = median_ms(opts, || {
-            let (logits, _) = drafter.step(&states, &tokens).expect("draft step");
-            let top = logits.topk(opts.top_k as i64, -1, true, true).1;
-            let _ = top.sum(Kind::Int64).int64_value(&[]);
-        });
+            let (_, state0) = drafter.extend(&u1, &ids1)?;
+            let states = state0.index_select(0, &parents);
+            time_ms(|| {
+                let (logits, _) = drafter.step(&states, &tokens)?;
+                let top = logits.topk(opts.top_k as i64, -1, true, true).1;
+                let _ = top.sum(Kind::Int64).int64_value(&[]);
+                Ok(())
+            })
+        })?;
         points.push((m, ms));
     }
     Ok(Curve::new(points)?.monotone())
 }
 
+/// The depth-0 call on two accepted states after a `context`-position prefix (which grows by
+/// the two positions each run commits).
 fn measure_depth0(
     teacher: &Teacher,
-    drafter: &mut HeadDrafter,
+    drafter: &mut dyn Drafter,
     context: usize,
     opts: &CalibrateOptions,
-) -> f64 {
-    let device = teacher.device();
-    let h = teacher.config.hidden_size;
+) -> Result<f64> {
+    let (u, ids) = blank_prefix(teacher, context);
     drafter.reset();
-    let c = context as i64;
-    let u = Tensor::zeros([1, c, h], (teacher.kind(), device));
-    let ids = Tensor::ones([1, c], (Kind::Int64, device));
-    let _ = drafter.extend(&u, &ids).expect("draft prefill");
-    let u2 = u.narrow(1, 0, 2);
-    let ids2 = ids.narrow(1, 0, 2);
+    let _ = drafter.extend(&u, &ids)?;
+    let (u2, ids2) = (u.narrow(1, 0, 2), ids.narrow(1, 0, 2));
     median_ms(opts, || {
-        let (logits, _) = drafter.extend(&u2, &ids2).expect("depth-0 call");
-        let top = logits.topk(opts.top_k as i64, -1, true, true).1;
-        let _ = top.sum(Kind::Int64).int64_value(&[]);
-        drafter.rewind(c);
+        time_ms(|| {
+            let (logits, _) = drafter.extend(&u2, &ids2)?;
+            let top = logits.topk(opts.top_k as i64, -1, true, true).1;
+            let _ = top.sum(Kind::Int64).int64_value(&[]);
+            Ok(())
+        })
     })
 }
 
-fn measure_plain(teacher: &Teacher, context: usize, opts: &CalibrateOptions) -> f64 {
+fn measure_plain(teacher: &Teacher, context: usize, opts: &CalibrateOptions) -> Result<f64> {
     let device = teacher.device();
     let mut cache = prefilled_cache(teacher, context);
     let c = context as i64;
     let ids = Tensor::ones([1, 1], (Kind::Int64, device));
     let pos = Tensor::from_slice(&[c]).to_device(device).unsqueeze(0);
     median_ms(opts, || {
-        let u = teacher.forward(&ids, &pos, None, Some(&mut cache));
-        let _ = teacher
-            .logits(&u.select(1, 0))
-            .argmax(-1, false)
-            .int64_value(&[0]);
-        cache.truncate(c);
+        time_ms(|| {
+            let u = teacher.forward(&ids, &pos, None, Some(&mut cache));
+            let _ = teacher
+                .logits(&u.select(1, 0))
+                .argmax(-1, false)
+                .int64_value(&[0]);
+            cache.truncate(c);
+            Ok(())
+        })
     })
 }
 
@@ -636,8 +638,7 @@ pub fn run(
         Some(ids) => Some(head.slice_vocab(ids, opts.top_k)?),
         None => None,
     };
-    let mut drafter = HeadDrafter::new(&head).with_vocab(vocab.as_ref());
-    let calib = calibrate(&teacher, &mut drafter, &head, texts, opts)?;
+    let calib = calibrate(&teacher, &head, vocab.as_ref(), texts, opts)?;
     calib.write(out)?;
     let search = crate::decode::tree_search::best_tree(
         &calib.acceptance,

@@ -37,11 +37,13 @@ use crate::decode::dynamic::DynamicTree;
 use crate::decode::generate::{generate, GenerationConfig};
 use crate::decode::sampling::{Sampling, Timed};
 use crate::decode::speculative::{
-    drafter_for, drafting_vocab, generate_with_mode, DraftVocab, HeadDrafter, SpecStats, TreeMode,
+    drafter_for, drafting_vocab, generate_with_mode, DraftVocab, SpecStats, TreeMode,
 };
-use crate::decode::tree::{Tree, DEFAULT_TREE};
+use crate::decode::tree::Tree;
 use crate::decode::tree_search::{best_tree, SearchLimits, SearchResult};
+use crate::decode::tree_spec::TreeSpec;
 use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
+use crate::model::device::device_name;
 use crate::model::head::{load_head, DraftHead};
 use crate::model::head_config::HeadKind;
 use crate::model::teacher::Teacher;
@@ -56,9 +58,8 @@ pub struct EvalOptions {
     /// JSONL questions: {"question_id", "category", "turns": [..]} (MT-bench / Spec-Bench).
     pub prompts: PathBuf,
     /// Tree settings, evaluated in turn on the same prompts (the first gives the top-level
-    /// figures): "default" (= "mc_sim_7b_63"), "auto" (searched from a calibration), "dynamic"
-    /// (EAGLE-2, sized by `dynamic`), or a JSON file with a list of paths.
-    pub trees: Vec<String>,
+    /// figures); "dynamic" is sized by `dynamic`.
+    pub trees: Vec<TreeSpec>,
     /// Calibration file for "auto"; without one, "auto" calibrates on `calibration_texts`.
     pub calib: Option<PathBuf>,
     /// Texts "auto" calibrates on when there is no `calib` (the prepared data's eval split).
@@ -459,8 +460,7 @@ fn auto_setting(
                 "--tree auto needs a calibration: --calib FILE (from `clover calibrate`), \
                  --calib-prompts FILE, or --data DIR (prepared data whose eval split calibrates)"
             );
-            let mut drafter = HeadDrafter::new(head).with_vocab(vocab);
-            calibrate(teacher, &mut drafter, head, &texts, &args.calibrate)?
+            calibrate(teacher, head, vocab, &texts, &args.calibrate)?
         }
     };
     ensure!(
@@ -534,34 +534,33 @@ fn tree_settings(
     let mut settings = Vec::new();
     let mut auto = None;
     for spec in &args.trees {
-        let setting = match spec.as_str() {
-            "default" | DEFAULT_TREE => TreeSetting {
-                name: spec.clone(),
-                kind: TreeKind::Static(Tree::load(None)?),
-            },
-            "dynamic" | "auto" if head.config().options.head != HeadKind::Clover2 => {
+        let name = spec.to_string();
+        let setting = match spec {
+            TreeSpec::Dynamic | TreeSpec::Auto
+                if head.config().options.head != HeadKind::Clover2 =>
+            {
                 anyhow::bail!(
-                    "--tree {spec} works with Clover-2 heads (calibration and dynamic drafting \
-                     step its regressive cell); this head is {}: use a static tree",
+                    "--tree {spec} works with Clover-2 heads (the searched and grown trees are \
+                     only validated on them); this head is {}: use a static tree",
                     head.config().options.head.name()
                 )
             }
-            "dynamic" => {
+            TreeSpec::Dynamic => {
                 args.dynamic.check()?;
                 TreeSetting {
-                    name: spec.clone(),
+                    name,
                     kind: TreeKind::Dynamic(args.dynamic),
                 }
             }
-            "auto" => {
+            TreeSpec::Auto => {
                 let (setting, choice) =
                     auto_setting(args, (teacher, chat), head, vocab, evaluated)?;
                 auto = Some(choice);
                 setting
             }
-            file => TreeSetting {
-                name: spec.clone(),
-                kind: TreeKind::Static(Tree::load(Some(file))?),
+            TreeSpec::Default | TreeSpec::File(_) => TreeSetting {
+                name,
+                kind: TreeKind::Static(spec.static_tree("eval")?),
             },
         };
         settings.push(setting);
@@ -656,13 +655,6 @@ pub fn run(args: &EvalOptions) -> Result<()> {
         eprintln!("report written to {}", path.display());
     }
     Ok(())
-}
-
-fn device_name(device: tch::Device) -> String {
-    match device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    }
 }
 
 /// Decode one prompt with one tree setting. "auto" may have picked plain decoding: that is the

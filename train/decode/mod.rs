@@ -11,3 +11,4 @@ pub mod sampling;
 pub mod speculative;
 pub mod tree;
 pub mod tree_search;
+pub mod tree_spec;

@@ -613,16 +613,6 @@ impl<'h> HeadDrafter<'h> {
             None => self.head.logits_at(depth, o),
         }
     }
-
-    /// Size of the vocabulary this drafter drafts from (see [`drafting_vocab`]).
-    pub fn vocab_len(&self) -> Option<usize> {
-        drafting_vocab(self.head, self.vocab)
-    }
-
-    /// Forget the committed positions from `len` on (cost measurements reuse one prefix).
-    pub fn rewind(&mut self, len: i64) {
-        self.cache.truncate(len);
-    }
 }
 
 /// Size of the vocabulary a head drafts from: the sliced `vocab` (`--draft-vocab`), the head's
@@ -645,15 +635,22 @@ pub fn drafter_for<'h>(
     }
 }
 
-/// Checks a tree can be drafted by `head`: Medusa has one head per depth.
-pub fn check_tree_for(head: &DraftHead, tree: &Tree) -> Result<()> {
+/// The deepest tree `head` can draft, where it has a limit: Medusa has one head per depth;
+/// Clover-2 and EAGLE-1 step to any depth.
+pub fn deepest_draft(head: &DraftHead) -> Option<usize> {
     let opts = &head.config().options;
-    ensure!(
-        opts.head != HeadKind::Medusa || tree.max_depth() as i64 <= opts.num_depths,
-        "the tree is {} deep but the Medusa head has only {} heads",
-        tree.max_depth(),
-        opts.num_depths
-    );
+    (opts.head == HeadKind::Medusa).then_some(opts.num_depths as usize)
+}
+
+/// Checks a tree can be drafted by `head` (see [`deepest_draft`]).
+pub fn check_tree_for(head: &DraftHead, tree: &Tree) -> Result<()> {
+    if let Some(deepest) = deepest_draft(head) {
+        ensure!(
+            tree.max_depth() <= deepest,
+            "the tree is {} deep but the Medusa head has only {deepest} heads",
+            tree.max_depth()
+        );
+    }
     Ok(())
 }
 

@@ -93,14 +93,9 @@ pub struct Tree {
 }
 
 impl Tree {
-    /// Load a tree: `None` or `"mc_sim_7b_63"` gives the default, anything else is a JSON file
-    /// holding a list of paths (e.g. `[[0],[1],[0,0]]`).
-    pub fn load(spec: Option<&str>) -> Result<Self> {
-        match spec {
-            None => Self::from_paths(&mc_sim_7b_63(), DEFAULT_TOP_K),
-            Some(s) if s == DEFAULT_TREE => Self::from_paths(&mc_sim_7b_63(), DEFAULT_TOP_K),
-            Some(file) => Self::from_json_file(Path::new(file)),
-        }
+    /// The built-in `mc_sim_7b_63` tree with the reference's top-k.
+    pub fn default_tree() -> Self {
+        Self::from_paths(&mc_sim_7b_63(), DEFAULT_TOP_K).expect("mc_sim_7b_63 is a valid tree")
     }
 
     /// Read a JSON list of paths from `path`.
@@ -369,7 +364,7 @@ mod tests {
     use super::*;
 
     fn default_tree() -> Tree {
-        Tree::load(None).expect("default tree")
+        Tree::default_tree()
     }
 
     #[test]

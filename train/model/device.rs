@@ -57,6 +57,38 @@ impl DeviceChoice {
     }
 }
 
+/// A device as every file and report the project writes names it: the words `--device` reads
+/// (`cpu`, `cuda:N`), so a report's device can be given back to a command as it stands.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+    }
+}
+
+/// A device name as a file wrote it, in [`device_name`]'s spelling: calibration files written
+/// before it spelled devices as tch's `Debug` does (`Cpu`, `Cuda(0)`) and must still read.
+pub fn normalized_device_name(written: &str) -> String {
+    match written
+        .strip_prefix("Cuda(")
+        .and_then(|rest| rest.strip_suffix(')'))
+    {
+        Some(index) => format!("cuda:{index}"),
+        None => written.to_lowercase(),
+    }
+}
+
+/// Serde's reading of a device name field, older spellings included (see
+/// [`normalized_device_name`]).
+pub fn deserialize_device_name<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<String, D::Error> {
+    let written = <String as serde::Deserialize>::deserialize(deserializer)?;
+    Ok(normalized_device_name(&written))
+}
+
 /// A dtype as a user names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DtypeChoice {

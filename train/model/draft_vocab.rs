@@ -1,5 +1,5 @@
 //! Draft vocabularies (FR-Spec, EAGLE-3): the draft scores only N of the teacher's V tokens, with
-//! the matching rows of the frozen lm_head in one [N,H] matrix (docs/trees.md §4).
+//! the matching rows of the frozen lm_head in one [N,H] matrix (docs/clover2.md §5.1, `--draft-vocab`).
 //!
 //! Draft index i stands for teacher id `ids[i]`. A head trained with one (`draft_vocab = N`)
 //! stores the mapping in EAGLE-3's convention: `d2t[i] = ids[i] - i` (the offset to add to a draft

@@ -99,7 +99,7 @@ pub struct HeadOptions {
     pub input_noise: Option<f64>,
     /// A draft vocabulary (EAGLE-3): the head scores only the N most frequent answer tokens of
     /// the training data, trained against the teacher's distribution restricted to them. None:
-    /// the full vocabulary. Clover-2 only (docs/trees.md §4).
+    /// the full vocabulary. Clover-2 only (docs/clover2.md §5.1, `--draft-vocab`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_vocab: Option<usize>,
 }

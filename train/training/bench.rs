@@ -125,7 +125,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         let report = serde_json::json!({
             "mode": format!("{mode:?}").to_lowercase(),
             "model": args.teacher.describe(),
-            "device": format!("{device:?}"),
+            "device": crate::model::device::device_name(device),
             "dtype": format!("{kind:?}"),
             "threads": tch::get_num_threads(),
             "trainable_parameters": head.num_parameters(),
