@@ -5,7 +5,7 @@
 //!   (replacing a directory that holds an input would delete the input);
 //! - an existing directory is written into or replaced only when it is empty or a previous output
 //!   of the same command, recognised by the marker file that command leaves in it
-//!   ([`OutputDir::claim`]); replacing a finished one takes `--overwrite`;
+//!   ([`claim_job_dir`], [`check_replaceable`]); replacing a finished one takes `--overwrite`;
 //! - an existing file is replaced only with `--overwrite` ([`claim_file`]), and its directory is
 //!   checked writable before the work, not after it.
 
@@ -85,39 +85,22 @@ pub enum Found {
     Previous,
 }
 
-/// An output directory claimed by one command: absent, empty, or its own previous output.
-#[derive(Debug)]
-pub struct OutputDir {
-    pub path: PathBuf,
-    pub found: Found,
-}
-
-impl OutputDir {
-    /// Claims `dir` for `command` (its name as the user types it, `clover export`). A directory
-    /// holding anything else is refused, naming a few of its entries; `legacy` recognises a
-    /// previous output written before markers existed (its entries are all ones the command
-    /// writes). The marker is written at once, so an interrupted run's output is still known.
-    pub fn claim(dir: &Path, command: &str, legacy: &dyn Fn(&str) -> bool) -> Result<Self> {
-        let found = inspect_dir(dir, command, legacy)?;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        write_marker(dir, command)?;
-        Ok(OutputDir {
-            path: dir.to_path_buf(),
-            found,
-        })
-    }
-
-    /// The output of a resumable job (`--out` of distill or regenerate): none of `inputs`, and
-    /// new or the same command's (a rerun continues it).
-    pub fn claim_for_job(
-        out: &Path,
-        inputs: &[Named],
-        command: &str,
-        legacy: &dyn Fn(&str) -> bool,
-    ) -> Result<Self> {
-        refuse_overlap(("--out", out), inputs)?;
-        Self::claim(out, command, legacy)
-    }
+/// Claims `out`, the output directory of a resumable job (`--out` of distill or regenerate),
+/// for `command` (its name as the user types it, `clover distill`): none of `inputs`, and new or
+/// the same command's, which a rerun continues. A directory holding anything else is refused,
+/// naming a few of its entries; `legacy` recognises a previous output written before markers
+/// existed (its entries are all ones the command writes). The marker is written at once, so an
+/// interrupted run's output is still known.
+pub fn claim_job_dir(
+    out: &Path,
+    inputs: &[Named],
+    command: &str,
+    legacy: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    refuse_overlap(("--out", out), inputs)?;
+    inspect_dir(out, command, legacy)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_marker(out, command)
 }
 
 /// For a command that publishes its output whole (a temporary directory renamed over `dir`, the

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::data::jobfiles::publish_dir;
 use crate::formats::chat::TemplateName;
-use crate::outputs::{check_replaceable, claim_file, refuse_overlap, write_marker, OutputDir};
+use crate::outputs::{check_replaceable, claim_file, claim_job_dir, refuse_overlap, write_marker};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ImportChitchatArgs {
@@ -184,7 +184,7 @@ impl RegenerateArgs {
 }
 
 pub fn run_regenerate(args: &RegenerateArgs) -> Result<()> {
-    OutputDir::claim_for_job(
+    claim_job_dir(
         &args.out,
         &[("--data", &args.data), ("--model", &args.model)],
         "clover data regenerate",

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use crate::model::device::RunOn;
-use crate::outputs::OutputDir;
+use crate::outputs::claim_job_dir;
 
 #[derive(clap::Args, Debug)]
 pub struct DistillArgs {
@@ -50,7 +50,7 @@ impl DistillArgs {
 }
 
 pub fn run(args: &DistillArgs) -> Result<()> {
-    OutputDir::claim_for_job(
+    claim_job_dir(
         &args.out,
         &[("--data", &args.data), ("--model", &args.model)],
         "clover distill",

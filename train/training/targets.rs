@@ -264,6 +264,23 @@ impl Manifest {
         );
         Ok(())
     }
+
+    /// Caches of older versions record the paths as given, relative to the directory distill ran
+    /// in: usable only from there, so say so instead of failing on a missing directory or, worse,
+    /// a false "changed since distillation".
+    fn check_recorded_paths(&self, path: &Path) -> Result<()> {
+        for (key, recorded) in [("data", &self.data), ("model", &self.model)] {
+            ensure!(
+                recorded.is_absolute() || recorded.exists(),
+                "{}: {key} is recorded as the relative path {} (an older clover's cache), which \
+                 names nothing from this directory: run from the directory distill ran in, or \
+                 distill again",
+                path.display(),
+                recorded.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// One opened cache shard: its map, its samples' token offsets, its dtype.
@@ -353,25 +370,6 @@ pub struct DistillCache {
     kind: Kind,
     dir: PathBuf,
     manifest: Manifest,
-}
-
-impl Manifest {
-    /// Caches of older versions record the paths as given, relative to the directory distill ran
-    /// in: usable only from there, so say so instead of failing on a missing directory or, worse,
-    /// a false "changed since distillation".
-    fn check_recorded_paths(&self, path: &Path) -> Result<()> {
-        for (key, recorded) in [("data", &self.data), ("model", &self.model)] {
-            ensure!(
-                recorded.is_absolute() || recorded.exists(),
-                "{}: {key} is recorded as the relative path {} (an older clover's cache), which \
-                 names nothing from this directory: run from the directory distill ran in, or \
-                 distill again",
-                path.display(),
-                recorded.display()
-            );
-        }
-        Ok(())
-    }
 }
 
 impl DistillCache {
