@@ -143,25 +143,19 @@ fn inspect_dir(dir: &Path, command: &str, legacy: &dyn Fn(&str) -> bool) -> Resu
         );
         return Ok(Found::Previous);
     }
-    let foreign: Vec<&String> = names.iter().filter(|n| !legacy(n)).collect();
+    let foreign: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !legacy(n))
+        .collect();
     if foreign.is_empty() {
         return Ok(Found::Previous);
     }
     bail!(
-        "{} holds files `{command}` did not write ({}{}); clover never replaces them: choose \
+        "{} holds files `{command}` did not write ({}); clover never replaces them: choose \
          another output",
         dir.display(),
-        foreign
-            .iter()
-            .take(3)
-            .map(|n| n.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        if foreign.len() > 3 {
-            format!(" and {} more", foreign.len() - 3)
-        } else {
-            String::new()
-        }
+        crate::checks::first_few(&foreign)
     )
 }
 

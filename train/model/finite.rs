@@ -6,34 +6,34 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use tch::Tensor;
 
+/// How many NaN or inf values `t` holds (0 for an integer tensor).
+pub fn non_finite_count(t: &Tensor) -> i64 {
+    if !t.is_floating_point() {
+        return 0;
+    }
+    t.isfinite()
+        .logical_not()
+        .sum(tch::Kind::Int64)
+        .int64_value(&[])
+}
+
 /// Refuses tensors holding a non-finite value, naming each such tensor and its count (integer
 /// tensors, such as a draft vocabulary's `d2t`, are always finite).
 pub fn check_finite_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let mut bad = Vec::new();
     let mut total = 0i64;
     for (name, t) in tensors {
-        if !t.is_floating_point() {
-            continue;
-        }
-        let count = t
-            .isfinite()
-            .logical_not()
-            .sum(tch::Kind::Int64)
-            .int64_value(&[]);
+        let count = non_finite_count(t);
         if count > 0 {
             total += count;
             bad.push(format!("{name} ({count})"));
         }
     }
     if !bad.is_empty() {
+        let names: Vec<&str> = bad.iter().map(String::as_str).collect();
         bail!(
-            "{total} non-finite weights (NaN or inf) in {}{}",
-            bad.iter().take(4).cloned().collect::<Vec<_>>().join(", "),
-            if bad.len() > 4 {
-                format!(" and {} more tensors", bad.len() - 4)
-            } else {
-                String::new()
-            }
+            "{total} non-finite weights (NaN or inf) in {}",
+            crate::checks::first_few(&names)
         );
     }
     Ok(())

@@ -22,6 +22,7 @@ use tensorboard_rs::summary_writer::SummaryWriter;
 use crate::data::shards::Sample;
 use crate::data::vocab::frequent_tokens;
 use crate::distributed::Group;
+use crate::model::finite::non_finite_count;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::teacher::Teacher;
 use crate::progress::Progress;
@@ -253,6 +254,7 @@ fn describe_rows(source: &Source, rows: &[usize]) -> String {
             .iter()
             .map(|&i| cache.shard_file_of(i).display().to_string())
             .collect();
+        shards.sort();
         shards.dedup();
         text.push_str(&format!(" from {}", shards.join(", ")));
     }
@@ -669,7 +671,7 @@ impl<'a> Run<'a> {
             .iter()
             .filter(|(_, p)| {
                 let g = p.grad();
-                g.defined() && !bool::try_from(g.isfinite().all()).unwrap_or(false)
+                g.defined() && non_finite_count(&g) > 0
             })
             .map(|(name, _)| name.as_str())
             .collect();
