@@ -41,7 +41,10 @@ step "3/7 distill: cache the teacher's pre-norm hidden states"
 $CLOVER distill --data $WORK/prepared --model $TEACHER --out $WORK/distill --device $DEVICE
 
 step "4/7 train the Clover-2 head"
-RESUME=""; [ -n "$(ls -A $WORK/train/checkpoints 2>/dev/null)" ] && RESUME=--resume
+# A run with checkpoints continues; one killed before its first checkpoint (logs only) starts
+# over, which `clover train` refuses without --overwrite.
+RESUME=""; [ -d $WORK/train ] && RESUME=--overwrite
+[ -n "$(ls -A $WORK/train/checkpoints 2>/dev/null)" ] && RESUME=--resume
 $CLOVER train --config configs/smollm2-135m.toml --profile $PROFILE $RESUME
 
 step "5/7 export"

@@ -52,7 +52,9 @@ for HEAD in $HEADS; do
   [ "$HEAD" = medusa ] && SETS+=(--set decay=0.8)
   [ -n "$STEPS" ] && SETS+=(--set "max_steps=$STEPS" --set "eval_every=$STEPS" --set "save_every=$STEPS"
                             --set "warmup_steps=$(( STEPS / 10 ))")
-  RESUME=""; [ -n "$(ls -A "$RUN/checkpoints" 2>/dev/null)" ] && RESUME=--resume
+  # With checkpoints it continues; killed before its first one (logs only), it starts over.
+  RESUME=""; [ -d "$RUN" ] && RESUME=--overwrite
+  [ -n "$(ls -A "$RUN/checkpoints" 2>/dev/null)" ] && RESUME=--resume
   step "train $HEAD"
   $CLOVER train --config $CONFIG --profile $PROFILE "${SETS[@]}" $RESUME
 done
