@@ -134,8 +134,8 @@ fn autocast_head_on_the_test_device_matches_cpu_f32_forward_and_backward() {
             None,
         )
     });
-    let want = cpu_head.depth_outputs(&u, &next, None);
-    let got = head.depth_outputs(&u.to_device(device), &next.to_device(device), None);
+    let want = cpu_head.depth_outputs(&u, &next);
+    let got = head.depth_outputs(&u.to_device(device), &next.to_device(device));
     let layers = head.config().options.num_layers as usize;
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(

@@ -7,8 +7,8 @@ use crate::speculative::{greedy_with_mode, plain_greedy};
 use clover::data::vocab::frequent_tokens;
 use clover::decode::calibrate::committed_by_rank;
 use clover::decode::dynamic::DynamicTree;
-use clover::decode::speculative::TreeMode;
 use clover::decode::tree::Tree;
+use clover::decode::tree_policy::TreeMode;
 use clover::model::draft_vocab::DraftVocab;
 use clover::model::head::DraftHead;
 use clover::training::checkpoint::read_checkpoint_head;
@@ -34,7 +34,7 @@ fn draft_vocab_loss_restricts_renormalises_and_skips_rows_outside() {
     let mut head = crate::common::tiny_head(&teacher, 3, 11);
     head.to_kind(Kind::Double);
     let (u, next, mask) = crate::loss::inputs(&teacher);
-    let outs = head.depth_outputs(&u, &next, None);
+    let outs = head.depth_outputs(&u, &next);
     let ids: Vec<i64> = (0..96).step_by(2).collect();
     let vocab = DraftVocab::new(teacher.lm_head_weight(), &ids, 1).unwrap();
     let w = LossWeights::reference(head.config());

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use crate::common::{f32_paths_bound, max_abs, max_abs_diff, tiny_head, tiny_teacher, F64_U};
-use clover::model::head::{attention_decoder, DraftHead};
+use clover::model::clover2::attention_decoder;
+use clover::model::head::DraftHead;
 use clover::training::loss::{
     clover_loss, shift_for_training, teacher_targets, DistillTargets, LossWeights,
 };
@@ -149,7 +150,7 @@ fn depth_outputs_slice_and_shift_as_get_all_head() {
         .expand([b, t], true);
     let u = tch::no_grad(|| teacher.forward(&x, &pos, None, None));
     let next = ids(b, t, 4);
-    let outs = tch::no_grad(|| head.depth_outputs(&u, &next, None));
+    let outs = tch::no_grad(|| head.depth_outputs(&u, &next));
     assert_eq!(outs.len(), 3);
     for (i, o) in outs.iter().enumerate() {
         assert_eq!(
@@ -414,7 +415,7 @@ fn gradient_matches_finite_differences_in_f64() {
     let targets = teacher_targets(&teacher, &u, &mask);
     let w = LossWeights::reference(head.config());
     let loss = |head: &DraftHead| {
-        let outs = head.depth_outputs(&u, &next, None);
+        let outs = head.depth_outputs(&u, &next);
         clover_loss(&outs, &targets, &|_, o: &Tensor| head.logits(o), &w).total
     };
     let params: BTreeMap<String, Tensor> = head.named_tensors();

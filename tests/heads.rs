@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use crate::common::whole_batch_loss;
 use crate::common::{scratch_dir, tiny_teacher};
 use crate::speculative::{load, plain_greedy, tiny_llama};
-use clover::decode::eagle_drafter::EagleDrafter;
+use clover::decode::drafter::Drafter;
+use clover::decode::drafter::TreeAttentionDrafter;
 use clover::decode::sampling::Sampling;
-use clover::decode::speculative::{generate_speculative, Drafter};
+use clover::decode::speculative::generate_speculative;
 use clover::decode::tree::Tree;
+use clover::model::arch::HeadArch;
 use clover::model::head::DraftHead;
 use clover::model::head_config::{HeadConfig, HeadKind, HeadOptions};
 use clover::model::teacher::Teacher;
@@ -70,7 +72,7 @@ fn eagle1_forward_by_hand() {
         _ => t.shallow_clone(),
     });
     let (u, next) = inputs(6, 11);
-    let outs = tch::no_grad(|| head.depth_outputs(&u, &next, None));
+    let outs = tch::no_grad(|| head.depth_outputs(&u, &next));
     assert_eq!(outs.len(), 1, "EAGLE-1 trains one depth");
     let emb = teacher
         .weight("model.embed_tokens.weight")
@@ -101,8 +103,8 @@ fn eagle1_is_causal_and_has_eagle_key_names() {
     let _ = u2.narrow(1, 4, 1).fill_(3.0);
     let (a, b) = tch::no_grad(|| {
         (
-            head.depth_outputs(&u, &next, None).remove(0),
-            head.depth_outputs(&u2, &next, None).remove(0),
+            head.depth_outputs(&u, &next).remove(0),
+            head.depth_outputs(&u2, &next).remove(0),
         )
     });
     assert!(max_abs(&a.narrow(1, 0, 4), &b.narrow(1, 0, 4)) < 1e-6);
@@ -112,7 +114,7 @@ fn eagle1_is_causal_and_has_eagle_key_names() {
 /// EAGLE-1's training noise: U(-a/2, a/2)·512/T with a = 0.2, seeded, on the input features only.
 #[test]
 fn eagle1_training_noise_is_eagles_uniform_and_seeded() {
-    let noise = clover::model::eagle::input_noise(&[2, 64, 8], 0.2, 7);
+    let noise = clover::model::eagle1::input_noise(&[2, 64, 8], 0.2, 7);
     let bound = 0.2 * 512.0 / 64.0 / 2.0; // 0.8
     let (lo, hi) = (noise.min().double_value(&[]), noise.max().double_value(&[]));
     assert!(lo >= -bound && hi <= bound, "noise in [{lo}, {hi}]");
@@ -122,7 +124,7 @@ fn eagle1_training_noise_is_eagles_uniform_and_seeded() {
     assert!(
         max_abs(
             &noise,
-            &clover::model::eagle::input_noise(&[2, 64, 8], 0.2, 7)
+            &clover::model::eagle1::input_noise(&[2, 64, 8], 0.2, 7)
         ) == 0.0
     );
     let teacher = tiny_teacher(Kind::Float);
@@ -131,10 +133,10 @@ fn eagle1_training_noise_is_eagles_uniform_and_seeded() {
     let (u, next) = inputs(6, 13);
     tch::no_grad(|| {
         let noisy = eagle.training_outputs(&u, &next, 1);
-        let clean = eagle.depth_outputs(&u, &next, None);
+        let clean = eagle.depth_outputs(&u, &next);
         assert!(max_abs(&noisy[0], &clean[0]) > 1e-3);
         let same = clover2.training_outputs(&u, &next, 1);
-        for (a, b) in same.iter().zip(clover2.depth_outputs(&u, &next, None)) {
+        for (a, b) in same.iter().zip(clover2.depth_outputs(&u, &next)) {
             assert_eq!(max_abs(a, &b), 0.0, "Clover-2 trains without noise");
         }
     });
@@ -158,7 +160,7 @@ fn medusa_forward_by_hand() {
         }
     });
     let (u, next) = inputs(6, 14);
-    let outs = tch::no_grad(|| head.depth_outputs(&u, &next, None));
+    let outs = tch::no_grad(|| head.depth_outputs(&u, &next));
     assert_eq!(outs.len(), 3);
     let h = teacher.final_norm(&u);
     // SiLU(b) = b·sigmoid(b), by hand.
@@ -201,7 +203,7 @@ fn loss_weights_per_head_and_the_loss_they_give() {
         let head = head_of(&teacher, kind, depths, 8);
         let w = LossWeights::reference(head.config());
         assert_eq!((w.v_w, w.p_w), (v_w, p_w), "{kind:?}");
-        let outs = tch::no_grad(|| head.depth_outputs(&u, &next, None));
+        let outs = tch::no_grad(|| head.depth_outputs(&u, &next));
         assert_eq!(outs.len(), n_out);
         let logits = |i: usize, o: &Tensor| head.logits_at(i as i64, o);
         let parts = whole_batch_loss(&teacher, (&u, &mask), &outs, &logits, &w, 0, None);
@@ -264,9 +266,9 @@ fn export_then_load_round_trip_for_eagle1_and_medusa() {
         let (u, next) = inputs(5, 16);
         tch::no_grad(|| {
             for (a, b) in head
-                .depth_outputs(&u, &next, None)
+                .depth_outputs(&u, &next)
                 .iter()
-                .zip(back.depth_outputs(&u, &next, None))
+                .zip(back.depth_outputs(&u, &next))
             {
                 assert_eq!(max_abs(a, &b), 0.0, "{kind:?}");
             }
@@ -283,7 +285,7 @@ fn eagle_tree_drafting_equals_causal_passes_along_each_path() {
     let head = head_of(&teacher, HeadKind::Eagle1, 1, 10);
     let (u, next) = inputs(6, 17);
     tch::no_grad(|| {
-        let mut drafter = EagleDrafter::new(&head);
+        let mut drafter = TreeAttentionDrafter::new(&head);
         drafter.reset();
         let (logits0, row0) = drafter.extend(&u, &next).unwrap();
         let (y1, y2, y3) = (7i64, 9i64, 13i64);
@@ -312,7 +314,12 @@ fn eagle_tree_drafting_equals_causal_passes_along_each_path() {
             ids.extend_from_slice(toks);
             let n = ids.len() as i64;
             let ids = Tensor::from_slice(&ids).view([1, n]);
-            clover::model::eagle::forward(&head, &x, &ids, &pos(n), None, None).select(1, n - 1)
+            let rows = clover::model::arch::TokenRows {
+                next_ids: &ids,
+                positions: &pos(n),
+                mask: None,
+            };
+            head.tree_forward(&x, &rows, None).unwrap().select(1, n - 1)
         };
         let f_y1 = chain(&[&f_last], &[y1]);
         let f_y2 = chain(&[&f_last], &[y2]);
@@ -354,7 +361,7 @@ fn medusa_tree_deeper_than_its_heads_is_refused() {
     let err = generate_speculative(&teacher, &head, &tree, &[3, 4], 8, Sampling::greedy(), &[])
         .unwrap_err()
         .to_string();
-    assert!(err.contains("Medusa head has only 3 heads"), "{err}");
+    assert!(err.contains("medusa head drafts at most 3 depths"), "{err}");
 }
 
 /// The real SmolLM2-135M teacher with randomly initialised EAGLE-1 and Medusa heads: greedy
@@ -399,11 +406,12 @@ fn clover2_ablation_defaults_are_the_reference() {
     assert_eq!(o.head, HeadKind::Clover2);
     assert_eq!((o.num_depths, o.num_layers, o.decay), (5, 2, 0.7));
     assert!(o.regressive_connection);
+    let arch = clover::model::kinds::arch_of(o.head);
     assert_eq!(
-        (o.regression_weight(), o.distillation_weight()),
+        (arch.regression_weight(&o), arch.distillation_weight(&o)),
         (10.0, 1.0)
     );
-    assert_eq!(o.input_noise(), 0.0);
+    assert_eq!(arch.input_noise(&o), 0.0);
     let teacher = tiny_teacher(Kind::Float);
     let cfg = HeadConfig::from_teacher(&teacher.config);
     let w = LossWeights::reference(&cfg);
@@ -427,11 +435,10 @@ fn clover2_ablation_switches_change_what_they_say() {
     assert_eq!((w.v_w, w.p_w), (0.0, 2.5));
     assert_eq!(w.depth_weight(2), 0.25);
     // Augmenting-Block layers: one layer fewer = nine tensors fewer.
-    let full = HeadConfig::from_teacher(&teacher.config)
-        .trainable_shapes()
-        .len();
+    let shapes = |cfg: &HeadConfig| clover::model::clover2::Clover2.trainable_shapes(cfg).len();
+    let full = shapes(&HeadConfig::from_teacher(&teacher.config));
     cfg.options.num_layers = 1;
-    assert_eq!(cfg.trainable_shapes().len(), full - 9);
+    assert_eq!(shapes(&cfg), full - 9);
     // Regressive connection off: depths >= 1 ignore the chosen token; on, they do not.
     let state = clover::rng::seeded(3, || Tensor::randn([2, 64], (Kind::Float, Device::Cpu)));
     let (a, b) = (
@@ -691,7 +698,7 @@ fn train_set_overrides_keys() {
 /// far as it is accepted and the text follows it. Returns (hits[d][r], trials[d]).
 fn replay_acceptance(
     teacher: &Teacher,
-    drafter: &mut dyn clover::decode::speculative::Drafter,
+    drafter: &mut dyn clover::decode::drafter::Drafter,
     texts: &[clover::decode::calibrate::CalibrationText],
     (k, depths): (usize, usize),
 ) -> (Vec<Vec<usize>>, Vec<usize>) {
@@ -746,7 +753,7 @@ fn replay_acceptance(
 #[test]
 fn calibrate_measures_every_head_kind_through_its_decoding_drafter() {
     use clover::decode::calibrate::{calibrate, CalibrateOptions};
-    use clover::decode::speculative::drafter_for;
+    use clover::decode::drafter::drafter_for;
     tch::set_num_threads(1);
     let dir = tiny_llama("heads-calibrate", 96, 4.0, 31);
     let teacher = load(&dir);

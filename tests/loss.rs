@@ -356,7 +356,7 @@ const CHUNKS: [usize; 5] = [1, 2, 4, 9, 64];
 
 fn chunked_matches_unchunked(teacher: &Teacher, head: &DraftHead, un: &Units, tag: &str) {
     let (u, next, mask) = inputs(teacher);
-    let outs = head.depth_outputs(&u, &next, None);
+    let outs = head.depth_outputs(&u, &next);
     let m = mask.sum(Kind::Double).double_value(&[]) as usize;
     assert_eq!(m, 9);
     let s = scales(head, teacher, &outs, &u, &mask, un);
@@ -462,7 +462,7 @@ fn ties_in_run(
         tch::no_grad(|| {
             let rows = target_rows(teacher, &batch.u, &batch.mask);
             ties += near_ties(&teacher.lm_head(&rows.h), gap);
-            for o in head.depth_outputs(&batch.u, &batch.next_ids, None) {
+            for o in head.depth_outputs(&batch.u, &batch.next_ids) {
                 ties += near_ties(&head.logits(&o.reshape([-1, 64])), gap);
             }
         });

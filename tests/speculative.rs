@@ -1,13 +1,16 @@
 //! Speculative decoding: lossless greedy output, lossless sampling (chi-square), KV compaction.
 use crate::common::{scratch_dir, Scratch};
+use clover::decode::drafter::unroll::draft_topk;
+use clover::decode::drafter::{Drafter, HeadDrafter};
 use clover::decode::dynamic::DynamicTree;
 use clover::decode::generate::{generate, GenerationConfig};
 use clover::decode::sampling::Sampling;
 use clover::decode::speculative::{
-    accept_greedy, accept_sampling, draft_topk, generate_speculative, generate_with_drafter,
-    generate_with_mode, Drafter, HeadDrafter, TreeMode, VerifyPlan,
+    generate_speculative, generate_with_drafter, generate_with_mode,
 };
 use clover::decode::tree::Tree;
+use clover::decode::tree_policy::TreeMode;
+use clover::decode::verify::{accept_greedy, accept_sampling, VerifyPlan};
 use clover::model::head::DraftHead;
 use clover::model::head_config::HeadConfig;
 use clover::model::teacher::Teacher;
@@ -85,7 +88,7 @@ pub fn plain_greedy(
 pub fn greedy_with_mode(
     teacher: &Teacher,
     head: &DraftHead,
-    vocab: Option<&clover::decode::speculative::DraftVocab>,
+    vocab: Option<&clover::decode::drafter::DraftVocab>,
     mode: TreeMode,
     prompt: &[i64],
     (max_new, stop_ids): (usize, &[i64]),

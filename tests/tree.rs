@@ -54,7 +54,7 @@ pub fn greedy_texts(
 #[test]
 fn calibrate_tiny_table_matches_incremental_replay() {
     use clover::decode::calibrate::{calibrate, CalibrateOptions, Calibration};
-    use clover::decode::speculative::{Drafter, HeadDrafter};
+    use clover::decode::drafter::{Drafter, HeadDrafter};
     use tch::{Kind, Tensor};
     tch::set_num_threads(1);
     let dir = crate::speculative::tiny_llama("calib", 96, 4.0, 31);

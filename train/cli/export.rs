@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use tch::Kind;
 
-use crate::model::head_config::HeadKind;
 use crate::outputs::{check_replaceable, refuse_overlap};
 use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
 use crate::training::export::{export_head, is_export_file, EXPORT_COMMAND};
@@ -45,11 +44,8 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             .as_ref()
             .context("--with-frozen needs --model <teacher dir>")?;
         let teacher = crate::model::teacher::Teacher::load(model, tch::Device::Cpu, Kind::Float)?;
-        let frozen = match cfg.options.head {
-            HeadKind::Eagle1 => teacher.weight("model.embed_tokens.weight")?,
-            HeadKind::Clover2 | HeadKind::Medusa => teacher.lm_head_weight(),
-        };
-        Some(frozen.shallow_clone())
+        let table = crate::model::kinds::arch_of(cfg.options.head).token_table();
+        Some(table.of(&teacher)?.shallow_clone())
     } else {
         None
     };

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::checks::Problems;
-use crate::decode::speculative::{deepest_draft, drafter_for, drafting_vocab, DraftVocab, Drafter};
+use crate::decode::drafter::{deepest_draft, drafter_for, drafting_vocab, DraftVocab, Drafter};
 use crate::decode::tree_search::{Costs, Curve};
 use crate::model::head::DraftHead;
 use crate::model::layers::causal_mask;

@@ -15,8 +15,9 @@ use std::collections::HashMap;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::decode::drafter::unroll::draft_topk;
+use crate::decode::drafter::Drafter;
 use crate::decode::sampling::Sampling;
-use crate::decode::speculative::{draft_topk, Drafter};
 use crate::decode::tree::Tree;
 
 /// Size of a dynamic tree.
@@ -72,42 +73,73 @@ pub fn draft_dynamic(
     shape: &DynamicTree,
     sampling: &Sampling,
 ) -> Result<DraftedTree> {
-    let k = shape.top_k;
-    let mut expansions: HashMap<Vec<usize>, Expansion> = HashMap::new();
-    let mut candidates: Vec<Candidate> = Vec::new();
-    let root = expand_row(logits0, k, sampling);
-    let root_scores = child_scores(&root.2, 1.0);
-    let mut layer: Vec<Candidate> = (0..k)
-        .map(|r| Candidate {
-            path: vec![r],
-            score: root_scores[r],
-        })
-        .collect();
-    let mut layer_tokens = root.0.view([-1]);
-    let mut layer_states = state0.expand([k as i64, -1], false);
-    expansions.insert(
-        vec![],
-        Expansion {
-            tokens: root.0,
-            q: root.1,
-        },
-    );
-    candidates.extend(layer.iter().cloned());
+    let mut growth = Growth::from_root(logits0, state0, shape.top_k, sampling);
     for _ in 1..shape.depth {
-        // The k most confident nodes of this depth (ties: lower rank first) are expanded.
+        growth.expand_layer(drafter, sampling, logits0.device())?;
+    }
+    growth.into_tree(shape.tokens, sampling)
+}
+
+/// A dynamic tree while it grows: every node drafted so far and the last depth's nodes.
+struct Growth {
+    top_k: usize,
+    /// The draft row of each expanded node, by the node's path.
+    expansions: HashMap<Vec<usize>, Expansion>,
+    /// Every drafted node.
+    candidates: Vec<Candidate>,
+    /// The last depth's nodes, their tokens [n] and their parents' states [n,..].
+    layer: Vec<Candidate>,
+    layer_tokens: Tensor,
+    layer_states: Tensor,
+}
+
+impl Growth {
+    /// Depth 1: the root row's top-k.
+    fn from_root(logits0: &Tensor, state0: &Tensor, k: usize, sampling: &Sampling) -> Self {
+        let (tokens, q, probs) = expand_row(logits0, k, sampling);
+        let root_scores = child_scores(&probs, 1.0);
+        let layer: Vec<Candidate> = (0..k)
+            .map(|r| Candidate {
+                path: vec![r],
+                score: root_scores[r],
+            })
+            .collect();
+        let mut expansions = HashMap::new();
+        let layer_tokens = tokens.view([-1]);
+        expansions.insert(vec![], Expansion { tokens, q });
+        Growth {
+            top_k: k,
+            expansions,
+            candidates: layer.clone(),
+            layer,
+            layer_tokens,
+            layer_states: state0.expand([k as i64, -1], false),
+        }
+    }
+
+    /// The next depth: the `top_k` most confident nodes of this depth (ties: lower rank first)
+    /// are expanded in one batched draft step, each contributing its own top-k children.
+    fn expand_layer(
+        &mut self,
+        drafter: &mut dyn Drafter,
+        sampling: &Sampling,
+        device: Device,
+    ) -> Result<()> {
+        let k = self.top_k;
+        let layer = &self.layer;
         let mut order: Vec<usize> = (0..layer.len()).collect();
         order.sort_by(|&a, &b| layer[b].score.total_cmp(&layer[a].score).then(a.cmp(&b)));
         order.truncate(k);
         let pick = Tensor::from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>())
-            .to_device(logits0.device());
+            .to_device(device);
         let (logits, states) = drafter.step(
-            &layer_states.index_select(0, &pick),
-            &layer_tokens.index_select(0, &pick),
+            &self.layer_states.index_select(0, &pick),
+            &self.layer_tokens.index_select(0, &pick),
         )?;
         let (tokens, q, probs) = expand_row(&logits, k, sampling);
         let mut next = Vec::with_capacity(order.len() * k);
         for (row, &i) in order.iter().enumerate() {
-            let parent = &layer[i];
+            let parent = &self.layer[i];
             let scores = child_scores(&probs.get(row as i64), parent.score);
             for (r, &score) in scores.iter().enumerate() {
                 next.push(Candidate {
@@ -115,7 +147,7 @@ pub fn draft_dynamic(
                     score,
                 });
             }
-            expansions.insert(
+            self.expansions.insert(
                 parent.path.clone(),
                 Expansion {
                     tokens: tokens.get(row as i64).unsqueeze(0),
@@ -123,35 +155,41 @@ pub fn draft_dynamic(
                 },
             );
         }
-        layer_tokens = tokens.view([-1]);
-        layer_states = states.repeat_interleave_self_int(k as i64, 0, None);
-        candidates.extend(next.iter().cloned());
-        layer = next;
+        self.layer_tokens = tokens.view([-1]);
+        self.layer_states = states.repeat_interleave_self_int(k as i64, 0, None);
+        self.candidates.extend(next.iter().cloned());
+        self.layer = next;
+        Ok(())
     }
-    // Keep the most confident nodes; shallower first on ties keeps ancestors before descendants.
-    candidates.sort_by(|a, b| {
-        b.score
-            .total_cmp(&a.score)
-            .then((a.path.len(), &a.path).cmp(&(b.path.len(), &b.path)))
-    });
-    candidates.truncate(shape.tokens - 1);
-    let paths: Vec<Vec<usize>> = candidates.into_iter().map(|c| c.path).collect();
-    let tree = Tree::from_paths(&paths, k)?;
-    let rows: Vec<&Expansion> = internal_paths(&tree)
-        .iter()
-        .map(|p| &expansions[p])
-        .collect();
-    let tokens = Tensor::cat(&rows.iter().map(|e| &e.tokens).collect::<Vec<_>>(), 0);
-    let q = if sampling.is_greedy() {
-        None
-    } else {
-        let rows: Vec<&Tensor> = rows
+
+    /// The `tokens - 1` most confident nodes as an ordinary tree, with the draft rows of its
+    /// internal nodes.
+    fn into_tree(mut self, tokens: usize, sampling: &Sampling) -> Result<DraftedTree> {
+        // Shallower first on ties keeps ancestors before descendants.
+        self.candidates.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then((a.path.len(), &a.path).cmp(&(b.path.len(), &b.path)))
+        });
+        self.candidates.truncate(tokens - 1);
+        let paths: Vec<Vec<usize>> = self.candidates.into_iter().map(|c| c.path).collect();
+        let tree = Tree::from_paths(&paths, self.top_k)?;
+        let rows: Vec<&Expansion> = internal_paths(&tree)
             .iter()
-            .map(|e| e.q.as_ref().expect("sampling keeps q"))
+            .map(|p| &self.expansions[p])
             .collect();
-        Some(Tensor::cat(&rows, 0))
-    };
-    Ok(DraftedTree { tree, tokens, q })
+        let tokens = Tensor::cat(&rows.iter().map(|e| &e.tokens).collect::<Vec<_>>(), 0);
+        let q = if sampling.is_greedy() {
+            None
+        } else {
+            let rows: Vec<&Tensor> = rows
+                .iter()
+                .map(|e| e.q.as_ref().expect("sampling keeps q"))
+                .collect();
+            Some(Tensor::cat(&rows, 0))
+        };
+        Ok(DraftedTree { tree, tokens, q })
+    }
 }
 
 /// Paths of the tree's internal nodes in draft-row order.

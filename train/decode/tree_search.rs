@@ -138,7 +138,7 @@ pub struct SearchLimits {
 }
 
 /// The chosen tree and what the model expects of it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SearchResult {
     /// Draft paths; empty = plain decoding.
     pub paths: Vec<Vec<usize>>,

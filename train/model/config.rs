@@ -6,7 +6,6 @@ use anyhow::{ensure, Context, Result};
 use serde::Deserialize;
 
 use crate::checks::Problems;
-use crate::model::head_config::HeadConfig;
 
 /// llama3-style frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -84,6 +83,19 @@ struct RawConfig {
 }
 
 impl LlamaConfig {
+    /// The shape fields a draft head copies.
+    pub fn shape(&self) -> ModelShape {
+        ModelShape {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
+        }
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read model config {}", path.display()))?;
@@ -136,8 +148,7 @@ impl LlamaConfig {
     /// RoPE base <= 0 gives NaN angles).
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
-        // The shape rule lives with the head, which copies these fields from its teacher.
-        HeadConfig::from_teacher(self).check_shape(&mut p);
+        self.shape().check(&mut p);
         p.require(
             self.num_hidden_layers >= 1,
             "num_hidden_layers",
@@ -209,4 +220,68 @@ fn rope_settings(raw: &RawConfig, path: &Path) -> Result<(f64, Option<RopeScalin
         );
     }
     Ok((theta.unwrap_or(10000.0), scaling))
+}
+
+/// The shape fields a draft head copies from its teacher (`HeadConfig::shape`), so one rule
+/// checks a teacher's config.json and an exported head's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelShape {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub vocab_size: i64,
+    pub rms_norm_eps: f64,
+}
+
+impl ModelShape {
+    /// Records every shape value no weights can have: an empty dimension, heads that do not
+    /// divide the hidden size or each other, an odd head dimension (RoPE rotates its two
+    /// halves), an RMSNorm epsilon that is not a positive number (the norm would divide by zero
+    /// or take the root of a negative number). These are the fields a head copies from its
+    /// teacher, and a teacher's config.json is checked through that copy
+    /// (`LlamaConfig::validate`): one rule for both.
+    pub fn check(&self, p: &mut Problems) {
+        for (name, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("vocab_size", self.vocab_size),
+        ] {
+            p.require(value >= 1, name, format!("{value} < 1"));
+        }
+        p.require(
+            self.head_dim >= 2 && self.head_dim % 2 == 0,
+            "head_dim",
+            format!(
+                "{} is not an even number >= 2 (RoPE rotates two halves)",
+                self.head_dim
+            ),
+        );
+        for (name, whole, part_name, part) in [
+            (
+                "hidden_size",
+                self.hidden_size,
+                "num_attention_heads",
+                self.num_attention_heads,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                "num_key_value_heads",
+                self.num_key_value_heads,
+            ),
+        ] {
+            if part >= 1 {
+                p.require(
+                    whole % part == 0,
+                    name,
+                    format!("{whole} is not divisible by {part_name} {part}"),
+                );
+            }
+        }
+        p.require_positive("rms_norm_eps", self.rms_norm_eps);
+    }
 }

@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::checks::Problems;
-use crate::model::config::LlamaConfig;
+use crate::model::config::{LlamaConfig, ModelShape};
 
 /// The RoPE base of the reference draft: `LlamaAttention._init_rope` is called without
 /// `rope_theta`, so the draft always uses 10000 even for LLaMA3 (θ=500000). G2.
@@ -34,27 +34,6 @@ impl HeadKind {
             HeadKind::Eagle1 => "eagle1",
             HeadKind::Medusa => "medusa",
         }
-    }
-}
-
-/// The frozen tensors a full state dict of `kind` holds, all copies of one teacher tensor: the
-/// lm_head for Clover-2 (`lm_head.weight`, `clover_embed_tokens.weight`), the teacher's
-/// `embed_tokens` for EAGLE-1 (its loader is strict), none for Medusa. An export may carry them;
-/// a head's loader skips them.
-pub fn frozen_names(kind: HeadKind) -> &'static [&'static str] {
-    match kind {
-        HeadKind::Clover2 => &["lm_head.weight", "clover_embed_tokens.weight"],
-        HeadKind::Eagle1 => &["embed_tokens.weight"],
-        HeadKind::Medusa => &[],
-    }
-}
-
-/// The weights file of an exported head: Medusa's loader reads `medusa_lm_head.safetensors`,
-/// EAGLE-1's and Clover-2's read `model.safetensors` (docs/heads.md §1.4, §2.4).
-pub fn head_weights_file(kind: HeadKind) -> &'static str {
-    match kind {
-        HeadKind::Medusa => "medusa_lm_head.safetensors",
-        HeadKind::Clover2 | HeadKind::Eagle1 => "model.safetensors",
     }
 }
 
@@ -126,41 +105,9 @@ impl Default for HeadOptions {
 }
 
 impl HeadOptions {
-    /// The regression weight in force (docs/heads.md §3).
-    pub fn regression_weight(&self) -> f64 {
-        self.regression_weight.unwrap_or(match self.head {
-            HeadKind::Clover2 => 10.0,
-            HeadKind::Eagle1 => 1.0,
-            HeadKind::Medusa => 0.0,
-        })
-    }
-
-    /// The distillation weight in force (docs/heads.md §3).
-    pub fn distillation_weight(&self) -> f64 {
-        self.distillation_weight.unwrap_or(match self.head {
-            HeadKind::Clover2 | HeadKind::Medusa => 1.0,
-            HeadKind::Eagle1 => 0.1,
-        })
-    }
-
-    /// The input-feature noise amplitude in force (EAGLE-1: 0.2).
-    pub fn input_noise(&self) -> f64 {
-        self.input_noise.unwrap_or(match self.head {
-            HeadKind::Eagle1 => 0.2,
-            HeadKind::Clover2 | HeadKind::Medusa => 0.0,
-        })
-    }
-
-    /// Depths the training loss sees: EAGLE-1 trains its single step only (its noise stands in
-    /// for the drift of later steps); the others unroll `num_depths`.
-    pub fn trained_depths(&self) -> i64 {
-        match self.head {
-            HeadKind::Eagle1 => 1,
-            HeadKind::Clover2 | HeadKind::Medusa => self.num_depths,
-        }
-    }
-
-    /// Records every out-of-range option.
+    /// Records every out-of-range option. The rules of the head's kind (which options apply to
+    /// it) are `HeadArch::check_options`, which `HeadConfig::validate` and the training config
+    /// add.
     pub fn check(&self, p: &mut Problems) {
         for (name, value) in [
             ("regression_weight", self.regression_weight),
@@ -206,14 +153,6 @@ impl HeadOptions {
                 n >= 1,
                 "draft_vocab",
                 "0 tokens: leave it out for the full vocabulary",
-            );
-            p.require(
-                self.head == HeadKind::Clover2,
-                "draft_vocab",
-                format!(
-                    "works with Clover-2 heads; this head is {}",
-                    self.head.name()
-                ),
             );
         }
     }
@@ -356,7 +295,6 @@ impl HeadConfig {
                 "draft head {name} = {head} but the teacher has {teacher}"
             );
         }
-        self.validate("draft head")?;
         ensure!(
             (0..cfg.num_hidden_layers).contains(&self.options.init_from_layer),
             "init_from_layer {} is outside the teacher's {} layers",
@@ -364,101 +302,6 @@ impl HeadConfig {
             cfg.num_hidden_layers
         );
         Ok(())
-    }
-
-    /// The teacher's LlamaConfig reshaped for the draft's Augmenting Block (layer count, RoPE).
-    pub fn draft_llama_config(&self, teacher: &LlamaConfig) -> LlamaConfig {
-        let mut cfg = teacher.clone();
-        cfg.num_hidden_layers = match self.options.head {
-            HeadKind::Clover2 => self.options.num_layers,
-            // EAGLE-1's one decoder layer; Medusa has none (its KV cache is empty).
-            HeadKind::Eagle1 => 1,
-            HeadKind::Medusa => 0,
-        };
-        cfg.rope_theta = self.options.draft_rope_theta;
-        cfg.rope_scaling = None;
-        cfg
-    }
-
-    /// Every trainable tensor of the head with its reference name and shape (docs/clover2.md §1.4).
-    pub fn trainable_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        match self.options.head {
-            HeadKind::Clover2 => self.clover2_shapes(),
-            HeadKind::Eagle1 => self.eagle1_shapes(),
-            HeadKind::Medusa => self.medusa_shapes(),
-        }
-    }
-
-    /// One LLaMA decoder layer's tensors under `prefix` (`input_norm` false: EAGLE-1's layer 0,
-    /// which has no input_layernorm).
-    fn decoder_layer_shapes(&self, prefix: &str, input_norm: bool) -> Vec<(String, Vec<i64>)> {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
-        let q_out = self.num_attention_heads * self.head_dim;
-        let kv_out = self.num_key_value_heads * self.head_dim;
-        let p = prefix;
-        let mut out = vec![
-            (format!("{p}.self_attn.q_proj.weight"), vec![q_out, h]),
-            (format!("{p}.self_attn.k_proj.weight"), vec![kv_out, h]),
-            (format!("{p}.self_attn.v_proj.weight"), vec![kv_out, h]),
-            (format!("{p}.self_attn.o_proj.weight"), vec![h, q_out]),
-            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
-            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
-        ];
-        if input_norm {
-            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out
-    }
-
-    /// EAGLE-1's state dict (docs/heads.md §1.4): `fc` [H, 2H] + bias over concat[emb, feature]
-    /// and decoder layer 0 without its input norm.
-    fn eagle1_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let h = self.hidden_size;
-        let mut out = vec![
-            ("fc.weight".to_string(), vec![h, 2 * h]),
-            ("fc.bias".to_string(), vec![h]),
-        ];
-        out.extend(self.decoder_layer_shapes("layers.0", false));
-        out
-    }
-
-    /// Medusa-1's `medusa_head` state dict (docs/heads.md §2.4): per depth k an
-    /// `nn.Sequential(ResBlock, Linear)`, i.e. `{k}.0.linear.{weight,bias}` and `{k}.1.weight`.
-    fn medusa_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let (h, v) = (self.hidden_size, self.vocab_size);
-        (0..self.options.num_depths)
-            .flat_map(|k| {
-                [
-                    (format!("{k}.0.linear.weight"), vec![h, h]),
-                    (format!("{k}.0.linear.bias"), vec![h]),
-                    (format!("{k}.1.weight"), vec![v, h]),
-                ]
-            })
-            .collect()
-    }
-
-    fn clover2_shapes(&self) -> Vec<(String, Vec<i64>)> {
-        let h = self.hidden_size;
-        let mut out: Vec<(String, Vec<i64>)> = Vec::new();
-        for l in 0..self.options.num_layers {
-            out.extend(self.decoder_layer_shapes(&format!("layers.{l}"), true));
-        }
-        out.push(("clover_norm.weight".into(), vec![h]));
-        out.push(("clover_head_norm.weight".into(), vec![h]));
-        out.push(("clover_head_mlp.weight".into(), vec![h, h]));
-        out.push(("clover_head_mlp.bias".into(), vec![h]));
-        out.push(("clover_head_mlp2.weight".into(), vec![h, 2 * h]));
-        out.push(("clover_head_mlp2.bias".into(), vec![h]));
-        for cell in ["clover_head_mlp_rnn", "clover_head_mlp_rnn2"] {
-            out.push((format!("{cell}.input_layernorm.weight"), vec![h]));
-            for proj in ["q", "k", "v"] {
-                out.push((format!("{cell}.{proj}.weight"), vec![h, h]));
-                out.push((format!("{cell}.{proj}.bias"), vec![h]));
-            }
-        }
-        out
     }
 
     /// The `"clover"` section of the exported config.json, as the reference's `ConfigClover`.
@@ -509,62 +352,32 @@ impl HeadConfig {
         Ok(cfg)
     }
 
-    /// Records every shape value no weights can have: an empty dimension, heads that do not
-    /// divide the hidden size or each other, an odd head dimension (RoPE rotates its two
-    /// halves), an RMSNorm epsilon that is not a positive number (the norm would divide by zero
-    /// or take the root of a negative number). These are the fields a head copies from its
-    /// teacher, and a teacher's config.json is checked through that copy
-    /// (`LlamaConfig::validate`): one rule for both.
-    pub fn check_shape(&self, p: &mut Problems) {
-        for (name, value) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("vocab_size", self.vocab_size),
-        ] {
-            p.require(value >= 1, name, format!("{value} < 1"));
+    /// The shape fields this head copied from its teacher.
+    pub fn shape(&self) -> ModelShape {
+        ModelShape {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
         }
-        p.require(
-            self.head_dim >= 2 && self.head_dim % 2 == 0,
-            "head_dim",
-            format!(
-                "{} is not an even number >= 2 (RoPE rotates two halves)",
-                self.head_dim
-            ),
-        );
-        for (name, whole, part_name, part) in [
-            (
-                "hidden_size",
-                self.hidden_size,
-                "num_attention_heads",
-                self.num_attention_heads,
-            ),
-            (
-                "num_attention_heads",
-                self.num_attention_heads,
-                "num_key_value_heads",
-                self.num_key_value_heads,
-            ),
-        ] {
-            if part >= 1 {
-                p.require(
-                    whole % part == 0,
-                    name,
-                    format!("{whole} is not divisible by {part_name} {part}"),
-                );
-            }
-        }
-        p.require_positive("rms_norm_eps", self.rms_norm_eps);
     }
 
-    /// Refuses, all at once, out-of-range values: the shape by the rule a teacher's config.json
-    /// is held to (`check_shape`), the options by the training config's (`HeadOptions::check`),
-    /// so an exported head is held to what training would have accepted.
+    /// Records out-of-range values: the shape by the rule a teacher's config.json is held to
+    /// (`ModelShape::check`), the options by the training config's (`HeadOptions::check`), so an
+    /// exported head is held to what training would have accepted.
+    pub fn check(&self, p: &mut Problems) {
+        self.shape().check(p);
+        self.options.check(p);
+    }
+
+    /// Refuses, all at once, what `check` records (`model::kinds::validate` adds the rules of
+    /// the head's kind).
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
-        self.check_shape(&mut p);
-        self.options.check(&mut p);
+        self.check(&mut p);
         p.into_result(origin)
     }
 }

@@ -61,17 +61,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
     let params = head.named_tensors();
     let mut opt = AdamW::new(&params, (0.9, 0.95), 1e-8, 0.01);
     let weights = LossWeights::reference(head.config());
-    let mut rng = SplitMix64::new(1);
-    let vocab = teacher.config.vocab_size as u64;
-    let samples: Vec<Sample> = (0..args.batch)
-        .map(|i| Sample {
-            id: format!("bench{i}"),
-            input_ids: (0..args.seq_len)
-                .map(|_| (rng.next_u64() % vocab) as i64)
-                .collect(),
-            loss_mask: vec![1; args.seq_len],
-        })
-        .collect();
+    let samples = random_samples(args, teacher.config.vocab_size as u64);
     let refs: Vec<&Sample> = samples.iter().collect();
     // The offline step's input: the teacher's states of this batch, computed once.
     let cached = make_batch(&teacher, &refs, None, args.seq_len)?;
@@ -91,7 +81,7 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
                 }
                 _ => &cached,
             };
-            let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
+            let outs = head.depth_outputs(&batch.u, &batch.next_ids);
             let parts = BatchLoss {
                 teacher: &teacher,
                 u: &batch.u,
@@ -120,30 +110,66 @@ pub fn run_bench(args: &BenchTrainOptions) -> Result<()> {
         }
         sync(device);
         let secs = started.elapsed().as_secs_f64();
-        let tokens = (args.steps * args.batch * args.seq_len) as f64;
-        let peak_bytes = peak_bytes(device)?;
-        let report = serde_json::json!({
-            "mode": format!("{mode:?}").to_lowercase(),
-            "model": args.teacher.describe(),
-            "device": crate::model::device::device_name(device),
-            "dtype": format!("{kind:?}"),
-            "threads": tch::get_num_threads(),
-            "trainable_parameters": head.num_parameters(),
-            "num_depths": args.num_depths,
-            "batch": args.batch,
-            "seq_len": args.seq_len,
-            "loss_chunk": args.loss_chunk,
-            "steps": args.steps,
-            "seconds": secs,
-            "tokens_per_s": tokens / secs,
-            "ms_per_step": 1000.0 * secs / args.steps as f64,
-            "peak_bytes": peak_bytes,
-            "peak_rss_mib": peak_rss_mib(),
-            "last_loss": last,
-        });
-        println!("{report}");
+        let measured = Measured {
+            mode,
+            seconds: secs,
+            peak_bytes: peak_bytes(device)?,
+            last_loss: last,
+        };
+        println!("{}", bench_report(args, &head, (device, kind), &measured));
     }
     Ok(())
+}
+
+/// `args.batch` rows of `args.seq_len` uniformly random token ids, all trained on.
+fn random_samples(args: &BenchTrainOptions, vocab: u64) -> Vec<Sample> {
+    let mut rng = SplitMix64::new(1);
+    (0..args.batch)
+        .map(|i| Sample {
+            id: format!("bench{i}"),
+            input_ids: (0..args.seq_len)
+                .map(|_| (rng.next_u64() % vocab) as i64)
+                .collect(),
+            loss_mask: vec![1; args.seq_len],
+        })
+        .collect()
+}
+
+/// What one mode's timed steps measured.
+struct Measured {
+    mode: BenchMode,
+    seconds: f64,
+    peak_bytes: Option<u64>,
+    last_loss: f64,
+}
+
+/// One JSON line per mode: the shape benchmarked and what it measured.
+fn bench_report(
+    args: &BenchTrainOptions,
+    head: &DraftHead,
+    (device, kind): (Device, Kind),
+    m: &Measured,
+) -> serde_json::Value {
+    let tokens = (args.steps * args.batch * args.seq_len) as f64;
+    serde_json::json!({
+        "mode": format!("{:?}", m.mode).to_lowercase(),
+        "model": args.teacher.describe(),
+        "device": crate::model::device::device_name(device),
+        "dtype": format!("{kind:?}"),
+        "threads": tch::get_num_threads(),
+        "trainable_parameters": head.num_parameters(),
+        "num_depths": args.num_depths,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "loss_chunk": args.loss_chunk,
+        "steps": args.steps,
+        "seconds": m.seconds,
+        "tokens_per_s": tokens / m.seconds,
+        "ms_per_step": 1000.0 * m.seconds / args.steps as f64,
+        "peak_bytes": m.peak_bytes,
+        "peak_rss_mib": peak_rss_mib(),
+        "last_loss": m.last_loss,
+    })
 }
 
 fn sync(device: Device) {

@@ -228,7 +228,7 @@ impl TrainConfig {
     /// negative learning rate, an empty batch) is refused before any work, all of them at once.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
-        self.head.check(&mut p);
+        crate::model::kinds::check_options(&self.head, &mut p);
         self.check_paths(&mut p);
         self.check_batching(&mut p);
         self.check_optimizer(&mut p);

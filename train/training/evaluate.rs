@@ -28,7 +28,7 @@ pub fn evaluate(
 ) -> Result<EvalRecord> {
     tch::no_grad(|| {
         let k_depths = head.config().options.num_depths as usize;
-        let trained = head.config().options.trained_depths() as usize;
+        let trained = head.trained_depths() as usize;
         let weights = LossWeights::reference(head.config());
         let lm_head = |i: usize, o: &Tensor| head.loss_logits_at(i as i64, o);
         let lengths: Vec<usize> = eval
@@ -46,7 +46,7 @@ pub fn evaluate(
         for idx in batches {
             let samples: Vec<&Sample> = idx.iter().map(|&i| &eval[i]).collect();
             let batch = make_batch(teacher, &samples, None, cfg.max_len)?;
-            let outs = head.depth_outputs(&batch.u, &batch.next_ids, None);
+            let outs = head.depth_outputs(&batch.u, &batch.next_ids);
             let parts = BatchLoss {
                 teacher,
                 u: &batch.u,

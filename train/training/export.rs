@@ -14,8 +14,8 @@ use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
 use crate::model::draft_vocab::{mapping_of_d2t, D2T};
 use crate::model::head::check_head_tensors;
-pub use crate::model::head_config::{frozen_names, head_weights_file};
-use crate::model::head_config::{HeadConfig, HeadKind};
+use crate::model::head_config::HeadConfig;
+use crate::model::kinds::{arch_of, ALL_KINDS};
 use crate::outputs::write_marker;
 
 /// The command an export's marker names.
@@ -25,9 +25,9 @@ pub const EXPORT_COMMAND: &str = "clover export";
 pub fn is_export_file(name: &str) -> bool {
     name == "config.json"
         || name == crate::training::report::PROVENANCE_FILE
-        || [HeadKind::Clover2, HeadKind::Eagle1, HeadKind::Medusa]
+        || ALL_KINDS
             .iter()
-            .any(|&kind| name == head_weights_file(kind))
+            .any(|&kind| name == arch_of(kind).weights_file())
 }
 
 /// The reference draft config: the teacher's config.json with num_hidden_layers = 1 and the
@@ -49,25 +49,14 @@ pub fn export_config(cfg: &HeadConfig, teacher_config: &Path) -> Result<serde_js
     obj.insert("rope_theta".into(), cfg.options.draft_rope_theta.into());
     obj.insert("clover".into(), cfg.clover_section());
     obj.insert("clover_rs".into(), cfg.clover_rs_section());
-    match cfg.options.head {
-        HeadKind::Clover2 => {}
-        // EAGLE-1's EConfig: `fc` has a bias.
-        HeadKind::Eagle1 => {
-            obj.insert("bias".into(), true.into());
-        }
-        // Medusa's MedusaConfig keys (its `base_model_name_or_path` names the teacher's hub id
-        // or path, which clover does not know: the user adds it for Medusa's own loader).
-        HeadKind::Medusa => {
-            obj.insert("medusa_num_heads".into(), cfg.options.num_depths.into());
-            obj.insert("medusa_num_layers".into(), 1.into());
-        }
-    }
+    arch_of(cfg.options.head).export_config_keys(&cfg.options, obj);
     Ok(v)
 }
 
 /// Writes `out/model.safetensors` + `out/config.json` after checking every required key and shape;
-/// `frozen` = the teacher tensor of `frozen_names` (Clover-2: the lm_head weight, written as
-/// lm_head.weight and clover_embed_tokens.weight; EAGLE-1: embed_tokens; Medusa: none).
+/// `frozen` = the teacher tensor of the kind's `frozen_names` (its `token_table`: Clover-2's
+/// lm_head weight, written as lm_head.weight and clover_embed_tokens.weight; EAGLE-1's
+/// embed_tokens; Medusa: none).
 pub fn export_head(
     cfg: &HeadConfig,
     tensors: &BTreeMap<String, Tensor>,
@@ -76,9 +65,10 @@ pub fn export_head(
     out: &Path,
 ) -> Result<()> {
     check_head_tensors(cfg, tensors, "export")?;
+    let arch = arch_of(cfg.options.head);
     let config = export_config(cfg, teacher_config)?;
-    let mut all: BTreeMap<String, Tensor> = cfg
-        .trainable_shapes()
+    let mut all: BTreeMap<String, Tensor> = arch
+        .trainable_shapes(cfg)
         .into_iter()
         .map(|(n, _)| (n.clone(), tensors[&n].to_kind(Kind::Float)))
         .collect();
@@ -96,11 +86,11 @@ pub fn export_head(
             cfg.vocab_size,
             cfg.hidden_size
         );
-        for name in frozen_names(cfg.options.head) {
+        for name in arch.frozen_names() {
             all.insert((*name).into(), w.to_kind(Kind::Float));
         }
     }
-    let weights_file = head_weights_file(cfg.options.head);
+    let weights_file = arch.weights_file();
     // All or nothing: the head is written into a temporary directory, read back as a head, and
     // only then renamed to `out`, so a full disk never leaves half an export.
     publish_dir(out, |dir| {

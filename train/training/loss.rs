@@ -50,9 +50,10 @@ impl LossWeights {
     /// The weights the head's options ask for: each head's reference recipe unless a weight is
     /// set (docs/heads.md §3).
     pub fn reference(cfg: &HeadConfig) -> Self {
+        let arch = crate::model::kinds::arch_of(cfg.options.head);
         LossWeights {
-            v_w: cfg.options.regression_weight(),
-            p_w: cfg.options.distillation_weight(),
+            v_w: arch.regression_weight(&cfg.options),
+            p_w: arch.distillation_weight(&cfg.options),
             decay: cfg.options.decay,
             heads_coefficient: cfg.options.heads_coefficient,
         }

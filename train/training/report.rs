@@ -11,6 +11,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::decode::eval::EvalReport;
 use crate::training::metrics::{EvalRecord, StepRecord};
 
 /// What `clover report` is given.
@@ -20,36 +21,6 @@ pub struct ReportOptions {
     pub evals: Vec<PathBuf>,
     /// Output directory for report.md and the PNGs (created).
     pub out: PathBuf,
-}
-
-/// The fields of a `clover eval` report the comparison reads.
-#[derive(Debug, Clone, Deserialize)]
-struct EvalFile {
-    tau: f64,
-    tau_per_category: BTreeMap<String, f64>,
-    acceptance_per_depth: Vec<f64>,
-    speedup: f64,
-    device: String,
-    #[serde(default)]
-    head: Option<String>,
-    #[serde(default)]
-    head_parameters: Option<i64>,
-    #[serde(default)]
-    draft_dir: Option<String>,
-    /// One row per `--tree` setting (the first is the top level's).
-    #[serde(default)]
-    trees: Vec<TreeFigures>,
-}
-
-/// A tree setting's row of an eval report.
-#[derive(Debug, Clone, Deserialize)]
-struct TreeFigures {
-    tree: String,
-    tau: f64,
-    #[serde(default)]
-    tau_per_category: BTreeMap<String, f64>,
-    acceptance_per_depth: Vec<f64>,
-    speedup: f64,
 }
 
 /// Where an exported head came from: written by `clover export` as `provenance.json`.
@@ -170,7 +141,7 @@ pub fn load_runs(eval_file: &Path) -> Result<Vec<RunSummary>> {
         .collect())
 }
 
-fn read_eval(eval_file: &Path) -> Result<EvalFile> {
+fn read_eval(eval_file: &Path) -> Result<EvalReport> {
     let text = std::fs::read_to_string(eval_file)
         .with_context(|| format!("reading {}", eval_file.display()))?;
     serde_json::from_str(&text).with_context(|| {
@@ -182,12 +153,16 @@ fn read_eval(eval_file: &Path) -> Result<EvalFile> {
 }
 
 /// One eval report's top-level figures and, where found, its training run.
-fn summary_of(eval_file: &Path, e: EvalFile) -> Result<RunSummary> {
+fn summary_of(eval_file: &Path, e: EvalReport) -> Result<RunSummary> {
     let label = eval_file
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| eval_file.display().to_string());
-    let run = e.draft_dir.as_deref().map(Path::new).and_then(find_run_dir);
+    // Reports from before these fields existed read them as empty.
+    let run = Some(e.draft_dir.as_str())
+        .filter(|d| !d.is_empty())
+        .map(Path::new)
+        .and_then(find_run_dir);
     let (training_tokens, curve) = match run {
         Some(dir) => {
             let (tokens, curve) = run_curve(&dir)?;
@@ -198,8 +173,10 @@ fn summary_of(eval_file: &Path, e: EvalFile) -> Result<RunSummary> {
     Ok(RunSummary {
         run_label: label.clone(),
         label,
-        head: e.head.unwrap_or_else(|| "clover2".into()),
-        parameters: e.head_parameters,
+        head: Some(e.head)
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "clover2".into()),
+        parameters: Some(e.head_parameters).filter(|&n| n > 0),
         training_tokens,
         tau: e.tau,
         tau_per_category: e.tau_per_category,
@@ -447,7 +424,14 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
         .collect();
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    plot_tau_per_category(&runs, &opts.out.join(PLOTS[0]))?;
+    plot_all(&runs, &opts.out)?;
+    write_markdown(&runs, opts)?;
+    Ok(runs)
+}
+
+/// The four plots of `PLOTS` into `out`.
+fn plot_all(runs: &[RunSummary], out: &Path) -> Result<()> {
+    plot_tau_per_category(runs, &out.join(PLOTS[0]))?;
     let acceptance: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .map(|r| {
@@ -459,7 +443,7 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
         })
         .collect();
     plot_lines(
-        &opts.out.join(PLOTS[1]),
+        &out.join(PLOTS[1]),
         "acceptance per depth (share of steps accepting ≥ d drafts)",
         ("depth d", "share of steps"),
         &acceptance,
@@ -483,17 +467,22 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
             .collect()
     };
     plot_lines(
-        &opts.out.join(PLOTS[2]),
+        &out.join(PLOTS[2]),
         "held-out loss (each head's own training loss)",
         ("training tokens", "loss"),
         &curve(|p| p.loss),
     )?;
     plot_lines(
-        &opts.out.join(PLOTS[3]),
+        &out.join(PLOTS[3]),
         "held-out chained depth-0 top-1",
         ("training tokens", "top-1 agreement with the teacher"),
         &curve(|p| p.chained_top1),
     )?;
+    Ok(())
+}
+
+/// report.md: the table, what its columns mean, and the plots.
+fn write_markdown(runs: &[RunSummary], opts: &ReportOptions) -> Result<()> {
     let mut md = String::from("# Draft-head comparison\n\n");
     md.push_str(&format!(
         "Eval reports: {}.\n\n",
@@ -503,7 +492,7 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    md.push_str(&markdown_table(&runs));
+    md.push_str(&markdown_table(runs));
     md.push_str(
         "\nτ: committed tokens per verification step. Acceptance per depth: share of steps \
          accepting at least d drafts. Training tokens and the curves come from each head's \
@@ -516,5 +505,5 @@ pub fn write_report(opts: &ReportOptions) -> Result<Vec<RunSummary>> {
     }
     let md_file = opts.out.join("report.md");
     std::fs::write(&md_file, md).with_context(|| format!("writing {}", md_file.display()))?;
-    Ok(runs)
+    Ok(())
 }

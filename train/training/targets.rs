@@ -85,25 +85,7 @@ pub fn run(args: &DistillOptions) -> Result<()> {
     };
     let teacher = Teacher::load(&args.model, device, compute)?;
     let samples = read_split(&args.data, Split::Train)?;
-    ensure!(
-        !samples.is_empty(),
-        "{}: the train split is empty",
-        args.data.display()
-    );
-    let context = teacher.config.max_position_embeddings as usize;
-    for s in &samples {
-        teacher
-            .check_token_ids(&s.input_ids)
-            .with_context(|| format!("{}: train sample {:?}", args.data.display(), s.id))?;
-        ensure!(
-            s.input_ids.len() <= context,
-            "{}: train sample {:?} has {} tokens, more than the teacher's context of {context} \
-             positions: prepare the data again with --max-len {context} or less",
-            args.data.display(),
-            s.id,
-            s.input_ids.len()
-        );
-    }
+    check_train_split(&teacher, &samples, &args.data)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
     // Absolute paths: training may run from any directory (a relative one recorded here would
@@ -149,6 +131,31 @@ pub fn run(args: &DistillOptions) -> Result<()> {
         args.out.display(),
         2 * teacher.config.hidden_size
     );
+    Ok(())
+}
+
+/// Refuses, before any work, a train split the teacher cannot run: empty, a token id outside
+/// its vocabulary, or a sample past its context.
+fn check_train_split(teacher: &Teacher, samples: &[Sample], data: &Path) -> Result<()> {
+    ensure!(
+        !samples.is_empty(),
+        "{}: the train split is empty",
+        data.display()
+    );
+    let context = teacher.config.max_position_embeddings as usize;
+    for s in samples {
+        teacher
+            .check_token_ids(&s.input_ids)
+            .with_context(|| format!("{}: train sample {:?}", data.display(), s.id))?;
+        ensure!(
+            s.input_ids.len() <= context,
+            "{}: train sample {:?} has {} tokens, more than the teacher's context of {context} \
+             positions: prepare the data again with --max-len {context} or less",
+            data.display(),
+            s.id,
+            s.input_ids.len()
+        );
+    }
     Ok(())
 }
 

@@ -615,7 +615,7 @@ impl<'a> Run<'a> {
         let step = self.step + 1;
         zero_grads(&self.params);
         // The depths the loss sees (EAGLE-1: one).
-        let depths = self.head.config().options.trained_depths() as usize;
+        let depths = self.head.trained_depths() as usize;
         let mut figures = MicroFigures::new(micro_batches.len(), depths);
         let (rank, world) = self.group.map_or((0, 1), |g| (g.rank, g.world));
         for share in rank_shares(&micro_batches, rank, world) {

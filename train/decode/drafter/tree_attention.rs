@@ -1,5 +1,6 @@
-//! EAGLE-1's tree drafting (docs/heads.md §1.3). Unlike Clover-2's and Medusa's depths >= 1,
-//! EAGLE-1's decoder layer runs at every depth: a tree node at depth k attends to the committed
+//! Tree drafting for heads whose depths >= 1 attend over the tree (`HeadArch::attends_over_tree`:
+//! EAGLE-1, docs/heads.md §1.3). Unlike Clover-2's and Medusa's depths >= 1, such a head's
+//! decoder layer runs at every depth: a tree node at depth k attends to the committed
 //! prefix, to its own ancestors in the tree and to itself, at position L + k - 1. The drafter
 //! keeps its KV cache in two parts: committed rows (append-only, as G9) and this step's tree rows
 //! after them, dropped at the next `extend`.
@@ -11,12 +12,12 @@
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
-use crate::decode::speculative::Drafter;
-use crate::model::eagle;
+use crate::decode::drafter::Drafter;
+use crate::model::arch::TokenRows;
 use crate::model::head::DraftHead;
 use crate::model::layers::KvCache;
 
-pub struct EagleDrafter<'h> {
+pub struct TreeAttentionDrafter<'h> {
     head: &'h DraftHead,
     cache: KvCache,
     /// Committed rows at the front of the cache.
@@ -29,7 +30,7 @@ pub struct EagleDrafter<'h> {
     depth: i64,
 }
 
-impl<'h> EagleDrafter<'h> {
+impl<'h> TreeAttentionDrafter<'h> {
     pub fn new(head: &'h DraftHead) -> Self {
         let device = head.device();
         Self {
@@ -43,7 +44,7 @@ impl<'h> EagleDrafter<'h> {
     }
 }
 
-impl Drafter for EagleDrafter<'_> {
+impl Drafter for TreeAttentionDrafter<'_> {
     fn reset(&mut self) {
         self.cache = self.head.new_cache(1);
         self.committed = 0;
@@ -57,14 +58,9 @@ impl Drafter for EagleDrafter<'_> {
         let positions =
             Tensor::arange_start(self.committed, self.committed + n, (Kind::Int64, device))
                 .unsqueeze(0);
-        let (f, _) = eagle::depth0(
-            self.head,
-            u,
-            next_ids,
-            &positions,
-            None,
-            Some(&mut self.cache),
-        );
+        let (f, _) = self
+            .head
+            .depth0(u, next_ids, &positions, None, Some(&mut self.cache));
         self.committed += n;
         let last = f.select(1, n - 1);
         self.features = last.shallow_clone();
@@ -77,7 +73,7 @@ impl Drafter for EagleDrafter<'_> {
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
         ensure!(
             states.kind() == Kind::Int64,
-            "EagleDrafter::step takes the draft-row ids it returned, got {:?}",
+            "TreeAttentionDrafter::step takes the draft-row ids it returned, got {:?}",
             states.kind()
         );
         let device = tokens.device();
@@ -102,15 +98,15 @@ impl Drafter for EagleDrafter<'_> {
             (Kind::Int64, device),
         );
         let parents = self.features.index_select(0, states).unsqueeze(0);
-        let f = eagle::forward(
-            self.head,
-            &parents,
-            &tokens.reshape([1, n]),
-            &positions,
-            Some(&mask),
-            Some(&mut self.cache),
-        )
-        .squeeze_dim(0);
+        let placed = TokenRows {
+            next_ids: &tokens.reshape([1, n]),
+            positions: &positions,
+            mask: Some(&mask),
+        };
+        let f = self
+            .head
+            .tree_forward(&parents, &placed, Some(&mut self.cache))?
+            .squeeze_dim(0);
         let padded = Tensor::cat(
             &[
                 self.ancestors.shallow_clone(),
