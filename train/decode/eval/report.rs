@@ -114,11 +114,11 @@ pub struct EvalReport {
     pub lossless_mismatches: usize,
     #[serde(default)]
     pub max_new_tokens: usize,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub head: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub head_parameters: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub draft_dir: String,
     /// Σ draft / Σ verify seconds of the speculative steps (see `TurnRecord`).
     #[serde(default)]
@@ -345,4 +345,13 @@ pub(super) fn print_table(r: &EvalReport) {
         );
     }
     println!("plain decoding: {:.1} tokens/s", r.baseline_tokens_per_s);
+}
+
+/// A field older reports wrote as null (or left out): read as its default.
+fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
