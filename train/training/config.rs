@@ -346,7 +346,6 @@ impl TrainConfig {
     /// The distillation term's and the depth weights' parameters: each set only where it
     /// applies, and in range.
     fn check_loss(&self, p: &mut Problems) {
-        let positive = |x: f64| x.is_finite() && x > 0.0;
         if let Some(eta) = self.lk_eta {
             p.require(
                 self.distill_loss == DistillLossName::Lk,
@@ -356,18 +355,10 @@ impl TrainConfig {
                     self.distill_loss.as_str()
                 ),
             );
-            p.require(
-                positive(eta),
-                "lk_eta",
-                format!("{eta} is not a finite number > 0"),
-            );
+            p.require_positive("lk_eta", eta);
         }
         match (self.depth_weighting, self.depth_gamma) {
-            (DepthWeighting::Exp, Some(gamma)) => p.require(
-                positive(gamma),
-                "depth_gamma",
-                format!("{gamma} is not a finite number > 0"),
-            ),
+            (DepthWeighting::Exp, Some(gamma)) => p.require_positive("depth_gamma", gamma),
             (DepthWeighting::Exp, None) => p.require(
                 false,
                 "depth_gamma",
