@@ -225,9 +225,11 @@ fn teacher_log_probs(teacher_logits: &dyn Fn(&Tensor) -> Tensor, h: &Tensor) -> 
 /// One depth's loss terms and its top-1 agreement with the teacher.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DepthLoss {
+    /// The regression term.
     pub vloss: f64,
+    /// The distillation term (`LossWeights::distill`).
     pub ploss: f64,
-    /// (v_w·vloss + p_w·ploss)·decay^i·coef
+    /// (v_w·vloss + p_w·ploss)·w_i, w_i = `LossWeights::depth_weight(i)`
     pub loss: f64,
     /// Fraction of rows where argmax lm_head(o_i) == the teacher's argmax (teacher-forced).
     pub top1: f64,
