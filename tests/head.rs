@@ -299,6 +299,8 @@ fn loss_weights_and_denominators_by_hand() {
         p_w: 1.0,
         decay: 0.7,
         heads_coefficient: 1.0,
+        depth_gamma: None,
+        distill: std::sync::Arc::new(clover::training::distill_loss::SoftCe),
     };
     let ident = |_: usize, o: &Tensor| o.shallow_clone();
     let parts = clover_loss(&outs, &targets, &ident, &w);

@@ -17,6 +17,7 @@ mod hostile_files;
 mod hostile_outputs;
 mod hostile_prepare;
 mod loss;
+mod losses;
 mod native;
 mod random;
 mod regenerate;

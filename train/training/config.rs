@@ -10,6 +10,8 @@ use crate::model::device::parse_device;
 use crate::model::head_config::{HeadConfig, HeadOptions};
 use crate::model::teacher::Teacher;
 use crate::training::batches::Batching;
+use crate::training::distill_loss::{DistillLossName, DEFAULT_LK_ETA};
+use crate::training::loss::LossWeights;
 
 fn d_auto() -> String {
     "auto".into()
@@ -54,6 +56,23 @@ fn d_true() -> bool {
 }
 fn d_eval_samples() -> usize {
     64
+}
+
+/// The `depth_weighting` key: how the per-depth loss terms are weighted (docs/losses.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepthWeighting {
+    /// decay^i · heads_coefficient (Clover-2's reference).
+    #[default]
+    Decay,
+    /// exp(−i/γ) · heads_coefficient, γ = `depth_gamma` (DFlash, DSpark).
+    Exp,
+}
+
+impl DepthWeighting {
+    fn is_default(&self) -> bool {
+        *self == DepthWeighting::default()
+    }
 }
 
 /// Which overrides of a training config apply.
@@ -125,6 +144,20 @@ pub struct TrainConfig {
     /// large vocabulary, e.g. LLaMA-3's 128,256). Same loss and gradients up to round-off.
     #[serde(default = "d_loss_chunk")]
     pub loss_chunk: usize,
+    // --- the loss's distillation term and depth weights (docs/losses.md); left out, the
+    // reference's, and a config without them serialises as before ---
+    /// soft_ce (Clover-2's soft cross-entropy) | forward_kl | tv | lk | lk_alpha.
+    #[serde(default, skip_serializing_if = "DistillLossName::is_default")]
+    pub distill_loss: DistillLossName,
+    /// η of `distill_loss = "lk"`: per row λ = exp(−η·α) weighs KL against TV (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lk_eta: Option<f64>,
+    /// decay (decay^i · heads_coefficient) | exp (exp(−i/depth_gamma) · heads_coefficient).
+    #[serde(default, skip_serializing_if = "DepthWeighting::is_default")]
+    pub depth_weighting: DepthWeighting,
+    /// γ of `depth_weighting = "exp"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth_gamma: Option<f64>,
     // --- optimizer (reference: AdamW 1e-3, (0.9,0.95), wd 0.01, clip by value 0.5) ---
     #[serde(default = "d_lr")]
     pub lr: f64,
@@ -231,6 +264,7 @@ impl TrainConfig {
         crate::model::kinds::check_options(&self.head, &mut p);
         self.check_paths(&mut p);
         self.check_batching(&mut p);
+        self.check_loss(&mut p);
         self.check_optimizer(&mut p);
         self.check_schedule(&mut p);
         p.into_result(origin)
@@ -307,6 +341,36 @@ impl TrainConfig {
                 self.loss_chunk
             ),
         );
+    }
+
+    /// The distillation term's and the depth weights' parameters: each set only where it
+    /// applies, and in range.
+    fn check_loss(&self, p: &mut Problems) {
+        if let Some(eta) = self.lk_eta {
+            p.require(
+                self.distill_loss == DistillLossName::Lk,
+                "lk_eta",
+                format!(
+                    "applies only to distill_loss = \"lk\" (this config's is \"{}\")",
+                    self.distill_loss.as_str()
+                ),
+            );
+            p.require_positive("lk_eta", eta);
+        }
+        match (self.depth_weighting, self.depth_gamma) {
+            (DepthWeighting::Exp, Some(gamma)) => p.require_positive("depth_gamma", gamma),
+            (DepthWeighting::Exp, None) => p.require(
+                false,
+                "depth_gamma",
+                "missing: depth_weighting = \"exp\" weighs depth i by exp(-i/depth_gamma)",
+            ),
+            (DepthWeighting::Decay, Some(_)) => p.require(
+                false,
+                "depth_gamma",
+                "applies only to depth_weighting = \"exp\"",
+            ),
+            (DepthWeighting::Decay, None) => {}
+        }
     }
 
     /// AdamW's settings and the gradient clip.
@@ -434,6 +498,20 @@ impl TrainConfig {
     /// The most padded tokens one forward pass holds: the micro-batch or the token batch.
     pub fn tokens_per_pass(&self) -> usize {
         self.micro_batch_tokens.unwrap_or(self.batch_tokens)
+    }
+
+    /// The loss of a run of `head`: the head's reference weights with this config's
+    /// distillation term and depth weights.
+    pub fn loss_weights(&self, head: &HeadConfig) -> LossWeights {
+        let mut w = LossWeights::reference(head);
+        w.distill = self
+            .distill_loss
+            .build(self.lk_eta.unwrap_or(DEFAULT_LK_ETA));
+        w.depth_gamma = match self.depth_weighting {
+            DepthWeighting::Decay => None,
+            DepthWeighting::Exp => self.depth_gamma,
+        };
+        w
     }
 
     pub fn head_config(&self, teacher: &Teacher) -> HeadConfig {

@@ -10,7 +10,7 @@ use crate::model::head::DraftHead;
 use crate::model::teacher::Teacher;
 use crate::training::batches::{epoch_batches, make_batch, Batch};
 use crate::training::config::TrainConfig;
-use crate::training::loss::{BatchLoss, LossWeights};
+use crate::training::loss::BatchLoss;
 use crate::training::metrics::EvalRecord;
 
 /// Held-out loss (the training loss, token-weighted over batches, chunked by `loss_chunk` as in
@@ -29,7 +29,7 @@ pub fn evaluate(
     tch::no_grad(|| {
         let k_depths = head.config().options.num_depths as usize;
         let trained = head.trained_depths() as usize;
-        let weights = LossWeights::reference(head.config());
+        let weights = cfg.loss_weights(head.config());
         let lm_head = |i: usize, o: &Tensor| head.loss_logits_at(i as i64, o);
         let lengths: Vec<usize> = eval
             .iter()

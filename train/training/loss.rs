@@ -1,8 +1,9 @@
 //! The Clover-2 per-depth distillation loss (docs/clover2.md §2.2, G4-G6).
 //!
 //! For depth i, the output row t is regressed onto h_{t+1+i} (SmoothL1, beta 1, mean over the
-//! hidden dim) and distilled toward softmax(lm_head(h_{t+1+i})) (soft cross-entropy), gated by
-//! loss_mask[t+i]; both sums are divided by (Σ mask_i + 1). loss_i = (10·v + 1·p)·0.7^i·coef.
+//! hidden dim) and distilled toward softmax(lm_head(h_{t+1+i})) (soft cross-entropy, or the
+//! config's `distill_loss`: `distill_loss.rs`, docs/losses.md), gated by loss_mask[t+i]; both
+//! sums are divided by (Σ mask_i + 1). loss_i = (10·v + 1·p)·0.7^i·coef (or exp(−i/γ)·coef).
 //!
 //! Cost: the lm_head pass over V (49152 for SmolLM2) dominates the CPU budget, once for the
 //! teacher and once per depth. So (1) the teacher log-probs are computed ONCE per batch, only at
@@ -14,9 +15,11 @@
 //! logits and log-probs [n_i,V] that autograd keeps for the backward: about 100 GB for LLaMA-3's
 //! V = 128,256 at 32k tokens. `clover_loss_chunked` (`BatchLoss` with a chunk > 0, the trainer's
 //! `loss_chunk`) walks the M masked positions in chunks instead: per chunk it computes the teacher
-//! distribution once for all depths, and per depth the student's soft cross-entropy and its
+//! distribution once for all depths, and per depth the student's distillation term and its
 //! gradient with respect to the chunk's rows in a local graph that is freed at once; the gradients
 //! go back through the head as a surrogate term. At most a few chunk × V tensors are alive.
+
+use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Reduction, Tensor};
@@ -24,6 +27,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::model::draft_vocab::DraftVocab;
 use crate::model::head_config::HeadConfig;
 use crate::model::teacher::Teacher;
+use crate::training::distill_loss::{DistillLoss, SoftCe};
 
 /// Loss arithmetic runs in f32 at least (as the reference's fp32 SmoothL1 under bf16 autocast),
 /// and in f64 when the head runs in f64 (the gradient check).
@@ -38,17 +42,23 @@ pub fn at_least_f32(t: &Tensor) -> Tensor {
 /// and EAGLE-1, Medusa's own projection of head i).
 pub type DepthLogits<'a> = &'a dyn Fn(usize, &Tensor) -> Tensor;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How one batch's loss weighs its terms and depths, and which distillation term it uses.
+#[derive(Debug, Clone)]
 pub struct LossWeights {
     pub v_w: f64,
     pub p_w: f64,
     pub decay: f64,
     pub heads_coefficient: f64,
+    /// `depth_weighting = "exp"`'s γ: depth i weighs exp(−i/γ)·heads_coefficient instead of
+    /// decay^i·heads_coefficient (DFlash, DSpark; docs/losses.md §6). None: the reference's.
+    pub depth_gamma: Option<f64>,
+    /// The distillation term (`distill_loss`, docs/losses.md); soft cross-entropy by default.
+    pub distill: Arc<dyn DistillLoss>,
 }
 
 impl LossWeights {
     /// The weights the head's options ask for: each head's reference recipe unless a weight is
-    /// set (docs/heads.md §3).
+    /// set (docs/heads.md §3), with the reference's soft cross-entropy and decay.
     pub fn reference(cfg: &HeadConfig) -> Self {
         let arch = crate::model::kinds::arch_of(cfg.options.head);
         LossWeights {
@@ -56,11 +66,18 @@ impl LossWeights {
             p_w: arch.distillation_weight(&cfg.options),
             decay: cfg.options.decay,
             heads_coefficient: cfg.options.heads_coefficient,
+            depth_gamma: None,
+            distill: Arc::new(SoftCe),
         }
     }
-    /// decay^i · heads_coefficient: 1, 0.7, 0.49, 0.343, 0.2401 for the reference.
+    /// decay^i · heads_coefficient: 1, 0.7, 0.49, 0.343, 0.2401 for the reference; with a
+    /// `depth_gamma` γ, exp(−i/γ) · heads_coefficient.
     pub fn depth_weight(&self, depth: usize) -> f64 {
-        self.decay.powi(depth as i32) * self.heads_coefficient
+        let shape = match self.depth_gamma {
+            Some(gamma) => (-(depth as f64) / gamma).exp(),
+            None => self.decay.powi(depth as i32),
+        };
+        shape * self.heads_coefficient
     }
 }
 
@@ -209,9 +226,11 @@ fn teacher_log_probs(teacher_logits: &dyn Fn(&Tensor) -> Tensor, h: &Tensor) -> 
 /// One depth's loss terms and its top-1 agreement with the teacher.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DepthLoss {
+    /// The regression term.
     pub vloss: f64,
+    /// The distillation term (`LossWeights::distill`).
     pub ploss: f64,
-    /// (v_w·vloss + p_w·ploss)·decay^i·coef
+    /// (v_w·vloss + p_w·ploss)·w_i, w_i = `LossWeights::depth_weight(i)`
     pub loss: f64,
     /// Fraction of rows where argmax lm_head(o_i) == the teacher's argmax (teacher-forced).
     pub top1: f64,
@@ -440,9 +459,8 @@ fn depth_loss(
     );
     let k = r.o.kind();
     let logits = at_least_f32(&lm_head(i, &r.o)).to_kind(k);
-    let logq = logits.log_softmax(-1, k);
     let probs = targets.probs.index_select(0, &r.sel).to_kind(k);
-    let ploss = -(probs * &logq).sum(k) / r.denom();
+    let ploss = weights.distill.sum_over_rows(&probs, &logits) / r.denom();
     let hits = logits
         .argmax(-1, false)
         .eq_tensor(&targets.top1.index_select(0, &r.sel))
@@ -455,7 +473,7 @@ fn depth_loss(
 /// alive at once, forward or backward. Per chunk, the teacher's distribution of its positions
 /// (`teacher_logits` maps post-norm rows h to logits) is computed once and shared by every depth;
 /// depth i's rows in the chunk (its positions t' >= i: a contiguous run of its rows, since both
-/// are in row-major order) get their soft cross-entropy and its gradient g with respect to those
+/// are in row-major order) get their distillation term and its gradient g with respect to those
 /// rows in a local graph on a detached copy, freed before the next chunk. The collected g goes
 /// back through the head as the surrogate (o·g).sum()/(n+1), adjusted so that `total` still has
 /// the loss's value. The regression term stays on plain autograd. Under no_grad (or when `outs`
@@ -501,16 +519,10 @@ fn chunked_loss_over(
         })
         .collect();
     let device = rows.h.device();
-    let mut ce: Vec<Tensor> = depths
+    let mut sums: Vec<ChunkedDepth> = depths
         .iter()
-        .map(|r| Tensor::zeros([], (r.o.kind(), device)))
+        .map(|r| ChunkedDepth::new(r.o.kind(), device))
         .collect();
-    let mut hits: Vec<Tensor> = depths
-        .iter()
-        .map(|_| Tensor::zeros([], (Kind::Int64, device)))
-        .collect();
-    let mut grads: Vec<Vec<Tensor>> = depths.iter().map(|_| Vec::new()).collect();
-    let mut done = vec![0i64; depths.len()];
     let mut teacher_top1 = Vec::new();
     for start in (0..m).step_by(chunk as usize) {
         let len = chunk.min(m - start);
@@ -518,45 +530,24 @@ fn chunked_loss_over(
             let logp = teacher_log_probs(teacher_logits, &rows.h.narrow(0, start, len));
             (logp.exp(), logp.argmax(-1, false))
         });
-        for (i, r) in depths.iter().enumerate() {
-            let here = &pos[start as usize..(start + len) as usize];
-            let local: Vec<i64> = (0..len).filter(|&j| here[j as usize] >= i as i64).collect();
-            let cnt = local.len() as i64;
-            if cnt == 0 {
-                continue;
-            }
-            let (p, t1) = if cnt == len {
-                (probs.shallow_clone(), top1.shallow_clone())
-            } else {
-                let idx = Tensor::from_slice(&local).to_device(device);
-                (probs.index_select(0, &idx), top1.index_select(0, &idx))
-            };
-            let oc = r.o.narrow(0, done[i], cnt).detach();
-            done[i] += cnt;
+        let here = &pos[start as usize..(start + len) as usize];
+        for (i, (r, acc)) in depths.iter().zip(sums.iter_mut()).enumerate() {
             let depth_head = |o: &Tensor| lm_head(i, o);
-            let (c, h, g) = soft_ce(&oc, &p, &t1, &depth_head, r.o.requires_grad());
-            ce[i] = &ce[i] + c;
-            hits[i] = &hits[i] + h;
-            grads[i].extend(g);
+            let teacher = ChunkTeacher {
+                probs: &probs,
+                top1: &top1,
+                pos: here,
+            };
+            acc.add_chunk(i, r, &teacher, &depth_head, weights.distill.as_ref());
         }
         teacher_top1.push(top1);
     }
-    let mut terms = Vec::with_capacity(depths.len());
-    let mut parts = Vec::with_capacity(depths.len());
-    for (i, r) in depths.iter().enumerate() {
-        let ploss_value = &ce[i] / r.denom();
-        let ploss = if grads[i].is_empty() {
-            ploss_value
-        } else {
-            let g = Tensor::cat(&grads[i], 0);
-            let surrogate = (&r.o * g).sum(r.o.kind()) / r.denom();
-            // Value: exactly ploss_value (x - x = 0); gradient: g / (n + 1).
-            &surrogate - surrogate.detach() + ploss_value
-        };
-        let (term, dl) = r.finish(i, &r.vloss(), &ploss, hits[i].int64_value(&[]), weights);
-        terms.push(term);
-        parts.push(dl);
-    }
+    let (terms, parts): (Vec<Tensor>, Vec<DepthLoss>) = depths
+        .iter()
+        .zip(&sums)
+        .enumerate()
+        .map(|(i, (r, acc))| acc.finish(i, r, weights))
+        .unzip();
     let teacher_top1 = if teacher_top1.is_empty() {
         Tensor::zeros([0], (Kind::Int64, device))
     } else {
@@ -569,31 +560,107 @@ fn chunked_loss_over(
     })
 }
 
-/// Σ over the rows of −Σ_v p·log_softmax(lm_head(o)) for the rows o [c,H] (detached), their
-/// top-1 agreements with `teacher_top1`, and, when `want_grad`, the sum's gradient with respect
-/// to o. Every [c,V] tensor lives only inside this call.
-fn soft_ce(
+/// The teacher side of one chunk: its positions' distribution [len,V], argmax [len] and
+/// positions t'.
+struct ChunkTeacher<'a> {
+    probs: &'a Tensor,
+    top1: &'a Tensor,
+    pos: &'a [i64],
+}
+
+/// One depth's running sums over the chunks: its distillation term, top-1 hits, the term's
+/// gradient with respect to each chunk's rows, and how many of its rows are done.
+struct ChunkedDepth {
+    term: Tensor,
+    hits: Tensor,
+    grads: Vec<Tensor>,
+    done: i64,
+}
+
+impl ChunkedDepth {
+    fn new(kind: Kind, device: Device) -> Self {
+        ChunkedDepth {
+            term: Tensor::zeros([], (kind, device)),
+            hits: Tensor::zeros([], (Kind::Int64, device)),
+            grads: Vec::new(),
+            done: 0,
+        }
+    }
+
+    /// Adds depth i's rows of one chunk (its positions t' >= i).
+    fn add_chunk(
+        &mut self,
+        i: usize,
+        r: &DepthRows,
+        teacher: &ChunkTeacher,
+        lm_head: &dyn Fn(&Tensor) -> Tensor,
+        loss: &dyn DistillLoss,
+    ) {
+        let len = teacher.pos.len() as i64;
+        let local: Vec<i64> = (0..len)
+            .filter(|&j| teacher.pos[j as usize] >= i as i64)
+            .collect();
+        let cnt = local.len() as i64;
+        if cnt == 0 {
+            return;
+        }
+        let (p, t1) = if cnt == len {
+            (teacher.probs.shallow_clone(), teacher.top1.shallow_clone())
+        } else {
+            let idx = Tensor::from_slice(&local).to_device(teacher.probs.device());
+            (
+                teacher.probs.index_select(0, &idx),
+                teacher.top1.index_select(0, &idx),
+            )
+        };
+        let oc = r.o.narrow(0, self.done, cnt).detach();
+        self.done += cnt;
+        let (c, h, g) = distill_rows(&oc, &p, &t1, lm_head, loss, r.o.requires_grad());
+        self.term = &self.term + c;
+        self.hits = &self.hits + h;
+        self.grads.extend(g);
+    }
+
+    /// The depth's weighted term, with the collected gradients sent back through its rows.
+    fn finish(&self, i: usize, r: &DepthRows, weights: &LossWeights) -> (Tensor, DepthLoss) {
+        let ploss_value = &self.term / r.denom();
+        let ploss = if self.grads.is_empty() {
+            ploss_value
+        } else {
+            let g = Tensor::cat(&self.grads, 0);
+            let surrogate = (&r.o * g).sum(r.o.kind()) / r.denom();
+            // Value: exactly ploss_value (x - x = 0); gradient: g / (n + 1).
+            &surrogate - surrogate.detach() + ploss_value
+        };
+        r.finish(i, &r.vloss(), &ploss, self.hits.int64_value(&[]), weights)
+    }
+}
+
+/// The distillation term `loss` summed over the rows o [c,H] (detached) against the teacher's
+/// distribution p, their top-1 agreements with `teacher_top1`, and, when `want_grad`, the sum's
+/// gradient with respect to o. Every [c,V] tensor lives only inside this call.
+fn distill_rows(
     o: &Tensor,
     p: &Tensor,
     teacher_top1: &Tensor,
     lm_head: &dyn Fn(&Tensor) -> Tensor,
+    loss: &dyn DistillLoss,
     want_grad: bool,
 ) -> (Tensor, Tensor, Option<Tensor>) {
     let run = || {
         let o = o.set_requires_grad(want_grad);
         let k = o.kind();
         let logits = at_least_f32(&lm_head(&o)).to_kind(k);
-        let logq = logits.log_softmax(-1, k);
-        let ce = -(p.to_kind(k) * &logq).sum(k);
+        let term = loss.sum_over_rows(p, &logits);
         let hits = logits
             .argmax(-1, false)
             .eq_tensor(teacher_top1)
             .sum(Kind::Int64);
         let grad = want_grad.then(|| {
-            let mut g = Tensor::run_backward(&[&ce], &[&o], false, false);
+            let mut g = Tensor::run_backward(&[&term], &[&o], false, false);
             g.remove(0)
         });
-        (ce.detach(), hits, grad)
+        (term.detach(), hits, grad)
     };
     if want_grad {
         tch::with_grad(run)

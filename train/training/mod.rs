@@ -5,6 +5,7 @@ pub mod batches;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod distill_loss;
 pub mod evaluate;
 pub mod export;
 pub mod loss;

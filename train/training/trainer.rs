@@ -481,7 +481,7 @@ impl<'a> Run<'a> {
         let opt = AdamW::new(&params, cfg.betas, cfg.adam_eps, cfg.weight_decay);
         let bar = progress_bar(cfg, group, total_steps);
         Ok(Run {
-            weights: LossWeights::reference(head.config()),
+            weights: cfg.loss_weights(head.config()),
             cfg,
             teacher,
             head,
