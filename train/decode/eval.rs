@@ -558,7 +558,7 @@ fn tree_settings(
                 auto = Some(choice);
                 setting
             }
-            TreeSpec::Default | TreeSpec::File(_) => TreeSetting {
+            TreeSpec::Default | TreeSpec::Chain(_) | TreeSpec::File(_) => TreeSetting {
                 name,
                 kind: TreeKind::Static(spec.static_tree("eval")?),
             },
