@@ -338,3 +338,40 @@ pub fn export_random_head(model: &Path, out: &Path) {
     )
     .unwrap();
 }
+
+/// `n` held-out rows on `teacher`'s own path: a seeded prompt of `prompt_len` tokens (ids 3..93)
+/// followed by the teacher's greedy answer of `answer_len` tokens (no stop token), loss mask 1
+/// everywhere. Returns the prompts and the rows.
+pub fn teacher_path_rows(
+    teacher: &Teacher,
+    n: usize,
+    (prompt_len, answer_len): (usize, usize),
+    seed: u64,
+) -> (Vec<Vec<i64>>, Vec<clover::data::shards::Sample>) {
+    let mut rng = clover::training::batches::SplitMix64::new(seed);
+    let cfg = clover::decode::generate::GenerationConfig {
+        max_new_tokens: answer_len,
+        temperature: 0.0,
+        seed: 0,
+        stop_ids: vec![],
+    };
+    let mut prompts = Vec::new();
+    let mut rows = Vec::new();
+    for i in 0..n {
+        let prompt: Vec<i64> = (0..prompt_len)
+            .map(|_| (rng.next_u64() % 90 + 3) as i64)
+            .collect();
+        let answer = clover::decode::generate::generate(teacher, &prompt, &cfg)
+            .expect("greedy answer")
+            .answer
+            .token_ids;
+        let input_ids: Vec<i64> = prompt.iter().chain(&answer).copied().collect();
+        rows.push(clover::data::shards::Sample {
+            id: format!("path{i}"),
+            loss_mask: vec![1; input_ids.len()],
+            input_ids,
+        });
+        prompts.push(prompt);
+    }
+    (prompts, rows)
+}

@@ -260,3 +260,91 @@ fn bad_question_files_are_reported_with_line_numbers() {
     let q = clover::decode::eval::read_questions(&file).unwrap();
     assert_eq!(q[0].category, "default");
 }
+
+/// `--tree chain:3` through the real binary on SmolLM2 with a random head: one setting named
+/// `chain:3` of 4 tree tokens whose greedy output is plain decoding's on every turn, `generate
+/// --tree chain:3` answers with plain greedy's tokens, and `chain:0` is refused by name.
+#[test]
+fn named_chain_decodes_losslessly_through_eval_and_generate() {
+    use crate::common::run_clover;
+    let model = crate::common::smollm2_dir();
+    let dir = crate::common::scratch_dir("eval", "chain");
+    let draft = dir.join("draft");
+    crate::common::export_random_head(&model, &draft);
+    let prompts = dir.join("q.jsonl");
+    std::fs::write(
+        &prompts,
+        r#"{"question_id": 1, "category": "writing", "turns": ["Write one sentence about the sea.", "Now make it rhyme."]}"#,
+    )
+    .unwrap();
+    let report = dir.join("report.json");
+    let path = |p: &std::path::Path| p.display().to_string();
+    let eval = |tree: &str| {
+        let (model, draft, prompts, report) =
+            (path(&model), path(&draft), path(&prompts), path(&report));
+        run_clover(&[
+            "eval",
+            "--model",
+            &model,
+            "--draft",
+            &draft,
+            "--prompts",
+            &prompts,
+            "--tree",
+            tree,
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+            "--report",
+            &report,
+        ])
+    };
+    let (code, text) = eval("chain:3");
+    assert_eq!(code, 0, "{text}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let row = &json["trees"][0];
+    assert_eq!(row["tree"], "chain:3");
+    assert_eq!(row["tree_tokens"], 4);
+    assert_eq!(json["n_turns"], 2);
+    assert_eq!(json["lossless_mismatches"], 0, "{json}");
+    assert!(json["tau"].as_f64().unwrap() >= 1.0);
+
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            path(&model),
+            "--chat".into(),
+            "--prompt".into(),
+            "Name three primary colors.".into(),
+            "--max-new-tokens".into(),
+            "16".into(),
+            "--device".into(),
+            "cpu".into(),
+            "--json".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (code, text) = run_clover(&args);
+        assert_eq!(code, 0, "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap()
+            .to_string();
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        json["token_ids"].clone()
+    };
+    let plain = generate(&[]);
+    let chained = generate(&["--draft", &path(&draft), "--tree", "chain:3"]);
+    assert!(plain.as_array().unwrap().len() >= 8);
+    assert_eq!(chained, plain);
+
+    let (code, text) = eval("chain:0");
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("chain:0") && text.contains("chain:1 to chain:"),
+        "{text}"
+    );
+}

@@ -242,6 +242,9 @@ fn training_config_refuses_values_out_of_range_naming_each() {
         ("bucket_window = 0", "bucket_window"),
         ("max_train_samples = 0", "max_train_samples"),
         ("num_dephts = 3", "num_dephts"),
+        ("tau_chain_depth = 0", "tau_chain_depth"),
+        ("tau_chain_depth = 33", "tau_chain_depth"),
+        ("head = \"medusa\"\ntau_chain_depth = 6", "tau_chain_depth"),
     ];
     for (line, key) in cases {
         // A later key of the same name would be a TOML error: put the case's keys first.

@@ -23,6 +23,7 @@ mod random;
 mod regenerate;
 mod speculative;
 mod targets;
+mod tau_estimate;
 mod teacher;
 mod trainer;
 mod tree;

@@ -13,6 +13,7 @@ use clover::training::checkpoint::{
 use clover::training::config::{TrainConfig, TrainOptions};
 use clover::training::evaluate::evaluate;
 use clover::training::export::export_head;
+use clover::training::metrics::EvalRecord;
 
 use clover::training::trainer::{train, Source};
 use tch::{Device, Kind, Tensor};
@@ -498,4 +499,190 @@ fn conversation_batching_keys_are_checked() {
         err.contains("micro_batch_tokens = 4 is below the longest training row"),
         "{err}"
     );
+}
+
+/// A 12-step run evaluated after every step on held-out answers of the teacher's own (so the tau
+/// estimate has starts), checkpointing every step and keeping one.
+fn best_run_config(out: &std::path::Path) -> TrainConfig {
+    let mut cfg = tiny_train_config(out);
+    cfg.eval_every = 1;
+    cfg.save_every = 1;
+    cfg.keep_last = 1;
+    cfg.max_steps = Some(12);
+    // A rate at which the estimate moves within 12 steps: it rises to a peak and falls again.
+    cfg.lr = 2e-2;
+    cfg
+}
+
+fn path_eval_rows(teacher: &clover::model::teacher::Teacher) -> Vec<clover::data::shards::Sample> {
+    crate::common::teacher_path_rows(teacher, 4, (4, 16), 21).1
+}
+
+/// The evaluation a run must keep as `best`: the highest default-tree estimate after step 0,
+/// the earlier of equal ones.
+fn expected_best(evals: &[EvalRecord]) -> &EvalRecord {
+    let mut best: Option<&EvalRecord> = None;
+    for ev in evals.iter().filter(|e| e.step > 0) {
+        assert!(ev.tau_starts > 0, "step {}: no starts", ev.step);
+        if best.is_none_or(|b| ev.tau_est_default_tree > b.tau_est_default_tree) {
+            best = Some(ev);
+        }
+    }
+    best.expect("evaluations after step 0")
+}
+
+fn state_json(ck: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(ck.join("state.json")).unwrap()).unwrap()
+}
+
+/// `checkpoints/best` holds the evaluation with the highest default-tree tau estimate: the same
+/// weights (evaluated again they give that evaluation's record, bit for bit), kept while pruning
+/// leaves only the newest step checkpoint, named by `RUN/best`, and exported by `clover export`.
+#[test]
+fn best_checkpoint_follows_the_tau_estimate_through_pruning_and_export() {
+    let teacher = tiny_teacher(Kind::Float);
+    let dir = crate::common::scratch_dir("trainer", "best");
+    let cfg = best_run_config(&dir);
+    let eval_rows = path_eval_rows(&teacher);
+    let out = train(
+        &cfg,
+        &teacher,
+        Source::Online(tiny_samples(16, 1)),
+        eval_rows.clone(),
+        Start::Fresh,
+        &TrainOptions::default(),
+        None,
+    )
+    .unwrap();
+    let taus: Vec<f64> = out.evals.iter().map(|e| e.tau_est_default_tree).collect();
+    eprintln!("default-tree estimates by step: {taus:?}");
+    let want = expected_best(&out.evals);
+    // What makes the test able to fail: the best is neither the first evaluation after step 0
+    // nor the last (nor, where a later one ties it, that later one).
+    assert!((2..12).contains(&want.step), "best at step {}", want.step);
+    let best = out.best.expect("a best checkpoint");
+    assert_eq!(
+        (best.step, best.tau_est_default_tree),
+        (want.step, want.tau_est_default_tree)
+    );
+    let best_dir = dir.join("checkpoints").join("best");
+    assert_eq!(resolve_checkpoint(&dir.join("best")).unwrap(), best_dir);
+    assert_eq!(resolve_checkpoint(&best_dir).unwrap(), best_dir);
+    // Pruned down to the newest step checkpoint; `latest` is still that one, not `best`.
+    let names: Vec<String> = list_checkpoints(&dir)
+        .unwrap()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["step-00000012"]);
+    assert_eq!(
+        resolve_checkpoint(&dir.join("latest")).unwrap(),
+        dir.join("checkpoints/step-00000012")
+    );
+    // The state names its own evaluation, and the weights are the ones that scored it.
+    let state = state_json(&best_dir);
+    assert_eq!(state["step"], want.step);
+    assert_eq!(state["best"]["step"], want.step);
+    let (head_cfg, tensors) = read_checkpoint_head(&best_dir).unwrap();
+    let head = DraftHead::from_tensors(&teacher, head_cfg, &tensors).unwrap();
+    let again = evaluate(&head, &teacher, &eval_rows, &cfg, want.step).unwrap();
+    assert_eq!(&again, want);
+    // `clover export --checkpoint RUN/best`.
+    let exported = dir.join("export");
+    clover::cli::export::run(&clover::cli::export::ExportArgs {
+        checkpoint: dir.join("best"),
+        out: exported.clone(),
+        overwrite: false,
+        with_frozen: false,
+        model: None,
+    })
+    .unwrap();
+    let loaded = DraftHead::load(&exported, &teacher).unwrap();
+    for (name, t) in loaded.named_tensors() {
+        assert_eq!(max_abs_diff(&t, &tensors[&name]), 0.0, "{name}");
+    }
+    // No best yet is said so by name.
+    let fresh = crate::common::scratch_dir("trainer", "best-none");
+    let err = format!("{:#}", resolve_checkpoint(&fresh.join("best")).unwrap_err());
+    assert!(err.contains("no best checkpoint"), "{err}");
+}
+
+/// The best survives `--resume`: halted right after its best evaluation and resumed, a run keeps
+/// the uninterrupted run's best (the later, lower or equal, estimates must not replace it); the
+/// value the resumed checkpoint records is what later evaluations must beat; and a checkpoint of
+/// an older version, which records none, resumes and keeps a new best.
+#[test]
+fn resume_keeps_the_recorded_best() {
+    let teacher = tiny_teacher(Kind::Float);
+    let eval_rows = path_eval_rows(&teacher);
+    let run = |dir: &std::path::Path, start: Start, halt: Option<u64>| {
+        let opts = TrainOptions {
+            halt_after_step: halt,
+            ..Default::default()
+        };
+        let cfg = best_run_config(dir);
+        let samples = tiny_samples(16, 1);
+        train(
+            &cfg,
+            &teacher,
+            Source::Online(samples),
+            eval_rows.clone(),
+            start,
+            &opts,
+            None,
+        )
+        .unwrap()
+    };
+    let whole_dir = crate::common::scratch_dir("trainer", "best-whole");
+    let whole = run(&whole_dir, Start::Fresh, None);
+    let whole_best = whole.best.unwrap();
+
+    let dir = crate::common::scratch_dir("trainer", "best-resumed");
+    let first = run(&dir, Start::Fresh, Some(whole_best.step));
+    assert_eq!(first.best, Some(whole_best));
+    let resumed = run(&dir, Start::Resume, None);
+    assert!(
+        !resumed.evals.is_empty() && resumed.evals.iter().all(|e| e.step > whole_best.step),
+        "evaluations after the best must follow the resume"
+    );
+    assert_eq!(resumed.best, Some(whole_best));
+    let (_, a) = read_checkpoint_head(&whole_dir.join("checkpoints/best")).unwrap();
+    let (_, b) = read_checkpoint_head(&dir.join("checkpoints/best")).unwrap();
+    for (n, t) in &a {
+        assert_eq!(max_abs_diff(t, &b[n]), 0.0, "{n}");
+    }
+
+    // A recorded best no evaluation can beat: the resumed run keeps it and writes no new best.
+    let dir = crate::common::scratch_dir("trainer", "best-recorded");
+    run(&dir, Start::Fresh, Some(3));
+    let step3 = dir.join("checkpoints/step-00000003");
+    let mut state = state_json(&step3);
+    state["best"] = serde_json::json!({"step": 1, "tau_est_default_tree": 1e9});
+    std::fs::write(step3.join("state.json"), state.to_string()).unwrap();
+    let before = state_json(&dir.join("checkpoints/best"));
+    let resumed = run(&dir, Start::Resume, None);
+    assert_eq!(
+        resumed.best.map(|b| (b.step, b.tau_est_default_tree)),
+        Some((1, 1e9))
+    );
+    assert_eq!(state_json(&dir.join("checkpoints/best")), before);
+    assert_eq!(
+        state_json(&dir.join("checkpoints/step-00000012"))["best"]["tau_est_default_tree"],
+        1e9
+    );
+
+    // An older version's checkpoint (no `best` recorded, no best checkpoint): the best of the
+    // resumed evaluations is kept.
+    let dir = crate::common::scratch_dir("trainer", "best-old");
+    run(&dir, Start::Fresh, Some(3));
+    let step3 = dir.join("checkpoints/step-00000003");
+    let mut state = state_json(&step3);
+    assert!(state.as_object_mut().unwrap().remove("best").is_some());
+    std::fs::write(step3.join("state.json"), state.to_string()).unwrap();
+    std::fs::remove_dir_all(dir.join("checkpoints/best")).unwrap();
+    let resumed = run(&dir, Start::Resume, None);
+    let want = expected_best(&resumed.evals);
+    assert!(want.step >= 4);
+    assert_eq!(resumed.best.map(|b| b.step), Some(want.step));
+    assert_eq!(state_json(&dir.join("checkpoints/best"))["step"], want.step);
 }

@@ -21,6 +21,10 @@ pub const DEFAULT_TREE: &str = "mc_sim_7b_63";
 /// Top-k the reference drafts per row (`top_k=10` in clover2.py, `TOPK=10` in utils.py).
 pub const DEFAULT_TOP_K: usize = 10;
 
+/// The longest chain `Tree::chain` builds: far past any head's useful depth (acceptance decays
+/// geometrically with depth), and a bound on the tokens one verification step carries.
+pub const MAX_CHAIN: usize = 32;
+
 /// The `mc_sim_7b_63` tree of docs/clover2.md §4.1.
 pub fn mc_sim_7b_63() -> Vec<Vec<usize>> {
     let p = |s: &[usize]| s.to_vec();
@@ -96,6 +100,17 @@ impl Tree {
     /// The built-in `mc_sim_7b_63` tree with the reference's top-k.
     pub fn default_tree() -> Self {
         Self::from_paths(&mc_sim_7b_63(), DEFAULT_TOP_K).expect("mc_sim_7b_63 is a valid tree")
+    }
+
+    /// A chain of `n` drafts: each depth's top draft only, paths [0], [0,0], ... n deep (the
+    /// tree of plain speculative decoding). `n` is 1 to [`MAX_CHAIN`].
+    pub fn chain(n: usize) -> Result<Self> {
+        ensure!(
+            (1..=MAX_CHAIN).contains(&n),
+            "a chain of {n} drafts: use 1 to {MAX_CHAIN} (chain:1 .. chain:{MAX_CHAIN})"
+        );
+        let paths: Vec<Vec<usize>> = (1..=n).map(|depth| vec![0; depth]).collect();
+        Self::from_paths(&paths, DEFAULT_TOP_K)
     }
 
     /// Read a JSON list of paths from `path`.
@@ -512,6 +527,23 @@ mod tests {
             vec![0, 1, 2, 1 + 4 + 2, 1 + 2 * 4, 1 + 3 * 4 + 3]
         );
         assert!(!t.children_are_contiguous()); // [0] has only child rank 2
+    }
+
+    #[test]
+    fn chain_is_one_top_draft_per_depth() {
+        let t = Tree::chain(3).unwrap();
+        assert_eq!(t.paths, vec![vec![], vec![0], vec![0, 0], vec![0, 0, 0]]);
+        assert_eq!(t.parents, vec![0, 0, 1, 2]);
+        assert_eq!((t.len(), t.max_depth()), (4, 3));
+        assert_eq!(t.retrieve_indices, vec![vec![0, 1, 2, 3]]);
+        // One draft row per internal node, each expanding its rank-0 entry.
+        assert_eq!(t.tree_indices, vec![0, 1, 11, 21]);
+        assert!(t.children_are_contiguous());
+        assert_eq!(Tree::chain(MAX_CHAIN).unwrap().max_depth(), MAX_CHAIN);
+        for n in [0, MAX_CHAIN + 1] {
+            let err = Tree::chain(n).unwrap_err().to_string();
+            assert!(err.contains(&format!("1 to {MAX_CHAIN}")), "{err}");
+        }
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Training checkpoints: head weights, AdamW moments and the run state in one directory, written
-//! atomically, pruned to the newest few, and resolved from what a user names.
+//! atomically, pruned to the newest few, and resolved from what a user names. Beside the step
+//! checkpoints a run keeps `best`, the one whose held-out tau estimate of the default tree is
+//! the highest so far (`training::tau_estimate`), never pruned.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -34,10 +36,47 @@ pub(crate) struct CheckpointState {
     /// absent in checkpoints of older versions.
     #[serde(default)]
     pub(crate) data_fingerprint: Option<String>,
+    /// The run's best evaluation so far (what `checkpoints/best` holds); absent in checkpoints of
+    /// older versions and before the first evaluation after step 0.
+    #[serde(default)]
+    pub(crate) best: Option<Best>,
 }
+
+/// The evaluation a `best` checkpoint was kept for.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Best {
+    pub step: u64,
+    pub tau_est_default_tree: f64,
+}
+
+impl Best {
+    /// Whether an evaluation with estimate `tau` at `step` replaces this one: a higher estimate,
+    /// or (two records of one run, the later discarded by a resume) the same at an earlier step.
+    pub fn beaten_by(&self, step: u64, tau: f64) -> bool {
+        tau > self.tau_est_default_tree || (tau == self.tau_est_default_tree && step < self.step)
+    }
+}
+
+/// The name of the best checkpoint, in the checkpoints directory and after a run dir
+/// (`<out>/best`, as `<out>/latest`).
+pub const BEST: &str = "best";
 
 pub(crate) fn checkpoints_dir(out: &Path) -> PathBuf {
     out.join("checkpoints")
+}
+
+/// Where the run in `out` keeps its best checkpoint.
+pub fn best_checkpoint(out: &Path) -> PathBuf {
+    checkpoints_dir(out).join(BEST)
+}
+
+/// What the best checkpoint of the run in `out` records, if it has one.
+pub(crate) fn recorded_best(out: &Path) -> Result<Option<Best>> {
+    let dir = best_checkpoint(out);
+    if !dir.join(CK_STATE).exists() {
+        return Ok(None);
+    }
+    Ok(load_state(&dir)?.best)
 }
 
 fn checkpoint_name(step: u64) -> String {
@@ -70,9 +109,8 @@ pub const CK_STATE: &str = "state.json";
 /// The teacher's config.json, kept so `export` needs nothing else.
 pub const CK_TEACHER_CONFIG: &str = "teacher_config.json";
 
-/// Writes a checkpoint into a temp dir and renames it into place (readers never see half of one),
-/// then deletes all but the newest `keep` checkpoints older than it. Weights that are not all
-/// finite are never saved: a checkpoint on disk is always a good one.
+/// Writes a step checkpoint (`write_checkpoint`), then deletes all but the newest `keep`
+/// checkpoints older than it.
 pub(crate) fn save_checkpoint(
     out: &Path,
     head: &DraftHead,
@@ -81,29 +119,10 @@ pub(crate) fn save_checkpoint(
     teacher: &Teacher,
     keep: usize,
 ) -> Result<PathBuf> {
-    let saved = head.saved_tensors();
-    check_finite_tensors(&saved).with_context(|| {
-        format!(
-            "step {}: the head's weights are not finite; the checkpoint was not saved",
-            state.step
-        )
-    })?;
-    let dir = checkpoints_dir(out);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let final_dir = dir.join(checkpoint_name(state.step));
-    // All or nothing: a failed write (a full disk) leaves no partial checkpoint behind.
-    publish_dir(&final_dir, |tmp| {
-        write_tensors(&tmp.join(CK_HEAD), &saved)?;
-        opt.save(&tmp.join(CK_OPTIM))?;
-        std::fs::write(tmp.join(CK_STATE), serde_json::to_string_pretty(state)?)
-            .with_context(|| format!("writing {}", tmp.join(CK_STATE).display()))?;
-        let teacher_cfg = teacher.dir.join("config.json");
-        std::fs::copy(&teacher_cfg, tmp.join(CK_TEACHER_CONFIG))
-            .with_context(|| format!("copying {}", teacher_cfg.display()))?;
-        Ok(())
-    })?;
+    let final_dir = checkpoints_dir(out).join(checkpoint_name(state.step));
+    write_checkpoint(&final_dir, head, opt, state, teacher)?;
     // Only checkpoints older than this one are pruned: never the one just written, never one
-    // a later step wrote.
+    // a later step wrote, never `best` (no step name).
     let older: Vec<PathBuf> = list_checkpoints(out)?
         .into_iter()
         .filter(|p| p.file_name() < final_dir.file_name())
@@ -118,6 +137,49 @@ pub(crate) fn save_checkpoint(
     Ok(final_dir)
 }
 
+/// Writes `checkpoints/best` (replacing the previous best the same all-or-nothing way).
+pub(crate) fn save_best(
+    out: &Path,
+    head: &DraftHead,
+    opt: &AdamW,
+    state: &CheckpointState,
+    teacher: &Teacher,
+) -> Result<PathBuf> {
+    let dir = best_checkpoint(out);
+    write_checkpoint(&dir, head, opt, state, teacher)?;
+    Ok(dir)
+}
+
+/// Writes a checkpoint into a temp dir and renames it into place at `final_dir` (readers never
+/// see half of one). Weights that are not all finite are never saved: a checkpoint on disk is
+/// always a good one.
+fn write_checkpoint(
+    final_dir: &Path,
+    head: &DraftHead,
+    opt: &AdamW,
+    state: &CheckpointState,
+    teacher: &Teacher,
+) -> Result<()> {
+    let saved = head.saved_tensors();
+    check_finite_tensors(&saved).with_context(|| {
+        format!(
+            "step {}: the head's weights are not finite; the checkpoint was not saved",
+            state.step
+        )
+    })?;
+    // All or nothing: a failed write (a full disk) leaves no partial checkpoint behind.
+    publish_dir(final_dir, |tmp| {
+        write_tensors(&tmp.join(CK_HEAD), &saved)?;
+        opt.save(&tmp.join(CK_OPTIM))?;
+        std::fs::write(tmp.join(CK_STATE), serde_json::to_string_pretty(state)?)
+            .with_context(|| format!("writing {}", tmp.join(CK_STATE).display()))?;
+        let teacher_cfg = teacher.dir.join("config.json");
+        std::fs::copy(&teacher_cfg, tmp.join(CK_TEACHER_CONFIG))
+            .with_context(|| format!("copying {}", teacher_cfg.display()))?;
+        Ok(())
+    })
+}
+
 pub(crate) fn load_state(ck: &Path) -> Result<CheckpointState> {
     let f = ck.join(CK_STATE);
     let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
@@ -125,10 +187,23 @@ pub(crate) fn load_state(ck: &Path) -> Result<CheckpointState> {
 }
 
 /// A checkpoint dir from what a user may name: the dir itself, a training out dir (its newest
-/// checkpoint), or `<out>/latest`.
+/// checkpoint), `<out>/latest`, or `<out>/best` (`<out>/checkpoints/best`).
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     if path.join(CK_STATE).exists() {
         return Ok(path.to_path_buf());
+    }
+    if path.file_name().is_some_and(|n| n == BEST) {
+        let out = path.parent().unwrap_or(path);
+        let best = best_checkpoint(out);
+        if best.join(CK_STATE).exists() {
+            return Ok(best);
+        }
+        bail!(
+            "{}: no best checkpoint at {} (a run keeps one from its first held-out evaluation \
+             after step 0 on; eval_every = 0 keeps none)",
+            path.display(),
+            best.display()
+        );
     }
     let named_latest = path.file_name().is_some_and(|n| n == "latest");
     let out = if named_latest {

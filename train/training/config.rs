@@ -184,6 +184,9 @@ pub struct TrainConfig {
     pub keep_last: usize,
     #[serde(default = "d_eval_samples")]
     pub eval_samples: usize,
+    /// Drafts in the chain of the held-out tau estimate (default num_depths, at most 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tau_chain_depth: Option<usize>,
     #[serde(default)]
     pub seed: u64,
     /// bf16 autocast with f32 master weights on CUDA (the reference's accelerate bf16): matrix
@@ -262,6 +265,7 @@ impl TrainConfig {
     pub fn validate(&self, origin: &str) -> Result<()> {
         let mut p = Problems::default();
         crate::model::kinds::check_options(&self.head, &mut p);
+        crate::training::tau_estimate::check_chain_depth(self.tau_chain_depth, &self.head, &mut p);
         self.check_paths(&mut p);
         self.check_batching(&mut p);
         self.check_loss(&mut p);

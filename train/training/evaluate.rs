@@ -1,4 +1,5 @@
-//! Held-out evaluation during training: the loss, teacher-forced and chained per-depth top-1.
+//! Held-out evaluation during training: the loss, teacher-forced and chained per-depth top-1,
+//! and the tau estimate (`training::tau_estimate`).
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,8 @@ use crate::training::batches::{epoch_batches, make_batch, Batch};
 use crate::training::config::TrainConfig;
 use crate::training::loss::BatchLoss;
 use crate::training::metrics::EvalRecord;
+use crate::training::tau_estimate::{chain_depth, TauEstimator, SAMPLED_TEMPERATURE};
+use crate::training::teacher_path::{path_drafts, path_starts, teacher_greedy};
 
 /// Held-out loss (the training loss, token-weighted over batches, chunked by `loss_chunk` as in
 /// training) and the chained draft's
@@ -19,6 +22,8 @@ use crate::training::metrics::EvalRecord;
 /// accuracy at k = share of starts whose depths 0..=k all match the teacher's greedy tokens).
 /// Starts are positions t whose root token x_{t+1} is the teacher's own greedy choice (getkacc
 /// skips the others: at greedy inference the root always is) and whose next K targets are masked.
+/// The tau estimate takes its own starts: those whose next tokens all lie on the teacher's path
+/// (`training::teacher_path`), its chain `tau_chain_depth` drafts long.
 pub fn evaluate(
     head: &DraftHead,
     teacher: &Teacher,
@@ -42,6 +47,7 @@ pub fn evaluate(
         let mut chained = vec![0i64; k_depths];
         let mut starts = 0usize;
         let mut unigram: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut tau = TauEstimator::new(chain_depth(cfg.tau_chain_depth, &head.config().options))?;
         let batches = epoch_batches(&lengths, cfg.tokens_per_pass(), eval.len().max(1), 0, 0);
         for idx in batches {
             let samples: Vec<&Sample> = idx.iter().map(|&i| &eval[i]).collect();
@@ -69,14 +75,17 @@ pub fn evaluate(
             for t in Vec::<i64>::try_from(&parts.teacher_top1.to_device(Device::Cpu))? {
                 *unigram.entry(t).or_default() += 1;
             }
-            let (hits, n_starts) = chained_hits(head, teacher, &batch, k_depths)?;
+            let greedy = teacher_greedy(teacher, &batch.u);
+            let (hits, n_starts) = chained_hits(head, &batch, &greedy, k_depths)?;
             for (c, h) in chained.iter_mut().zip(hits) {
                 *c += h;
             }
             starts += n_starts;
+            estimate_tau(head, teacher, (&batch, &greedy), &mut tau)?;
         }
         let total_targets: i64 = unigram.values().sum();
         let best = unigram.values().max().copied().unwrap_or(0);
+        let tau = tau.finish();
         Ok(EvalRecord {
             step,
             loss: loss_sum / loss_weight.max(1.0),
@@ -87,30 +96,40 @@ pub fn evaluate(
                 .collect(),
             starts,
             unigram_top1: best as f64 / total_targets.max(1) as f64,
+            tau_est_default_tree: tau.default_tree,
+            tau_est_chain: tau.chain,
+            tau_est_chain_t1: tau.chain_t1,
+            tau_chain_depth: tau.chain_depth,
+            tau_starts: tau.starts,
         })
     })
 }
 
-/// Chained-draft hits per depth for one batch, and the number of start positions.
-fn chained_hits(
+/// Adds the batch's starts on the teacher's path to the tau estimate.
+fn estimate_tau(
     head: &DraftHead,
     teacher: &Teacher,
+    (batch, greedy): (&Batch, &Tensor),
+    tau: &mut TauEstimator,
+) -> Result<()> {
+    let starts = path_starts(batch, greedy, tau.depths())?;
+    let depths = (tau.depths(), tau.sampled_depths(), SAMPLED_TEMPERATURE);
+    for start in path_drafts(head, teacher, batch, greedy, &starts, depths)? {
+        tau.add(&start);
+    }
+    Ok(())
+}
+
+/// Chained-draft hits per depth for one batch, and the number of start positions. `greedy`
+/// [B,T] is the teacher's greedy token after every position.
+fn chained_hits(
+    head: &DraftHead,
     batch: &Batch,
+    greedy: &Tensor,
     k_depths: usize,
 ) -> Result<(Vec<i64>, usize)> {
     let (b, t) = (batch.u.size()[0], batch.u.size()[1]);
     let k = k_depths as i64;
-    // Teacher greedy token after every position: greedy[b,p] = argmax lm_head(h_p).
-    let h_all = batch.u.reshape([b * t, -1]);
-    let greedy: Vec<Tensor> = (0..b * t)
-        .step_by(256)
-        .map(|s| {
-            teacher
-                .logits(&h_all.narrow(0, s, (b * t - s).min(256)))
-                .argmax(-1, false)
-        })
-        .collect();
-    let greedy = Tensor::cat(&greedy, 0).view([b, t]);
     let mask: Vec<f32> = Vec::try_from(batch.mask.reshape([-1]).to_device(Device::Cpu))?;
     let ids: Vec<i64> = Vec::try_from(batch.ids.reshape([-1]).to_device(Device::Cpu))?;
     let greedy_v: Vec<i64> = Vec::try_from(greedy.reshape([-1]).to_device(Device::Cpu))?;

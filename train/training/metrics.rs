@@ -32,6 +32,23 @@ pub struct EvalRecord {
     pub starts: usize,
     /// Accuracy of always predicting the most frequent teacher token on these targets.
     pub unigram_top1: f64,
+    /// Estimated tau (tokens per target forward) of the default tree, greedy, along the
+    /// teacher's path (`training::tau_estimate`): it ranks checkpoints, it is not served tau.
+    /// The `tau_*` fields are absent (0) in the records of older runs.
+    #[serde(default)]
+    pub tau_est_default_tree: f64,
+    /// The same for a chain of `tau_chain_depth` drafts, greedy.
+    #[serde(default)]
+    pub tau_est_chain: f64,
+    /// The same chain sampled at T = 1 (expected tau from the acceptance probabilities).
+    #[serde(default)]
+    pub tau_est_chain_t1: f64,
+    #[serde(default)]
+    pub tau_chain_depth: usize,
+    /// Start positions of the estimate (on the teacher's own path); with none the estimates
+    /// are 1.
+    #[serde(default)]
+    pub tau_starts: usize,
 }
 
 /// Appends one record. JSON has no NaN or inf (serde writes them as `null`, which no reader of
@@ -128,4 +145,11 @@ pub(crate) fn log_eval(tb: &mut tensorboard_rs::summary_writer::SummaryWriter, e
         tb.add_scalar(&format!("eval/forced_top1_depth{i}"), *a as f32, s);
     }
     tb.add_scalar("eval/unigram_top1", ev.unigram_top1 as f32, s);
+    tb.add_scalar(
+        "eval/tau_est_default_tree",
+        ev.tau_est_default_tree as f32,
+        s,
+    );
+    tb.add_scalar("eval/tau_est_chain", ev.tau_est_chain as f32, s);
+    tb.add_scalar("eval/tau_est_chain_t1", ev.tau_est_chain_t1 as f32, s);
 }

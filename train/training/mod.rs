@@ -1,5 +1,6 @@
 //! Training the draft head: distillation targets (cache), config, batches, loss, optimizer,
-//! checkpoints, metrics, held-out evaluation, the trainer loop, export and the training benchmark.
+//! checkpoints, metrics, held-out evaluation and its tau estimate, the trainer loop, export and
+//! the training benchmark.
 
 pub mod batches;
 pub mod bench;
@@ -14,4 +15,6 @@ pub mod optimizer;
 pub mod report;
 pub mod run_dir;
 pub mod targets;
+pub mod tau_estimate;
+pub mod teacher_path;
 pub mod trainer;

@@ -10,6 +10,10 @@
 //! normalised over the whole micro-batch, the gradients are summed over the ranks in buckets,
 //! and every rank clips and steps the same summed gradient. Rank 0 alone evaluates and writes
 //! checkpoints, metrics and TensorBoard; every rank shows its progress.
+//!
+//! Every held-out evaluation after step 0 whose tau estimate of the default tree beats the best
+//! so far writes `checkpoints/best` (`checkpoint::save_best`); the checkpoints record that best,
+//! so a resumed run goes on comparing against it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,8 +32,8 @@ use crate::model::teacher::Teacher;
 use crate::progress::Progress;
 use crate::training::batches::{depth_counts, epoch_steps, make_batch, rank_shares, Step};
 use crate::training::checkpoint::{
-    checkpoints_dir, list_checkpoints, load_state, save_checkpoint, CheckpointState, CK_HEAD,
-    CK_OPTIM,
+    checkpoints_dir, list_checkpoints, load_state, recorded_best, save_best, save_checkpoint, Best,
+    CheckpointState, CK_HEAD, CK_OPTIM,
 };
 use crate::training::config::{TrainConfig, TrainOptions};
 use crate::training::evaluate::evaluate;
@@ -46,6 +50,8 @@ pub struct TrainOutcome {
     pub steps: Vec<StepRecord>,
     pub evals: Vec<EvalRecord>,
     pub last_checkpoint: Option<PathBuf>,
+    /// The best evaluation so far (what `checkpoints/best` holds), including a resumed run's.
+    pub best: Option<Best>,
 }
 
 /// Where the teacher states come from.
@@ -290,6 +296,17 @@ fn weights_fingerprint(params: &BTreeMap<String, Tensor>) -> Result<u64> {
     Ok(hash.0)
 }
 
+/// The best a resumed run goes on from: the one its checkpoint recorded, or the one
+/// `checkpoints/best` holds where that is better (a best written by the killed run after the
+/// checkpoint it resumes from: its step is replayed exactly, so it stands).
+fn resumed_best(recorded: Option<Best>, on_disk: Option<Best>) -> Option<Best> {
+    match (recorded, on_disk) {
+        (Some(r), Some(d)) if r.beaten_by(d.step, d.tau_est_default_tree) => Some(d),
+        (Some(r), _) => Some(r),
+        (None, d) => d,
+    }
+}
+
 /// One training run's state: the head and optimizer, the data position, the logs.
 struct Run<'a> {
     cfg: &'a TrainConfig,
@@ -313,6 +330,8 @@ struct Run<'a> {
     run_dir: Option<RunDir>,
     /// What the training rows hold, so a resume on changed data is refused.
     data_fingerprint: String,
+    /// The best evaluation so far, by the tau estimate of the default tree.
+    best: Option<Best>,
     bar: Progress,
     outcome: TrainOutcome,
     group: Option<&'a Group>,
@@ -497,6 +516,7 @@ impl<'a> Run<'a> {
             tb: writes.then(|| SummaryWriter::new(cfg.out_dir.join("tensorboard"))),
             run_dir,
             data_fingerprint: data_fingerprint(trained),
+            best: None,
             bar,
             outcome: TrainOutcome::default(),
             group,
@@ -536,6 +556,8 @@ impl<'a> Run<'a> {
         self.batches = self.steps_of_epoch(self.epoch);
         self.bar.resume_from(self.step);
         self.outcome.last_checkpoint = Some(last.clone());
+        self.best = resumed_best(state.best, recorded_best(&cfg.out_dir)?);
+        self.outcome.best = self.best;
         if let Some(run_dir) = &self.run_dir {
             run_dir.rewind_logs_to(self.step)?;
         }
@@ -775,28 +797,61 @@ impl<'a> Run<'a> {
         log_eval(tb, &ev);
         tb.flush();
         append_jsonl(&self.cfg.out_dir.join("eval.jsonl"), &ev)?;
+        let kept = self.keep_if_best(&ev)?;
         if self.step > 0 {
             self.bar.println(format!(
-                "step {}: eval loss {:.4}, chained top-1 {:?} (unigram {:.3})",
+                "step {}: eval loss {:.4}, chained top-1 {:?} (unigram {:.3}); estimated tau \
+                 (ranks checkpoints, is not served tau): default tree {:.3}, chain of {} {:.3}, \
+                 T=1 {:.3} ({} starts){}",
                 self.step,
                 ev.loss,
                 ev.chained_top1
                     .iter()
                     .map(|a| format!("{a:.3}"))
                     .collect::<Vec<_>>(),
-                ev.unigram_top1
+                ev.unigram_top1,
+                ev.tau_est_default_tree,
+                ev.tau_chain_depth,
+                ev.tau_est_chain,
+                ev.tau_est_chain_t1,
+                ev.tau_starts,
+                if kept { "; new best" } else { "" }
             ));
         }
         self.outcome.evals.push(ev);
         Ok(())
     }
 
-    /// Rank 0 of a group alone writes it (every rank holds the same weights and moments).
-    fn checkpoint(&mut self) -> Result<()> {
-        if !self.writes() {
-            return Ok(());
+    /// Writes `checkpoints/best` when this evaluation's default-tree estimate beats the best so
+    /// far (a tie keeps the earlier). Step 0's untrained head is no candidate, nor an evaluation
+    /// without starts on the teacher's path (it measured nothing).
+    fn keep_if_best(&mut self, ev: &EvalRecord) -> Result<bool> {
+        let tau = ev.tau_est_default_tree;
+        let beats = self.best.is_none_or(|b| b.beaten_by(ev.step, tau));
+        if ev.step == 0 || ev.tau_starts == 0 || !beats {
+            return Ok(false);
         }
-        let state = CheckpointState {
+        // Recorded first, so the best checkpoint's own state names it.
+        self.best = Some(Best {
+            step: ev.step,
+            tau_est_default_tree: tau,
+        });
+        let state = self.state();
+        save_best(
+            &self.cfg.out_dir,
+            &self.head,
+            &self.opt,
+            &state,
+            self.teacher,
+        )
+        .context("training stopped; the previous best checkpoint is kept")?;
+        self.outcome.best = self.best;
+        Ok(true)
+    }
+
+    /// What a checkpoint written now records.
+    fn state(&self) -> CheckpointState {
+        CheckpointState {
             data_fingerprint: Some(self.data_fingerprint.clone()),
             step: self.step,
             epoch: self.epoch,
@@ -805,7 +860,16 @@ impl<'a> Run<'a> {
             adam_step: self.opt.step,
             head: self.head.config().clone(),
             config: self.cfg.clone(),
-        };
+            best: self.best,
+        }
+    }
+
+    /// Rank 0 of a group alone writes it (every rank holds the same weights and moments).
+    fn checkpoint(&mut self) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
+        let state = self.state();
         let saved = save_checkpoint(
             &self.cfg.out_dir,
             &self.head,

@@ -185,7 +185,7 @@ pub(super) fn tree_settings(
                 auto = Some(choice);
                 setting
             }
-            TreeSpec::Default | TreeSpec::File(_) => TreeSetting {
+            TreeSpec::Default | TreeSpec::Chain(_) | TreeSpec::File(_) => TreeSetting {
                 name,
                 kind: TreeKind::Static(spec.static_tree("eval")?),
             },
