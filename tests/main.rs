@@ -20,6 +20,7 @@ mod loss;
 mod native;
 mod random;
 mod regenerate;
+mod sharegpt;
 mod speculative;
 mod targets;
 mod teacher;

@@ -133,7 +133,7 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
             summary.dropped_first_assistant += 1;
         } else {
             summary.count_skip(note.reason);
-            skip_messages.push(format!("skipped {note}"));
+            skip_messages.push((note.reason, format!("skipped {note}")));
         }
     }
 
@@ -153,7 +153,8 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
             Err((reason, detail)) => {
                 summary.count_skip(reason);
                 let id = &conversation.id;
-                skip_messages.push(format!("skipped id {id}: {}: {detail}", reason.name()));
+                let message = format!("skipped id {id}: {}: {detail}", reason.name());
+                skip_messages.push((reason, message));
             }
         }
     }
@@ -198,10 +199,11 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
     Ok(summary)
 }
 
-/// The first few skip messages: enough to see what is wrong without flooding the terminal.
-fn print_skips(messages: &[String]) {
+/// The first few skip messages: enough to see what is wrong without flooding the terminal. The
+/// cut tail of a damaged file is always shown: it says where the file is broken.
+fn print_skips(messages: &[(SkipReason, String)]) {
     const SHOWN: usize = 20;
-    for message in messages.iter().take(SHOWN) {
+    for (_, message) in messages.iter().take(SHOWN) {
         eprintln!("{message}");
     }
     if messages.len() > SHOWN {
@@ -209,6 +211,13 @@ fn print_skips(messages: &[String]) {
             "... and {} more skipped records (counts in the summary)",
             messages.len() - SHOWN
         );
+    }
+    for (_, message) in messages
+        .iter()
+        .skip(SHOWN)
+        .filter(|(reason, _)| *reason == SkipReason::CutOff)
+    {
+        eprintln!("{message}");
     }
 }
 
