@@ -22,6 +22,7 @@ mod random;
 mod regenerate;
 mod sharegpt;
 mod sharegpt_import;
+mod tasks;
 mod speculative;
 mod targets;
 mod teacher;

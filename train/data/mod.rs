@@ -1,6 +1,6 @@
-//! Conversation data: ShareGPT input, chat rendering into tokenized shards, the chitchat import,
-//! self-distillation (regenerate), draft vocabularies by token frequency, and the file helpers of
-//! resumable jobs.
+//! Conversation data: ShareGPT input, chat rendering into tokenized shards, the chitchat and
+//! ShareGPT imports, self-distillation (regenerate), the held-out evaluation tasks, draft
+//! vocabularies by token frequency, seeded splits, and the file helpers of resumable jobs.
 
 pub mod chitchat;
 pub mod jobfiles;
@@ -11,4 +11,5 @@ pub mod shards;
 pub mod sharegpt;
 pub mod sharegpt_import;
 pub mod split;
+pub mod tasks;
 pub mod vocab;
