@@ -66,7 +66,7 @@ fn gsm_package() -> PathBuf {
 }
 
 #[test]
-fn gsm_templates_split_by_template_and_problems_come_from_held_out_ones() {
+fn the_packaged_gsm_templates_split_by_template_and_problems_come_from_held_out_ones() {
     let source = GsmSymbolic {
         package: gsm_package(),
         python: "python3".into(),
@@ -118,11 +118,51 @@ fn gsm_templates_split_by_template_and_problems_come_from_held_out_ones() {
     );
 }
 
+/// A reasoning_gym package in miniature, laid out as 0.1.25's: six templates, one needing a fix,
+/// and a package `__init__` and dataset module that import what is not installed (the script
+/// must load the generators without them).
+fn write_fake_gsm_package(dir: &Path) -> PathBuf {
+    let package = dir.join("reasoning_gym");
+    let gsm = package.join("arithmetic/gsm_symbolic");
+    std::fs::create_dir_all(&gsm).unwrap();
+    std::fs::write(
+        package.join("__init__.py"),
+        "import numpy_that_is_not_installed\n",
+    )
+    .unwrap();
+    std::fs::write(
+        package.join("utils.py"),
+        "def format_number(n):\n    return str(int(n))\n",
+    )
+    .unwrap();
+    std::fs::write(
+        gsm.join("gsm_symbolic.py"),
+        "from reasoning_gym.factory import ProceduralDataset\ntasks_ok = [0, 1, 2, 3, 5]\ntasks_need_fix = [4]\n",
+    )
+    .unwrap();
+    let mut generators =
+        String::from("from random import Random\nfrom reasoning_gym.utils import format_number\n");
+    for t in 0..6 {
+        generators += &format!(
+            "\ndef generate_{t}(rng: Random, difficulty: float = 1.0):\n    a, b = rng.randint(1, 10**6), rng.randint(1, 10**6)\n    \
+             return {{\"question\": f\"Template {t}: what is {{a}} plus {{b}}?\", \"answer\": format_number(a + b), \"metadata\": {{}}}}\n"
+        );
+    }
+    std::fs::write(gsm.join("generators_00_49.py"), generators).unwrap();
+    std::fs::write(
+        gsm.join("generators_50_99.py"),
+        "from reasoning_gym.utils import format_number\n",
+    )
+    .unwrap();
+    package
+}
+
 /// Small stand-ins for the packaged files, in their formats.
 struct Fixtures {
     mt_bench: PathBuf,
     alpaca_eval: PathBuf,
     humaneval: PathBuf,
+    gsm_symbolic: PathBuf,
     sharegpt: PathBuf,
 }
 
@@ -177,6 +217,7 @@ fn write_fixtures(dir: &Path) -> Fixtures {
         mt_bench,
         alpaca_eval,
         humaneval,
+        gsm_symbolic: write_fake_gsm_package(dir),
         sharegpt,
     }
 }
@@ -192,7 +233,7 @@ fn tasks_command(f: &Fixtures, out: &Path, extra: &[&str]) -> (i32, String) {
         ("--mt-bench", &f.mt_bench),
         ("--alpaca-eval", &f.alpaca_eval),
         ("--humaneval", &f.humaneval),
-        ("--gsm-symbolic", &gsm_package()),
+        ("--gsm-symbolic", &f.gsm_symbolic),
         ("--sharegpt", &f.sharegpt),
     ] {
         args.push(flag.into());
@@ -300,11 +341,8 @@ fn tasks_writes_one_eval_prompt_file_per_task_and_a_combined_one() {
             ("sharegpt/c_0".into(), vec!["only one".into()]),
         ])
     );
-    // GSM lines carry their reference result; the manifest records the template split.
-    let gsm_lines = std::fs::read_to_string(out.join("gsm-symbolic.jsonl")).unwrap();
-    assert!(gsm_lines
-        .lines()
-        .all(|l| serde_json::from_str::<Value>(l).unwrap()["answer"].is_string()));
+    // GSM: the usable templates (4 is not) split 1 held out / 4 to train; every problem comes
+    // from the held-out one and carries its reference result.
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("tasks.json")).unwrap()).unwrap();
     let gsm = manifest["tasks"]
@@ -313,9 +351,23 @@ fn tasks_writes_one_eval_prompt_file_per_task_and_a_combined_one() {
         .iter()
         .find(|t| t["task"] == "gsm-symbolic")
         .unwrap();
-    assert!(gsm["details"]["held_out_templates"]
-        .as_array()
-        .is_some_and(|t| !t.is_empty()));
+    let (held, train) = template_split(&[0, 1, 2, 3, 5]);
+    assert_eq!(held.len(), 1);
+    assert_eq!(gsm["details"]["held_out_templates"], json!(held));
+    assert_eq!(gsm["details"]["train_templates"], json!(train));
+    let gsm_lines = std::fs::read_to_string(out.join("gsm-symbolic.jsonl")).unwrap();
+    for line in gsm_lines.lines() {
+        let q: Value = serde_json::from_str(line).unwrap();
+        let question = q["turns"][0].as_str().unwrap();
+        let rest = question
+            .strip_prefix(&format!("Template {}: what is ", held[0]))
+            .unwrap_or_else(|| panic!("not from template {}: {question}", held[0]));
+        let (a, b) = rest.split_once(" plus ").unwrap();
+        let b = &b[..b.find('?').unwrap()];
+        let sum = a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap();
+        assert_eq!(q["answer"], json!(sum.to_string()), "{question}");
+        assert!(question.ends_with("? Give the result as your final answer. Do not include units."));
+    }
     let shared = manifest["tasks"]
         .as_array()
         .unwrap()
