@@ -298,12 +298,20 @@ fn prepare_leaves_every_part_of_a_held_out_conversation_out_and_lists_them() {
     let input = dir.join("sharegpt.json");
     let records = write_fixture(&input);
     import_sharegpt(&options(&dir)).unwrap();
-    let held = read(&dir.join("held-out.jsonl"));
+    // The import's held-out file, and the conversation "later" (whose part 4 is a record of its
+    // own in the raw file) held out too.
+    let held_out_file = dir.join("held-out.jsonl");
+    let mut text = std::fs::read_to_string(&held_out_file).unwrap();
+    if !text.contains("\"later_0\"") {
+        text += &(record("later_0", &[("human", "Start a story.")]).to_string() + "\n");
+    }
+    std::fs::write(&held_out_file, text).unwrap();
+    let held = read(&held_out_file);
     // Prepare the raw file (answers and later parts included), keeping the held-out set apart.
     let summary = prepare(&prepare_options(
         &input,
         &dir.join("prep"),
-        Some(&dir.join("held-out.jsonl")),
+        Some(&held_out_file),
     ))
     .unwrap();
     let manifest: Manifest =
@@ -328,6 +336,10 @@ fn prepare_leaves_every_part_of_a_held_out_conversation_out_and_lists_them() {
     assert_eq!(
         (listed.excluded, summary.held_out),
         (held_records, held_records)
+    );
+    assert!(
+        bases.contains("later") && held_records > held.len(),
+        "later_4 is left out too"
     );
     let mut shard_ids = Vec::new();
     for split in [Split::Train, Split::Eval] {
