@@ -91,7 +91,7 @@ $(GSM_SYMBOLIC)/utils.py: $(DOWNLOADS)/reasoning-gym__0.1.25.stamp
 # conversations (at most 200, seed 0) held out for evaluation and never trained on. One command
 # writes both files (a grouped target: either missing reruns it).
 $(SHAREGPT) $(SHAREGPT_HELD_OUT) &: $(SHAREGPT_RAW) | build
-	mkdir -p data/work
+	mkdir -p $(dir $(SHAREGPT)) $(dir $(SHAREGPT_HELD_OUT))
 	$(CLOVER) data import-sharegpt --input $(SHAREGPT_RAW) --out $(SHAREGPT) --held-out $(SHAREGPT_HELD_OUT) --overwrite
 
 # AlpacaEval's instructions are only in the source archive (not the wheel); its data is
