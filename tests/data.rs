@@ -18,6 +18,7 @@ fn args(input: &Path, out: &Path) -> PrepareOptions {
         max_len: 2048,
         eval_fraction: 0.3,
         seed: 7,
+        held_out: None,
     }
 }
 
@@ -257,24 +258,37 @@ fn invalid_utf8_inside_a_json_list_costs_one_record() {
 }
 
 #[test]
-fn truncated_json_list_is_an_error_naming_file_and_position() {
+fn truncated_json_list_keeps_its_whole_records_and_reports_the_cut_tail() {
     let dir = crate::common::scratch_dir("data", "truncated");
     let input = dir.join("cut.json");
     let text = serde_json::to_string_pretty(&good_records(3)).unwrap();
     let cut = &text[..text.len() - 40];
     std::fs::write(&input, cut).unwrap();
-    let err = read_conversations(&input).unwrap_err();
-    let message = format!("{err:#}");
-    assert!(message.contains("cut.json"), "{message}");
-    assert!(message.contains("truncated JSON list"), "{message}");
-    let lines = cut.lines().count();
+    let (conversations, skipped) = read_conversations(&input).unwrap();
+    let ids: Vec<&str> = conversations.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["c0", "c1"]);
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    let tail = &skipped[0];
+    assert_eq!(tail.reason, SkipReason::CutOff);
+    // The third record starts at the third `{` at the list's top level: on its own line, after
+    // two spaces of indentation.
+    let start = text.match_indices("\n  {").nth(2).unwrap().0 + 3;
+    let line = text[..start].lines().count();
+    assert_eq!(
+        tail.position,
+        format!("record 2 (line {line}, column 3), byte {start}")
+    );
+    let message = tail.to_string();
     assert!(
-        message.contains(&format!("(line {lines}, column")),
+        message.contains(&format!("ends at byte {}", cut.len())),
         "{message}"
     );
-    assert!(message.contains("inside record 2"), "{message}");
-    let err = prepare(&args(&input, &dir.join("out"))).unwrap_err();
-    assert!(format!("{err:#}").contains("cut.json"));
+    let mut prepare_args = args(&input, &dir.join("out"));
+    prepare_args.eval_fraction = 0.0;
+    let summary = prepare(&prepare_args).unwrap();
+    assert_eq!((summary.read, summary.kept), (3, 2), "{summary:?}");
+    assert_eq!(summary.skipped.get(SkipReason::CutOff.name()), Some(&1));
+
     let pretty_object = dir.join("object.json");
     std::fs::write(
         &pretty_object,
@@ -284,6 +298,13 @@ fn truncated_json_list_is_an_error_naming_file_and_position() {
     let err = format!("{:#}", read_conversations(&pretty_object).unwrap_err());
     assert!(
         err.contains("object.json: no record could be read") && err.contains("line 1"),
+        "{err}"
+    );
+    let only_cut = dir.join("only-cut.json");
+    std::fs::write(&only_cut, &text[..text.find("question 0").unwrap()]).unwrap();
+    let err = format!("{:#}", read_conversations(&only_cut).unwrap_err());
+    assert!(
+        err.contains("only-cut.json: no record could be read") && err.contains("byte 4"),
         "{err}"
     );
     let missing = read_conversations(&dir.join("absent.json")).unwrap_err();

@@ -153,6 +153,41 @@ fn commands() -> Vec<(
             ],
         ),
         (
+            vec![
+                "data",
+                "import-sharegpt",
+                "--input",
+                "/nonexistent/s.json",
+                "--out",
+                "/nonexistent/t.jsonl",
+                "--held-out",
+                "/nonexistent/h.jsonl",
+            ],
+            vec![
+                ("--held-out-fraction", FRACTION_VALUES),
+                ("--held-out-max", &["NaN", "inf", "-1", "", "1e400"][..]),
+                ("--max-conversations", COUNT_VALUES),
+                ("--max-turns", COUNT_VALUES),
+                ("--seed", SEED_VALUES),
+            ],
+        ),
+        (
+            vec![
+                "data",
+                "tasks",
+                "--out",
+                "/nonexistent/tasks",
+                "--mt-bench",
+                "/nonexistent/q.jsonl",
+            ],
+            vec![
+                ("--per-task", COUNT_VALUES),
+                ("--max-turns", COUNT_VALUES),
+                ("--max-prompt-chars", COUNT_VALUES),
+                ("--seed", SEED_VALUES),
+            ],
+        ),
+        (
             [&["bench", "--out", "/nonexistent/b.json"][..], &model].concat(),
             vec![
                 ("--prefill-tokens", COUNT_VALUES),

@@ -204,6 +204,7 @@ fn options(input: &Path, model: &Path, out: &Path, max_len: usize) -> PrepareOpt
         eval_fraction: 0.0,
         seed: 0,
         no_system_prompt: false,
+        held_out: None,
     }
 }
 

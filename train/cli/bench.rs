@@ -135,6 +135,7 @@ fn bench_data(args: &BenchArgs, model: &Path, conversations: &Path) -> Result<Va
         max_len: 2048,
         eval_fraction: 0.0,
         seed: 0,
+        held_out: None,
     })?;
     let prepare_seconds = start.elapsed().as_secs_f64();
     let mut samples = read_split(&prepared, Split::Train)?;

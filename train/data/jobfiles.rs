@@ -18,6 +18,61 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))
 }
 
+/// A file written piece by piece under a temporary name and renamed into place by [`commit`]
+/// (`AtomicFile::commit`), so readers never see half of it; dropped uncommitted (an error on the
+/// way), the temporary file is removed.
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: Option<std::io::BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<Self> {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            writer: Some(std::io::BufWriter::new(file)),
+        })
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let writer = self.writer.as_mut().expect("written before commit");
+        writer
+            .write_all(bytes)
+            .with_context(|| format!("cannot write {}", self.tmp.display()))
+    }
+
+    /// Flushes the file and renames it over `path`.
+    pub fn commit(mut self) -> Result<()> {
+        let writer = self.writer.take().expect("committed once");
+        let written = writer
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
+            .with_context(|| format!("cannot write {}", self.tmp.display()))
+            .and_then(|()| {
+                std::fs::rename(&self.tmp, &self.path)
+                    .with_context(|| format!("cannot rename to {}", self.path.display()))
+            });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        written
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.writer.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// Builds a directory all-or-nothing: `fill` writes into a temporary sibling of `dir`, which then
 /// replaces `dir` by a rename. If `fill` fails (a full disk, a bad tensor) the temporary directory
 /// is removed and `dir`, if it existed, is left as it was.

@@ -1,6 +1,6 @@
-//! Conversation data: ShareGPT input, chat rendering into tokenized shards, the chitchat import,
-//! self-distillation (regenerate), draft vocabularies by token frequency, and the file helpers of
-//! resumable jobs.
+//! Conversation data: ShareGPT input, chat rendering into tokenized shards, the chitchat and
+//! ShareGPT imports, self-distillation (regenerate), the held-out evaluation tasks, draft
+//! vocabularies by token frequency, seeded splits, and the file helpers of resumable jobs.
 
 pub mod chitchat;
 pub mod jobfiles;
@@ -9,4 +9,7 @@ pub mod prepare;
 pub mod regenerate;
 pub mod shards;
 pub mod sharegpt;
+pub mod sharegpt_import;
+pub mod split;
+pub mod tasks;
 pub mod vocab;

@@ -1,9 +1,9 @@
 //! `clover data prepare`: conversations -> chat-template rendering with an assistant loss mask ->
 //! tokenized parquet shards with a deterministic train/eval split and a manifest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::model_fit::check_model_fits;
 use crate::data::shards::{write_samples, Sample, Split};
-use crate::data::sharegpt::{read_conversations, Conversation, SkipReason, Skipped};
+use crate::data::sharegpt::{
+    conversation_of, is_made_up_id, read_conversations, Conversation, SkipReason, Skipped,
+};
+pub use crate::data::split::split_of;
 use crate::formats::chat::{ChatTokenizer, TemplateName};
 use crate::progress::Progress;
 
@@ -31,6 +34,9 @@ pub struct PrepareOptions {
     /// Leave out the reference's default system prompt of LLaMA-3 templates (conversations keep
     /// their own system message either way).
     pub no_system_prompt: bool,
+    /// Held-out conversations (ShareGPT, e.g. `data import-sharegpt --held-out`): a record of
+    /// one of them is left out of both splits, and the manifest lists them.
+    pub held_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -46,6 +52,9 @@ pub struct Summary {
     pub dropped_first_assistant: usize,
     /// Kept conversations cut to `max_len` tokens.
     pub truncated: usize,
+    /// Records left out because their conversation is held out (`--held-out`).
+    #[serde(default)]
+    pub held_out: usize,
     pub tokens: usize,
     pub assistant_tokens: usize,
 }
@@ -78,6 +87,9 @@ impl fmt::Display for Summary {
             "truncated to --max-len (their tails are not trained on): {}",
             self.truncated
         )?;
+        if self.held_out > 0 {
+            writeln!(f, "left out as held out (--held-out): {}", self.held_out)?;
+        }
         write!(
             f,
             "tokens {}, assistant tokens {}",
@@ -101,6 +113,72 @@ pub struct Manifest {
     pub train_shards: Vec<String>,
     pub eval_shards: Vec<String>,
     pub summary: Summary,
+    /// The held-out conversations left out (`--held-out`), so a reader can check that none of
+    /// them is in a shard.
+    #[serde(default)]
+    pub held_out: Option<HeldOut>,
+}
+
+/// The held-out set a prepared directory was kept apart from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldOut {
+    /// The held-out ShareGPT file.
+    pub file: PathBuf,
+    /// Its conversations: their ids with any ShareGPT part suffix `_<n>` removed, sorted. A
+    /// record is left out when its id, so shortened, is one of these.
+    pub conversations: Vec<String>,
+    /// Records of the input left out for it.
+    pub excluded: usize,
+}
+
+impl HeldOut {
+    /// Reads the held-out file's conversations; every record must name its id, or a held-out
+    /// conversation could be trained on unnoticed.
+    pub fn read(file: &Path) -> Result<Self> {
+        let (conversations, skipped) = read_conversations(file)
+            .with_context(|| format!("reading the held-out conversations {}", file.display()))?;
+        let mut ids = BTreeSet::new();
+        let named = skipped
+            .iter()
+            .filter(|s| s.reason != SkipReason::LeadingAssistant)
+            .map(|s| (s.id.as_deref(), s.to_string()));
+        let kept = conversations
+            .iter()
+            .map(|c| (Some(c.id.as_str()), format!("record {} has no id", &c.id)));
+        for (id, what) in named.chain(kept) {
+            match id {
+                Some(id) if !is_made_up_id(id) => ids.insert(conversation_of(id).0.to_string()),
+                _ => bail!(
+                    "held-out file {}: {what}: a held-out record without an id cannot be left \
+                     out of the training data",
+                    file.display()
+                ),
+            };
+        }
+        Ok(HeldOut {
+            file: file.to_path_buf(),
+            conversations: ids.into_iter().collect(),
+            excluded: 0,
+        })
+    }
+
+    /// Whether the record `id` belongs to a held-out conversation.
+    pub fn holds(&self, id: &str) -> bool {
+        self.conversations
+            .binary_search_by(|c| c.as_str().cmp(conversation_of(id).0))
+            .is_ok()
+    }
+
+    /// `conversations` without the held-out ones, counted in `excluded`.
+    fn leave_out(&mut self, conversations: Vec<Conversation>) -> Vec<Conversation> {
+        let before = conversations.len();
+        let kept: Vec<Conversation> = conversations
+            .into_iter()
+            .filter(|c| !self.holds(&c.id))
+            .collect();
+        self.excluded = before - kept.len();
+        kept
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -122,21 +200,7 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?
         .with_system_prompt(!args.no_system_prompt);
     check_model_fits(&args.model, &chat, args.max_len)?;
-    let (conversations, notes) = read_conversations(&args.input)?;
-    let mut summary = Summary {
-        read: count_records(&conversations, &notes),
-        ..Summary::default()
-    };
-    let mut skip_messages = Vec::new();
-    for note in &notes {
-        if note.reason == SkipReason::LeadingAssistant {
-            summary.dropped_first_assistant += 1;
-        } else {
-            summary.count_skip(note.reason);
-            skip_messages.push(format!("skipped {note}"));
-        }
-    }
-
+    let (conversations, mut summary, mut skip_messages, held_out) = read_input(args)?;
     let encoded = tokenize_all(&chat, &conversations, args.max_len);
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (conversation, result) in conversations.iter().zip(encoded) {
@@ -153,7 +217,8 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
             Err((reason, detail)) => {
                 summary.count_skip(reason);
                 let id = &conversation.id;
-                skip_messages.push(format!("skipped id {id}: {}: {detail}", reason.name()));
+                let message = format!("skipped id {id}: {}: {detail}", reason.name());
+                skip_messages.push((reason, message));
             }
         }
     }
@@ -191,6 +256,7 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
         train_shards,
         eval_shards,
         summary: summary.clone(),
+        held_out,
     };
     let path = args.out.join("manifest.json");
     std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)
@@ -198,10 +264,39 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
     Ok(summary)
 }
 
-/// The first few skip messages: enough to see what is wrong without flooding the terminal.
-fn print_skips(messages: &[String]) {
+/// The conversations to prepare (the held-out ones left out), the summary of the reading so far,
+/// the skip messages, and the held-out set.
+type Input = (Vec<Conversation>, Summary, Vec<(SkipReason, String)>, Option<HeldOut>);
+
+fn read_input(args: &PrepareOptions) -> Result<Input> {
+    let mut held_out = args.held_out.as_deref().map(HeldOut::read).transpose()?;
+    let (conversations, notes) = read_conversations(&args.input)?;
+    let mut summary = Summary {
+        read: count_records(&conversations, &notes),
+        ..Summary::default()
+    };
+    let conversations = match held_out.as_mut() {
+        Some(held_out) => held_out.leave_out(conversations),
+        None => conversations,
+    };
+    summary.held_out = held_out.as_ref().map_or(0, |h| h.excluded);
+    let mut skip_messages = Vec::new();
+    for note in &notes {
+        if note.reason == SkipReason::LeadingAssistant {
+            summary.dropped_first_assistant += 1;
+        } else {
+            summary.count_skip(note.reason);
+            skip_messages.push((note.reason, format!("skipped {note}")));
+        }
+    }
+    Ok((conversations, summary, skip_messages, held_out))
+}
+
+/// The first few skip messages: enough to see what is wrong without flooding the terminal. The
+/// cut tail of a damaged file is always shown: it says where the file is broken.
+fn print_skips(messages: &[(SkipReason, String)]) {
     const SHOWN: usize = 20;
-    for message in messages.iter().take(SHOWN) {
+    for (_, message) in messages.iter().take(SHOWN) {
         eprintln!("{message}");
     }
     if messages.len() > SHOWN {
@@ -209,6 +304,13 @@ fn print_skips(messages: &[String]) {
             "... and {} more skipped records (counts in the summary)",
             messages.len() - SHOWN
         );
+    }
+    for (_, message) in messages
+        .iter()
+        .skip(SHOWN)
+        .filter(|(reason, _)| *reason == SkipReason::CutOff)
+    {
+        eprintln!("{message}");
     }
 }
 
@@ -261,28 +363,6 @@ fn tokenize_one(chat: &ChatTokenizer, conversation: &Conversation, max_len: usiz
         loss_mask: head.mask,
     };
     Ok((sample, head.truncated))
-}
-
-/// Deterministic split: a hash of (id, seed) mapped to [0, 1) below `eval_fraction` goes to eval.
-pub fn split_of(id: &str, seed: u64, eval_fraction: f64) -> Split {
-    let unit = (stable_hash(id.as_bytes(), seed) >> 11) as f64 / (1u64 << 53) as f64;
-    if unit < eval_fraction {
-        Split::Eval
-    } else {
-        Split::Train
-    }
-}
-
-/// FNV-1a over the bytes, seeded, with a splitmix64 finalizer: stable across runs and platforms.
-fn stable_hash(bytes: &[u8], seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 // ----------------------------------------------------------------------------------------------

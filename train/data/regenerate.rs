@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 
 use crate::data::jobfiles::{atomic_write, pin_inputs, DirLock};
-use crate::data::sharegpt::{read_conversations, Conversation, SkipReason};
+use crate::data::sharegpt::{read_conversations, skip_report, Conversation};
 use crate::decode::generate::{generate_batch, GenerationConfig};
 use crate::formats::chat::{ChatTokenizer, Message, Role, TemplateName};
 use crate::model::teacher::Teacher;
@@ -85,16 +85,8 @@ pub fn run(args: &RegenerateOptions) -> Result<()> {
     let chat = ChatTokenizer::from_model_dir(&args.model, Some(args.template.as_str()))?
         .with_system_prompt(!args.no_system_prompt);
     let (mut conversations, skipped) = read_conversations(&args.data)?;
-    // A leading assistant message is dropped but its conversation kept: not a skip.
-    let dropped = skipped
-        .iter()
-        .filter(|s| s.reason != SkipReason::LeadingAssistant)
-        .count();
-    if dropped > 0 {
-        eprintln!(
-            "{}: skipped {dropped} malformed conversations",
-            args.data.display()
-        );
+    if let Some(report) = skip_report(&args.data, &skipped) {
+        eprintln!("{report}");
     }
     conversations.truncate(args.limit.unwrap_or(usize::MAX));
     let prompts: Vec<Vec<Message>> = conversations

@@ -1,22 +1,73 @@
-//! ShareGPT input (JSON list, JSONL or parquet) to conversations; every bad record is skipped
-//! and reported with its file position, id and reason.
+//! ShareGPT input (JSON list, JSONL or parquet) to conversations, streamed record by record;
+//! every bad record is skipped and reported with its file position, id and reason.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
-use std::path::Path;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Int32Type};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::formats::chat::{Message, Role};
+use crate::formats::json_records::{Item, JsonRecords, Layout, Position, MAX_RECORD_BYTES};
+use crate::formats::sharegpt_parquet::ParquetConversations;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conversation {
     pub id: String,
     pub messages: Vec<Message>,
+}
+
+/// The conversation a record belongs to and its part number: ShareGPT's split release cuts long
+/// conversations into parts with ids `<conversation>_<n>`, part n starting at message n. An id
+/// without such a suffix is a whole conversation, part 0.
+pub fn conversation_of(id: &str) -> (&str, u64) {
+    match id.rsplit_once('_') {
+        Some((base, part)) if !base.is_empty() && !part.is_empty() => match part.parse() {
+            Ok(n) if part.bytes().all(|b| b.is_ascii_digit()) => (base, n),
+            _ => (id, 0),
+        },
+        _ => (id, 0),
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    id: &'a str,
+    conversations: Vec<Turn<'a>>,
+}
+
+#[derive(Serialize)]
+struct Turn<'a> {
+    from: &'static str,
+    value: &'a str,
+}
+
+/// One ShareGPT JSONL line: {"id", "conversations": [{"from", "value"}]}.
+pub fn sharegpt_line(id: &str, messages: &[Message]) -> Result<String> {
+    let conversations = messages
+        .iter()
+        .map(|m| Turn {
+            from: match m.role {
+                Role::System => "system",
+                Role::User => "human",
+                Role::Assistant => "gpt",
+            },
+            value: &m.content,
+        })
+        .collect();
+    Ok(serde_json::to_string(&Line { id, conversations })? + "\n")
+}
+
+/// The start of the id the reader gives a record without one (`#<index>`).
+const MADE_UP_ID: &str = "#";
+
+/// Whether `id` is one the reader made up for a record without an id: such a record cannot be
+/// recognised in another file.
+pub fn is_made_up_id(id: &str) -> bool {
+    id.starts_with(MADE_UP_ID)
 }
 
 /// Why a record was skipped. `LeadingAssistant` is the exception: only the conversation's first
@@ -31,6 +82,8 @@ pub enum SkipReason {
     DuplicateId,
     TemplateError,
     NoAssistantTokens,
+    /// The file ends inside the record (a truncated or damaged JSON list).
+    CutOff,
 }
 
 impl SkipReason {
@@ -44,6 +97,7 @@ impl SkipReason {
             SkipReason::DuplicateId => "duplicate id",
             SkipReason::TemplateError => "template error",
             SkipReason::NoAssistantTokens => "no assistant tokens",
+            SkipReason::CutOff => "cut off by the end of the file",
         }
     }
 }
@@ -67,47 +121,175 @@ impl fmt::Display for Skipped {
     }
 }
 
-/// Reads a ShareGPT JSON list, JSONL or parquet file. Bad records are returned as `Skipped`;
-/// a file that cannot be read or parsed as a whole (e.g. a truncated JSON list) is an error
-/// naming the file and the position.
+/// Reads a ShareGPT JSON list, JSONL or parquet file whole (see [`open_conversations`], which
+/// streams it). Bad records are returned as `Skipped`, a truncated or damaged JSON list keeps
+/// every whole record before the damage and returns the cut tail as one `Skipped`; a file that
+/// cannot be read at all, or holds no readable record, is an error naming the file.
 pub fn read_conversations(path: &Path) -> Result<(Vec<Conversation>, Vec<Skipped>)> {
-    let is_parquet = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-    let records = if is_parquet {
-        parquet_records(path).with_context(|| format!("reading parquet {}", path.display()))?
-    } else {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        json_records(&bytes).with_context(|| format!("reading {}", path.display()))?
-    };
     let mut conversations = Vec::new();
     let mut skipped = Vec::new();
-    let mut seen = HashSet::new();
-    for (index, record) in records.into_iter().enumerate() {
-        match conversation_from_record(record, index, &mut skipped) {
-            Ok(conversation) if !seen.insert(conversation.id.clone()) => skipped.push(Skipped {
-                position: format!("record {index}"),
-                id: Some(conversation.id.clone()),
-                reason: SkipReason::DuplicateId,
-                detail: "an earlier record has the same id".into(),
-            }),
-            Ok(conversation) => conversations.push(conversation),
-            Err(skip) => skipped.push(skip),
+    for entry in open_conversations(path)? {
+        match entry? {
+            Entry::Conversation(conversation) => conversations.push(conversation),
+            Entry::Skipped(skip) => skipped.push(skip),
         }
     }
-    if conversations.is_empty()
-        && !skipped.is_empty()
-        && skipped.iter().all(|s| s.reason == SkipReason::Malformed)
-    {
-        // Every record is broken: the file is not ShareGPT at all (e.g. a pretty-printed object
-        // read as JSONL), which is an unreadable file rather than many bad records.
+    refuse_unreadable(path, conversations.len(), &skipped)?;
+    Ok((conversations, skipped))
+}
+
+/// Every record broken (e.g. a pretty-printed object read as JSONL) is an unreadable file rather
+/// than many bad records.
+pub fn refuse_unreadable(path: &Path, kept: usize, skipped: &[Skipped]) -> Result<()> {
+    let broken = |s: &Skipped| matches!(s.reason, SkipReason::Malformed | SkipReason::CutOff);
+    if kept == 0 && !skipped.is_empty() && skipped.iter().all(broken) {
         bail!(
             "{}: no record could be read; the first: {}",
             path.display(),
             skipped[0]
         );
     }
-    Ok((conversations, skipped))
+    Ok(())
+}
+
+/// What a reader skipped, for a command's log: the records skipped by reason, the messages
+/// dropped, and the first few skips in full (the cut tail of a damaged file always among them).
+/// None when nothing was skipped.
+pub fn skip_report(path: &Path, skipped: &[Skipped]) -> Option<String> {
+    const SHOWN: usize = 3;
+    let mut counts = std::collections::BTreeMap::new();
+    for skip in skipped {
+        *counts.entry(skip.reason).or_insert(0usize) += 1;
+    }
+    let dropped = counts.remove(&SkipReason::LeadingAssistant).unwrap_or(0);
+    let records: usize = counts.values().sum();
+    if records + dropped == 0 {
+        return None;
+    }
+    let by_reason: Vec<String> = counts
+        .iter()
+        .map(|(reason, n)| format!("{}: {n}", reason.name()))
+        .collect();
+    let mut report =
+        format!(
+        "{}: skipped {records} records ({}); first message from the assistant dropped in {dropped}",
+        path.display(),
+        if by_reason.is_empty() { "none".to_string() } else { by_reason.join(", ") }
+    );
+    let bad = skipped
+        .iter()
+        .filter(|s| s.reason != SkipReason::LeadingAssistant);
+    let mut shown: Vec<&Skipped> = bad.clone().take(SHOWN).collect();
+    shown.extend(bad.skip(SHOWN).filter(|s| s.reason == SkipReason::CutOff));
+    for skip in shown {
+        report += &format!("\n  skipped {skip}");
+    }
+    Some(report)
+}
+
+/// One step of a [`ConversationStream`]: a conversation, or a record skipped (or a message
+/// dropped: `LeadingAssistant`, which comes just before its conversation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Conversation(Conversation),
+    Skipped(Skipped),
+}
+
+/// The conversations of a ShareGPT file, one record at a time: memory holds the record being
+/// read (and the ids seen, to refuse duplicates), never the file.
+pub struct ConversationStream {
+    path: PathBuf,
+    source: Box<dyn RecordSource>,
+    seen: HashSet<String>,
+    index: usize,
+    queue: VecDeque<Entry>,
+    /// After an error nothing more is read.
+    failed: bool,
+}
+
+/// Opens a ShareGPT JSON list, JSONL or parquet file (by the `.parquet` extension, else by its
+/// first byte) for reading record by record.
+pub fn open_conversations(path: &Path) -> Result<ConversationStream> {
+    let is_parquet = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    let source: Box<dyn RecordSource> = if is_parquet {
+        let rows = ParquetConversations::open(path)
+            .with_context(|| format!("reading parquet {}", path.display()))?;
+        Box::new(ParquetSource { rows })
+    } else {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut records = JsonRecords::new(BufReader::with_capacity(1 << 20, file));
+        let layout = records
+            .layout()
+            .with_context(|| format!("reading {}", path.display()))?;
+        Box::new(JsonSource {
+            records,
+            layout,
+            size,
+        })
+    };
+    Ok(ConversationStream {
+        path: path.to_path_buf(),
+        source,
+        seen: HashSet::new(),
+        index: 0,
+        queue: VecDeque::new(),
+        failed: false,
+    })
+}
+
+impl ConversationStream {
+    /// (done, total) in the source's units: bytes of a JSON file, rows of a parquet file.
+    pub fn progress(&self) -> (u64, u64) {
+        self.source.progress()
+    }
+
+    fn read_next(&mut self) -> Result<Option<Entry>> {
+        loop {
+            if let Some(entry) = self.queue.pop_front() {
+                return Ok(Some(entry));
+            }
+            let Some(record) = self.source.next_record()? else {
+                return Ok(None);
+            };
+            let index = self.index;
+            self.index += 1;
+            let position = record.position.clone();
+            let mut notes = Vec::new();
+            let entry = match conversation_from_record(record, index, &mut notes) {
+                Ok(conversation) if !self.seen.insert(conversation.id.clone()) => {
+                    notes.clear();
+                    Entry::Skipped(Skipped {
+                        position,
+                        id: Some(conversation.id),
+                        reason: SkipReason::DuplicateId,
+                        detail: "an earlier record has the same id".into(),
+                    })
+                }
+                Ok(conversation) => Entry::Conversation(conversation),
+                Err(skip) => Entry::Skipped(skip),
+            };
+            self.queue.extend(notes.into_iter().map(Entry::Skipped));
+            self.queue.push_back(entry);
+        }
+    }
+}
+
+impl Iterator for ConversationStream {
+    type Item = Result<Entry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let next = self.read_next();
+        self.failed = next.is_err();
+        next.with_context(|| format!("reading {}", self.path.display()))
+            .transpose()
+    }
 }
 
 /// One input record before validation: where it was and its bytes or parsed value.
@@ -119,197 +301,117 @@ struct RawRecord {
 enum RawContent {
     Bytes(Vec<u8>),
     Json(Value),
+    /// A record the reader could not deliver (the cut tail of a file, say), with why.
+    Bad(SkipReason, String),
 }
 
-/// A JSON list is split into its elements by a byte scanner, so that a record with invalid UTF-8
-/// or bad JSON costs that record only; anything else is JSONL (one record per line).
-fn json_records(bytes: &[u8]) -> Result<Vec<RawRecord>> {
-    let first = bytes.iter().position(|b| !b.is_ascii_whitespace());
-    match first.map(|i| bytes[i]) {
-        Some(b'[') => split_json_list(bytes, first.unwrap_or(0)),
-        _ => Ok(jsonl_records(bytes)),
-    }
+/// Where records come from: a JSON list or JSONL file, or a parquet file.
+trait RecordSource {
+    fn next_record(&mut self) -> Result<Option<RawRecord>>;
+    /// (done, total) in the source's own units.
+    fn progress(&self) -> (u64, u64);
 }
 
-fn jsonl_records(bytes: &[u8]) -> Vec<RawRecord> {
-    bytes
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .filter(|(_, line)| line.iter().any(|b| !b.is_ascii_whitespace()))
-        .map(|(i, line)| RawRecord {
-            position: format!("line {}", i + 1),
-            content: RawContent::Bytes(line.to_vec()),
-        })
-        .collect()
+struct JsonSource {
+    records: JsonRecords<BufReader<std::fs::File>>,
+    layout: Layout,
+    size: u64,
 }
 
-/// Splits a top-level JSON array into element byte ranges, tracking strings and nesting, and
-/// lines incrementally so that positions cost nothing extra on large files.
-fn split_json_list(bytes: &[u8], open: usize) -> Result<Vec<RawRecord>> {
-    let mut records = Vec::new();
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    let (mut line, _) = line_column(bytes, open);
-    let mut line_start = bytes[..open]
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |p| p + 1);
-    let mut start = open + 1;
-    // Line and column of the current element's first byte.
-    let mut element_at: Option<(usize, usize)> = None;
-    let push =
-        |from: usize, to: usize, at: Option<(usize, usize)>, records: &mut Vec<RawRecord>| {
-            if let Some((line, column)) = at {
-                records.push(RawRecord {
-                    position: format!("record {} (line {line}, column {column})", records.len()),
-                    content: RawContent::Bytes(bytes[from..to].to_vec()),
-                });
-            }
+impl RecordSource for JsonSource {
+    fn next_record(&mut self) -> Result<Option<RawRecord>> {
+        let Some(item) = self.records.next().transpose()? else {
+            return Ok(None);
         };
-    for (i, &b) in bytes.iter().enumerate().skip(open + 1) {
-        if b == b'\n' {
-            line += 1;
-            line_start = i + 1;
-        }
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        if element_at.is_none()
-            && !b.is_ascii_whitespace()
-            && !(depth == 0 && matches!(b, b',' | b']'))
-        {
-            element_at = Some((line, i - line_start + 1));
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => depth += 1,
-            b']' | b'}' if depth > 0 => depth -= 1,
-            b',' if depth == 0 => {
-                push(start, i, element_at.take(), &mut records);
-                start = i + 1;
-            }
-            b']' => {
-                push(start, i, element_at.take(), &mut records);
-                let trailing = &bytes[i + 1..];
-                if let Some(extra) = trailing.iter().position(|b| !b.is_ascii_whitespace()) {
-                    let at = i + 1 + extra;
-                    let (line, column) = line_column(bytes, at);
-                    bail!("unexpected data after the JSON list at byte {at} (line {line}, column {column})");
-                }
-                return Ok(records);
-            }
-            b'}' => bail!(
-                "unbalanced '}}' at byte {i} (line {line}, column {})",
-                i - line_start + 1
-            ),
-            _ => {}
-        }
+        Ok(Some(json_record(item, self.layout)))
     }
-    let (start_line, _) = element_at.unwrap_or((line, 0));
-    bail!(
-        "truncated JSON list: the file ends at byte {} (line {line}, column {}) inside record {} \
-         which starts on line {start_line}",
-        bytes.len(),
-        bytes.len() - line_start + 1,
-        records.len()
-    )
-}
 
-/// 1-based line and column (in bytes) of a byte offset.
-fn line_column(bytes: &[u8], offset: usize) -> (usize, usize) {
-    let before = &bytes[..offset];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = offset
-        - before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |p| p + 1)
-        + 1;
-    (line, column)
-}
-
-/// Parquet input: a `conversations` column holding either a JSON string or a
-/// list<struct{from,value}> / list<struct{role,content}>, and an optional `id` column.
-/// Arrow validates UTF-8 per column chunk, so invalid UTF-8 here fails the whole file (with the
-/// file named) instead of one record.
-fn parquet_records(path: &Path) -> Result<Vec<RawRecord>> {
-    let file = std::fs::File::open(path)?;
-    let mut records = Vec::new();
-    for batch in ParquetRecordBatchReaderBuilder::try_new(file)?.build()? {
-        let batch = batch?;
-        let conversations = batch
-            .column_by_name("conversations")
-            .ok_or_else(|| anyhow!("no column \"conversations\""))?;
-        let ids = batch.column_by_name("id");
-        for row in 0..batch.num_rows() {
-            let position = format!("row {}", records.len());
-            let mut record = serde_json::Map::new();
-            if let Some(ids) = ids.filter(|ids| ids.is_valid(row)) {
-                record.insert("id".into(), Value::String(string_at(ids.as_ref(), row)?));
-            }
-            record.insert(
-                "conversations".into(),
-                conversation_cell(conversations.as_ref(), row)?,
-            );
-            records.push(RawRecord {
-                position,
-                content: RawContent::Json(Value::Object(record)),
-            });
-        }
-    }
-    Ok(records)
-}
-
-fn string_at(array: &dyn Array, row: usize) -> Result<String> {
-    match array.data_type() {
-        DataType::Utf8 => Ok(array.as_string::<i32>().value(row).to_string()),
-        DataType::LargeUtf8 => Ok(array.as_string::<i64>().value(row).to_string()),
-        DataType::Int64 => Ok(array
-            .as_primitive::<arrow::datatypes::Int64Type>()
-            .value(row)
-            .to_string()),
-        DataType::Int32 => Ok(array.as_primitive::<Int32Type>().value(row).to_string()),
-        other => bail!("unsupported column type {other} (expected a string)"),
+    fn progress(&self) -> (u64, u64) {
+        (self.records.bytes_read(), self.size)
     }
 }
 
-/// The conversation cell as JSON; a JSON-string cell that does not parse becomes a string value,
-/// which the record check then reports as malformed.
-fn conversation_cell(array: &dyn Array, row: usize) -> Result<Value> {
-    if array.is_null(row) {
-        return Ok(Value::Null);
-    }
-    let messages = match array.data_type() {
-        DataType::Utf8 | DataType::LargeUtf8 => {
-            let text = string_at(array, row)?;
-            return Ok(serde_json::from_str(&text).unwrap_or(Value::String(text)));
-        }
-        DataType::List(_) => array.as_list::<i32>().value(row),
-        DataType::LargeList(_) => array.as_list::<i64>().value(row),
-        other => bail!("column \"conversations\" has unsupported type {other}"),
+/// A JSON list record is named by its index, line and column; a JSONL record by its line. The
+/// places where the file is damaged carry the byte offset as well.
+fn json_record(item: Item, layout: Layout) -> RawRecord {
+    let name = |at: &Position| match layout {
+        Layout::Array => format!(
+            "record {} (line {}, column {})",
+            at.index, at.line, at.column
+        ),
+        Layout::Lines => format!("line {}", at.line),
     };
-    let messages = messages
-        .as_struct_opt()
-        .ok_or_else(|| anyhow!("\"conversations\" items are not structs"))?;
-    let mut out = Vec::with_capacity(messages.len());
-    for i in 0..messages.len() {
-        let mut message = serde_json::Map::new();
-        for (field, column) in messages.fields().iter().zip(messages.columns()) {
-            if column.is_valid(i) {
-                message.insert(
-                    field.name().clone(),
-                    Value::String(string_at(column.as_ref(), i)?),
-                );
-            }
-        }
-        out.push(Value::Object(message));
+    let (position, content) = match item {
+        Item::Record { at, bytes } => (name(&at), RawContent::Bytes(bytes)),
+        Item::Oversized { at, len } => (
+            format!("{}, byte {}", name(&at), at.byte),
+            RawContent::Bad(
+                SkipReason::Malformed,
+                format!(
+                    "{len} bytes, more than the {} MiB one record may have (a bracket or \
+                     quote that never closes?)",
+                    MAX_RECORD_BYTES >> 20
+                ),
+            ),
+        ),
+        Item::CutOff { at, end } if at.byte == end => (
+            format!(
+                "end of file (line {}, column {}, byte {end})",
+                at.line, at.column
+            ),
+            RawContent::Bad(
+                SkipReason::CutOff,
+                format!(
+                    "the JSON list has no closing ']' (the file is truncated after {} records?)",
+                    at.index
+                ),
+            ),
+        ),
+        Item::CutOff { at, end } => (
+            format!("{}, byte {}", name(&at), at.byte),
+            RawContent::Bad(
+                SkipReason::CutOff,
+                format!(
+                    "the file ends at byte {end} inside this record ({} bytes of it; the file \
+                     is truncated, or a bracket or quote never closes); the {} records before \
+                     it are read",
+                    end - at.byte,
+                    at.index
+                ),
+            ),
+        ),
+        Item::Trailing { at } => (
+            format!(
+                "after the list (line {}, column {}, byte {})",
+                at.line, at.column, at.byte
+            ),
+            RawContent::Bad(
+                SkipReason::Malformed,
+                "data after the JSON list's closing ']' (ignored)".into(),
+            ),
+        ),
+    };
+    RawRecord { position, content }
+}
+
+struct ParquetSource {
+    rows: ParquetConversations,
+}
+
+impl RecordSource for ParquetSource {
+    fn next_record(&mut self) -> Result<Option<RawRecord>> {
+        let Some((row, value)) = self.rows.next().transpose()? else {
+            return Ok(None);
+        };
+        Ok(Some(RawRecord {
+            position: format!("row {row}"),
+            content: RawContent::Json(value),
+        }))
     }
-    Ok(Value::Array(out))
+
+    fn progress(&self) -> (u64, u64) {
+        (self.rows.rows_read(), self.rows.total_rows())
+    }
 }
 
 /// Validates one record. `LeadingAssistant` notes go to `notes`; a bad record is returned as Err.
@@ -327,6 +429,7 @@ fn conversation_from_record(
     };
     let value = match record.content {
         RawContent::Json(value) => value,
+        RawContent::Bad(reason, detail) => return Err(skip(None, reason, detail)),
         RawContent::Bytes(bytes) => {
             let text = std::str::from_utf8(&bytes).map_err(|e| {
                 skip(
@@ -350,7 +453,7 @@ fn conversation_from_record(
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         // Without an id the record's index names it, so it stays unique and deterministic.
-        None | Some(Value::Null) => format!("#{index}"),
+        None | Some(Value::Null) => format!("{MADE_UP_ID}{index}"),
         Some(other) => {
             return Err(skip(
                 None,
@@ -437,6 +540,3 @@ fn parse_message(item: &Value) -> std::result::Result<Message, (SkipReason, Stri
     })?;
     Ok(Message::new(role, content))
 }
-
-// ----------------------------------------------------------------------------------------------
-// chitchat-dataset import
