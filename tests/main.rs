@@ -7,6 +7,7 @@ mod data;
 mod device;
 mod distributed;
 mod draft_vocab;
+mod eagle3;
 mod eval;
 mod generate;
 mod gguf;
