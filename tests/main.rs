@@ -2,6 +2,7 @@
 //! One module per area.
 
 mod chat;
+mod clients;
 mod common;
 mod data;
 mod device;

@@ -183,6 +183,11 @@ pub trait HeadArch: Sync {
     /// Fills in what a training run states explicitly for this kind where its config leaves
     /// it out (so its checkpoints and exports carry the resolved value).
     fn training_defaults(&self, _opts: &mut HeadOptions, _teacher: &LlamaConfig) {}
+    /// vLLM speculators' `speculators_model_type` of this kind, where `clover export --format
+    /// speculators` can write it (EAGLE-3: "eagle3").
+    fn speculators_model_type(&self) -> Option<&'static str> {
+        None
+    }
     /// Records the options that do not apply to this kind or are out of its range.
     fn check_options(&self, opts: &HeadOptions, p: &mut Problems) {
         if opts.draft_vocab.is_some() && !self.takes_draft_vocab() {

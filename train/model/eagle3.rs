@@ -170,6 +170,10 @@ impl HeadArch for Eagle3 {
         &["embed_tokens.weight"]
     }
 
+    fn speculators_model_type(&self) -> Option<&'static str> {
+        Some("eagle3")
+    }
+
     fn takes_draft_vocab(&self) -> bool {
         true
     }

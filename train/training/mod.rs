@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod evaluate;
 pub mod export;
+pub mod export_speculators;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;
