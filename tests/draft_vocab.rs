@@ -154,6 +154,8 @@ fn trained_draft_vocab_exports_eagle3_mapping_and_decodes_losslessly() {
         overwrite: false,
         with_frozen: false,
         model: None,
+        format: clover::training::export::ExportFormat::Clover,
+        verifier: None,
     })
     .unwrap();
     let stored: std::collections::BTreeMap<String, Tensor> =

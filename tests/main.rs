@@ -2,11 +2,13 @@
 //! One module per area.
 
 mod chat;
+mod clients;
 mod common;
 mod data;
 mod device;
 mod distributed;
 mod draft_vocab;
+mod eagle3;
 mod eval;
 mod generate;
 mod gguf;
@@ -23,9 +25,9 @@ mod random;
 mod regenerate;
 mod sharegpt;
 mod sharegpt_import;
-mod tasks;
 mod speculative;
 mod targets;
+mod tasks;
 mod tau_estimate;
 mod teacher;
 mod trainer;

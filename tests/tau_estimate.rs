@@ -6,8 +6,8 @@
 
 use crate::common::{f32_paths_bound, teacher_path_rows, tiny_teacher};
 use clover::data::shards::Sample;
-use clover::decode::sampling::Sampling;
 use clover::decode::drafter::drafter_for;
+use clover::decode::sampling::Sampling;
 use clover::decode::speculative::generate_speculative;
 use clover::decode::tree::Tree;
 use clover::model::head::DraftHead;

@@ -7,7 +7,8 @@ use tch::Kind;
 
 use crate::outputs::{check_replaceable, refuse_overlap};
 use crate::training::checkpoint::{read_checkpoint_head, resolve_checkpoint, CK_TEACHER_CONFIG};
-use crate::training::export::{export_head, is_export_file, EXPORT_COMMAND};
+use crate::training::export::{export_head, is_export_file, ExportFormat, EXPORT_COMMAND};
+use crate::training::export_speculators::export_speculators;
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
@@ -31,6 +32,14 @@ pub struct ExportArgs {
     /// Teacher dir, needed only with --with-frozen (its lm_head weight).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// The layout: `clover` (the head kind's reference layout, which clover loads) or
+    /// `speculators` (vLLM speculators' EAGLE-3 layout).
+    #[arg(long, value_enum, default_value_t = ExportFormat::Clover)]
+    pub format: ExportFormat,
+    /// With --format speculators: the teacher as its loaders should open it
+    /// (`speculators_config.verifier.name_or_path`: a directory or hub id).
+    #[arg(long)]
+    pub verifier: Option<String>,
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
@@ -49,7 +58,24 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     } else {
         None
     };
-    export_head(&cfg, &tensors, &teacher_config, frozen.as_ref(), &args.out)?;
+    match args.format {
+        ExportFormat::Clover => {
+            export_head(&cfg, &tensors, &teacher_config, frozen.as_ref(), &args.out)?
+        }
+        ExportFormat::Speculators => {
+            let verifier = args
+                .verifier
+                .as_deref()
+                .context("--format speculators needs --verifier <teacher dir or hub id>")?;
+            export_speculators(
+                &cfg,
+                &tensors,
+                (&teacher_config, verifier),
+                frozen.as_ref(),
+                &args.out,
+            )?
+        }
+    }
     write_provenance(&checkpoint, &args.out)?;
     eprintln!(
         "exported {} to {}",

@@ -266,7 +266,12 @@ pub fn prepare(args: &PrepareOptions) -> Result<Summary> {
 
 /// The conversations to prepare (the held-out ones left out), the summary of the reading so far,
 /// the skip messages, and the held-out set.
-type Input = (Vec<Conversation>, Summary, Vec<(SkipReason, String)>, Option<HeldOut>);
+type Input = (
+    Vec<Conversation>,
+    Summary,
+    Vec<(SkipReason, String)>,
+    Option<HeldOut>,
+);
 
 fn read_input(args: &PrepareOptions) -> Result<Input> {
     let mut held_out = args.held_out.as_deref().map(HeldOut::read).transpose()?;

@@ -113,7 +113,9 @@ impl Growth {
             candidates: layer.clone(),
             layer,
             layer_tokens,
-            layer_states: state0.expand([k as i64, -1], false),
+            // Row 0 k times, whatever the state's rank (a tree-attending drafter's states are
+            // row ids [1], the others' feature rows [1,H]).
+            layer_states: state0.repeat_interleave_self_int(k as i64, 0, None),
         }
     }
 

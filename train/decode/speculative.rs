@@ -174,9 +174,14 @@ impl Decode<'_> {
         let mut cache = self.teacher.new_cache(1);
         let prompt = Tensor::from_slice(prompt_ids).to_device(device);
         let positions = Tensor::arange(prompt_ids.len() as i64, (Kind::Int64, device)).unsqueeze(0);
-        let u = self
-            .teacher
-            .forward(&prompt.unsqueeze(0), &positions, None, Some(&mut cache));
+        // The states the drafter reads: u, or the teacher layers it names (EAGLE-3).
+        let (u, drafted_from) = self.teacher.forward_tapped(
+            &prompt.unsqueeze(0),
+            &positions,
+            None,
+            Some(&mut cache),
+            drafter.teacher_layers(),
+        );
         let mut root = pick_next(
             &self.teacher.logits(&u.select(1, -1)),
             self.sampling.temperature,
@@ -190,7 +195,7 @@ impl Decode<'_> {
             }
             let rest = prompt.narrow(0, 1, prompt_ids.len() as i64 - 1);
             let next_ids = Tensor::cat(&[rest, root.shallow_clone()], 0);
-            let mut row = self.extend(drafter, &u, &next_ids, &mut stats)?;
+            let mut row = self.extend(drafter, &drafted_from, &next_ids, &mut stats)?;
             loop {
                 if cache.len() + self.policy.max_depth() as i64
                     >= self.teacher.config.max_position_embeddings
@@ -245,7 +250,8 @@ impl Decode<'_> {
     }
 
     /// One verification step: the policy drafts this step's tree, the teacher verifies it.
-    /// Returns the accepted path and the tree's pre-norm states.
+    /// Returns the accepted path and the tree's states the drafter reads (pre-norm u, or its
+    /// teacher layers').
     fn step(
         &self,
         drafter: &mut dyn Drafter,
@@ -264,10 +270,9 @@ impl Decode<'_> {
             self.teacher,
             cache,
             drafted.plan(),
-            root,
-            &drafted.tokens,
-            drafted.q.as_ref(),
+            (root, &drafted.tokens, drafted.q.as_ref()),
             self.sampling,
+            drafter.teacher_layers(),
         )?;
         stats.verify_seconds += t1.elapsed().as_secs_f64();
         stats.accepted.push(accepted.nodes.len() - 1);

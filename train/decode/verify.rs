@@ -231,30 +231,29 @@ pub fn accept_sampling(
 }
 
 /// One teacher forward over the tree tokens (tree mask, depth positions after the committed
-/// prefix), acceptance, and compaction of the KV cache to root + accepted. Returns the accepted
-/// path and the tree's pre-norm states [n,H].
+/// prefix), acceptance, and compaction of the KV cache to root + accepted. The drafted step is
+/// (root, draft tokens, their q rows when sampling). Returns the accepted path and the tree's
+/// pre-norm states [n,H], or with `layers` (EAGLE-3) those layers' states [n,kH].
 pub fn verify(
     teacher: &Teacher,
     cache: &mut KvCache,
     plan: &VerifyPlan,
-    root: &Tensor,
-    draft_tokens: &Tensor,
-    q_rows: Option<&Tensor>,
+    (root, draft_tokens, q_rows): (&Tensor, &Tensor, Option<&Tensor>),
     sampling: &Sampling,
+    layers: Option<&[i64]>,
 ) -> Result<(Accepted, Tensor)> {
     let committed = cache.len();
     let tree_tokens = plan.tree_tokens(root, draft_tokens);
     let positions = (&plan.tensors.position_ids + committed).unsqueeze(0);
     let mask = plan.tensors.verify_mask(committed);
-    let u = teacher
-        .forward(
-            &tree_tokens.unsqueeze(0),
-            &positions,
-            Some(&mask),
-            Some(cache),
-        )
-        .squeeze_dim(0);
-    let logits = teacher.logits(&u);
+    let (u, drafted_from) = teacher.forward_tapped(
+        &tree_tokens.unsqueeze(0),
+        &positions,
+        Some(&mask),
+        Some(cache),
+        layers,
+    );
+    let logits = teacher.logits(&u.squeeze_dim(0));
     let accepted = match q_rows {
         None => accept_greedy(plan, &tree_tokens, &logits)?,
         Some(q) => accept_sampling(plan, &tree_tokens, &sampling.probs(&logits), q)?,
@@ -268,5 +267,5 @@ pub fn verify(
         committed,
         &Tensor::from_slice(&nodes).to_device(teacher.device()),
     );
-    Ok((accepted, u))
+    Ok((accepted, drafted_from.squeeze_dim(0)))
 }

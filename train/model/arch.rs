@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use tch::Tensor;
 
 use crate::checks::Problems;
+use crate::model::config::LlamaConfig;
 use crate::model::head_config::{HeadConfig, HeadKind, HeadOptions};
 use crate::model::layers::KvCache;
 use crate::model::store::HeadStore;
@@ -105,7 +106,9 @@ pub trait HeadArch: Sync {
         self.depth_outputs(w, u, next_ids)
     }
     /// The kind's own vocabulary projection of depth `depth`'s outputs, where it has one
-    /// (Medusa); None: the frozen teacher lm_head scores them.
+    /// (Medusa's blocks, EAGLE-3's norm and lm_head), over the head's vocabulary: the draft
+    /// vocabulary's N columns when the head has one, else all V; None: the frozen teacher
+    /// lm_head scores them.
     fn own_logits(&self, _w: &HeadStore, _depth: i64, _o: &Tensor) -> Option<Tensor> {
         None
     }
@@ -171,6 +174,20 @@ pub trait HeadArch: Sync {
             self.kind().name()
         )
     }
+    /// The teacher layers whose inputs the draft reads instead of the last pre-norm state u
+    /// (EAGLE-3's low, middle and high features, concatenated), for a teacher of
+    /// `teacher_layers` layers; None: it reads u.
+    fn teacher_layers(&self, _opts: &HeadOptions, _teacher_layers: i64) -> Option<Vec<i64>> {
+        None
+    }
+    /// Fills in what a training run states explicitly for this kind where its config leaves
+    /// it out (so its checkpoints and exports carry the resolved value).
+    fn training_defaults(&self, _opts: &mut HeadOptions, _teacher: &LlamaConfig) {}
+    /// vLLM speculators' `speculators_model_type` of this kind, where `clover export --format
+    /// speculators` can write it (EAGLE-3: "eagle3").
+    fn speculators_model_type(&self) -> Option<&'static str> {
+        None
+    }
     /// Records the options that do not apply to this kind or are out of its range.
     fn check_options(&self, opts: &HeadOptions, p: &mut Problems) {
         if opts.draft_vocab.is_some() && !self.takes_draft_vocab() {
@@ -178,7 +195,20 @@ pub trait HeadArch: Sync {
                 false,
                 "draft_vocab",
                 format!(
-                    "works with Clover-2 heads; this head is {}",
+                    "works with Clover-2 and EAGLE-3 heads; this head is {}",
+                    self.kind().name()
+                ),
+            );
+        }
+        for (key, set) in [
+            ("ttt_steps", opts.ttt_steps.is_some()),
+            ("teacher_layers", opts.teacher_layers.is_some()),
+        ] {
+            p.require(
+                !set,
+                key,
+                format!(
+                    "works with EAGLE-3 heads; this head is {}",
                     self.kind().name()
                 ),
             );

@@ -85,14 +85,19 @@ impl DraftVocab {
     /// the draft distribution q and verification all stay in teacher ids and the sampler stays
     /// lossless (q is simply zero outside the vocabulary).
     pub fn logits(&self, o: &Tensor) -> Tensor {
-        let small = self.draft_logits(o);
+        self.scatter(&self.draft_logits(o))
+    }
+
+    /// Draft-space logits [n,N] (the frozen rows' or a head's own lm_head's) placed at their
+    /// teacher ids [n,V], -inf elsewhere.
+    pub fn scatter(&self, small: &Tensor) -> Tensor {
         let rows = small.size()[0];
         Tensor::full(
             [rows, self.vocab_size],
             f64::NEG_INFINITY,
             (small.kind(), small.device()),
         )
-        .index_copy(1, &self.ids, &small)
+        .index_copy(1, &self.ids, small)
     }
 
     /// Teacher-space columns [.., V] -> draft space [.., N].

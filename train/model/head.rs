@@ -25,6 +25,9 @@ pub struct DraftHead {
     /// The trained draft vocabulary (`draft_vocab = N`, EAGLE-3): the head's logits cover only
     /// these tokens. None: the full vocabulary.
     draft_vocab: Option<DraftVocab>,
+    /// The teacher layers whose inputs it reads (`HeadArch::teacher_layers`), resolved against
+    /// its teacher; None: the last pre-norm state u.
+    teacher_layers: Option<Vec<i64>>,
 }
 
 impl DraftHead {
@@ -80,12 +83,20 @@ impl DraftHead {
             .into_iter()
             .map(|x| x.0)
             .collect();
+        let teacher_layers = arch.teacher_layers(&cfg.options, teacher.config.num_hidden_layers);
         let store = HeadStore::new(teacher, cfg, &names, tensors, frozen);
         Ok(DraftHead {
             arch,
             store,
             draft_vocab,
+            teacher_layers,
         })
+    }
+
+    /// The teacher layers whose inputs (concatenated) the head reads in place of u, where it
+    /// reads any (EAGLE-3): what `Teacher::forward_tapped` is asked for.
+    pub fn teacher_layers(&self) -> Option<&[i64]> {
+        self.teacher_layers.as_deref()
     }
 
     /// The head's architecture: its capabilities and kind-specific behaviour.
@@ -191,7 +202,11 @@ impl DraftHead {
     /// outside it.
     pub fn logits_at(&self, depth: i64, o: &Tensor) -> Tensor {
         if let Some(own) = self.arch.own_logits(&self.store, depth, o) {
-            return own;
+            // Over the draft vocabulary when the head has one (EAGLE-3's lm_head).
+            return match &self.draft_vocab {
+                Some(vocab) => vocab.scatter(&own),
+                None => own,
+            };
         }
         match &self.draft_vocab {
             Some(vocab) => vocab.logits(o),
@@ -202,6 +217,9 @@ impl DraftHead {
     /// The logits the training loss sees: `logits_at`, or with a trained draft vocabulary only
     /// its N columns (draft index i = teacher id `ids[i]`).
     pub fn loss_logits_at(&self, depth: i64, o: &Tensor) -> Tensor {
+        if let Some(own) = self.arch.own_logits(&self.store, depth, o) {
+            return own;
+        }
         match &self.draft_vocab {
             Some(vocab) => vocab.draft_logits(o),
             None => self.logits_at(depth, o),

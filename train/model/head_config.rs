@@ -25,6 +25,9 @@ pub enum HeadKind {
     Eagle1,
     /// Medusa-1: one residual SiLU block and vocabulary projection per depth (docs/heads.md §2).
     Medusa,
+    /// EAGLE-3: three teacher layers fused, one decoder layer over [embedding, state], its own
+    /// lm_head over a draft vocabulary, trained with training-time test (docs/heads.md §6).
+    Eagle3,
 }
 
 impl HeadKind {
@@ -33,6 +36,7 @@ impl HeadKind {
             HeadKind::Clover2 => "clover2",
             HeadKind::Eagle1 => "eagle1",
             HeadKind::Medusa => "medusa",
+            HeadKind::Eagle3 => "eagle3",
         }
     }
 }
@@ -43,7 +47,7 @@ impl HeadKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HeadOptions {
-    /// The architecture (`head = "clover2" | "eagle1" | "medusa"`).
+    /// The architecture (`head = "clover2" | "eagle1" | "medusa" | "eagle3"`).
     pub head: HeadKind,
     /// Unrolled draft depths ("num_heads" in the reference): depth 0 + weight-tied depths 1..
     pub num_depths: i64,
@@ -81,6 +85,15 @@ pub struct HeadOptions {
     /// the full vocabulary. Clover-2 only (docs/clover2.md §5.1, `--draft-vocab`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft_vocab: Option<usize>,
+    /// EAGLE-3's training-time test: the draft is unrolled this many steps in training, each
+    /// attending to its own earlier outputs. None = the reference's 7. EAGLE-3 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttt_steps: Option<i64>,
+    /// The teacher layers whose inputs an EAGLE-3 draft reads (low, middle, high); an id equal
+    /// to the teacher's layer count is its last pre-norm state. None = [2, L/2, L-3] of an
+    /// L-layer teacher. EAGLE-3 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_layers: Option<Vec<i64>>,
 }
 
 impl Default for HeadOptions {
@@ -100,6 +113,8 @@ impl Default for HeadOptions {
             regressive_connection: true,
             input_noise: None,
             draft_vocab: None,
+            ttt_steps: None,
+            teacher_layers: None,
         }
     }
 }
@@ -155,6 +170,19 @@ impl HeadOptions {
                 "0 tokens: leave it out for the full vocabulary",
             );
         }
+        if let Some(n) = self.ttt_steps {
+            p.require(n >= 1, "ttt_steps", format!("{n} < 1"));
+        }
+        if let Some(layers) = &self.teacher_layers {
+            let distinct: std::collections::BTreeSet<_> = layers.iter().collect();
+            p.require(
+                !layers.is_empty()
+                    && layers.iter().all(|&l| l >= 0)
+                    && distinct.len() == layers.len(),
+                "teacher_layers",
+                format!("{layers:?} is not a non-empty list of distinct layer ids >= 0"),
+            );
+        }
     }
 }
 
@@ -179,6 +207,10 @@ struct CloverRsSection {
     regressive_connection: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     draft_vocab: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttt_steps: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    teacher_layers: Option<Vec<i64>>,
 }
 
 impl From<&HeadOptions> for CloverSection {
@@ -200,6 +232,8 @@ impl From<&HeadOptions> for CloverRsSection {
             head: o.head,
             regressive_connection: o.regressive_connection,
             draft_vocab: o.draft_vocab,
+            ttt_steps: o.ttt_steps,
+            teacher_layers: o.teacher_layers.clone(),
         }
     }
 }
@@ -301,6 +335,15 @@ impl HeadConfig {
             self.options.init_from_layer,
             cfg.num_hidden_layers
         );
+        if let Some(layers) = &self.options.teacher_layers {
+            ensure!(
+                layers.iter().all(|&l| l <= cfg.num_hidden_layers),
+                "teacher_layers {layers:?} name a layer past the teacher's {} (the last id, {}, \
+                 is its final pre-norm state)",
+                cfg.num_hidden_layers,
+                cfg.num_hidden_layers
+            );
+        }
         Ok(())
     }
 
@@ -339,6 +382,8 @@ impl HeadConfig {
                 head: c.clover_rs.head,
                 regressive_connection: c.clover_rs.regressive_connection,
                 draft_vocab: c.clover_rs.draft_vocab,
+                ttt_steps: c.clover_rs.ttt_steps,
+                teacher_layers: c.clover_rs.teacher_layers,
                 num_depths: c.clover.num_heads,
                 num_layers: c.clover.num_layers,
                 decay: c.clover.decay_coefficient,

@@ -8,11 +8,17 @@ use crate::checks::Problems;
 use crate::model::arch::HeadArch;
 use crate::model::clover2::Clover2;
 use crate::model::eagle1::Eagle1;
+use crate::model::eagle3::Eagle3;
 use crate::model::head_config::{HeadConfig, HeadKind, HeadOptions};
 use crate::model::medusa::Medusa;
 
 /// Every kind, for what must know them all (the file names an export may hold).
-pub const ALL_KINDS: [HeadKind; 3] = [HeadKind::Clover2, HeadKind::Eagle1, HeadKind::Medusa];
+pub const ALL_KINDS: [HeadKind; 4] = [
+    HeadKind::Clover2,
+    HeadKind::Eagle1,
+    HeadKind::Medusa,
+    HeadKind::Eagle3,
+];
 
 /// The architecture of `kind`.
 pub fn arch_of(kind: HeadKind) -> &'static dyn HeadArch {
@@ -20,6 +26,7 @@ pub fn arch_of(kind: HeadKind) -> &'static dyn HeadArch {
         HeadKind::Clover2 => &Clover2,
         HeadKind::Eagle1 => &Eagle1,
         HeadKind::Medusa => &Medusa,
+        HeadKind::Eagle3 => &Eagle3,
     }
 }
 

@@ -111,7 +111,8 @@ impl Rope {
     }
 }
 
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+/// RoPE applied to x [B,heads,S,D] (HF's half-split layout).
+pub(crate) fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let half = x.size()[3] / 2;
     let x1 = x.narrow(-1, 0, half);
     let x2 = x.narrow(-1, half, half);
@@ -201,7 +202,7 @@ impl KvCache {
 
     /// Write `k`,`v` [B,kv,S,D] for `layer` at the committed length and return the full
     /// keys/values [B,kv,len+S,D] the new rows attend over.
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let s = k.size()[2];
         let needed = self.len + s;
         if needed > self.keys[layer].size()[2] {
@@ -383,7 +384,7 @@ impl DecoderLayer {
 }
 
 /// Expand grouped K/V heads [B,kv,L,D] to the query heads [B,kv*groups,L,D].
-fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
+pub(crate) fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
     if groups == 1 {
         return x.shallow_clone();
     }

@@ -164,6 +164,51 @@ impl Teacher {
         x
     }
 
+    /// `forward`, also returning the states a draft reads from inside the teacher (EAGLE-3):
+    /// the input of each decoder layer named in `layers` (an id equal to the layer count is the
+    /// last layer's pre-norm output u), concatenated in the order given, [B,S,len·H]. With no
+    /// layers named that is u itself. Returns (u, those states).
+    pub fn forward_tapped(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        layers: Option<&[i64]>,
+    ) -> (Tensor, Tensor) {
+        let Some(layers) = layers else {
+            let u = self.forward(ids, positions, mask, cache);
+            return (u.shallow_clone(), u);
+        };
+        let mut x = Tensor::embedding(
+            &self.weights["model.embed_tokens.weight"],
+            ids,
+            -1,
+            false,
+            false,
+        );
+        let angles = self.rope.cos_sin(positions);
+        let mut taps: Vec<(usize, Tensor)> = Vec::new();
+        let mut tap = |i: usize, x: &Tensor| {
+            taps.extend(
+                (layers.iter().enumerate())
+                    .filter(|(_, &l)| l == i as i64)
+                    .map(|(at, _)| (at, x.shallow_clone())),
+            )
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            tap(i, &x);
+            x = layer.forward(&x, &angles, mask, cache.as_deref_mut(), i);
+        }
+        tap(self.layers.len(), &x);
+        if let Some(cache) = cache {
+            cache.advance(ids.size()[1]);
+        }
+        taps.sort_by_key(|t| t.0);
+        let states: Vec<Tensor> = taps.into_iter().map(|t| t.1).collect();
+        (x, Tensor::cat(&states, -1))
+    }
+
     pub fn final_norm(&self, u: &Tensor) -> Tensor {
         rms_norm(
             u,

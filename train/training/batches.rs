@@ -121,6 +121,9 @@ pub fn epoch_batches(
 pub struct Batch {
     /// Teacher pre-norm states [B,T,H].
     pub u: Tensor,
+    /// What the head reads: `u`, or the concatenated states of its teacher layers [B,T,kH]
+    /// (EAGLE-3, `make_batch_reading`).
+    pub features: Tensor,
     /// x_{t+1} at position t [B,T] (G4).
     pub next_ids: Tensor,
     /// Shifted 0/1 loss mask [B,T] f32 (last real position and padding are 0).
@@ -200,6 +203,25 @@ pub fn make_batch(
     states: Option<Vec<Tensor>>,
     max_len: usize,
 ) -> Result<Batch> {
+    make_batch_reading(teacher, samples, states, max_len, None)
+}
+
+/// `make_batch` for a head that reads the states of teacher `layers` (EAGLE-3): the teacher
+/// runs in the loop and hands those too. A distillation cache holds only u, so it cannot serve
+/// such a head.
+pub fn make_batch_reading(
+    teacher: &Teacher,
+    samples: &[&Sample],
+    states: Option<Vec<Tensor>>,
+    max_len: usize,
+    layers: Option<&[i64]>,
+) -> Result<Batch> {
+    ensure!(
+        layers.is_none() || states.is_none(),
+        "this head reads teacher layers {:?}, which a distillation cache does not hold: train it \
+         online (leave out distill_cache)",
+        layers.unwrap_or_default()
+    );
     let device = teacher.device();
     ensure!(!samples.is_empty(), "empty batch");
     let width = samples
@@ -229,7 +251,7 @@ pub fn make_batch(
     }
     let shape = [b as i64, width as i64];
     let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-    let u = match states {
+    let (u, features) = match states {
         Some(states) => {
             let h = teacher.config.hidden_size;
             let rows: Vec<Tensor> = states
@@ -246,18 +268,19 @@ pub fn make_batch(
                 "cached states have shape {:?}",
                 u.size()
             );
-            u
+            (u.shallow_clone(), u)
         }
         None => {
             let positions = Tensor::arange(width as i64, (Kind::Int64, device))
                 .unsqueeze(0)
                 .expand(shape, true);
             // Right padding is harmless under causal attention: real rows never see it.
-            tch::no_grad(|| teacher.forward(&ids, &positions, None, None))
+            tch::no_grad(|| teacher.forward_tapped(&ids, &positions, None, None, layers))
         }
     };
     Ok(Batch {
         u,
+        features,
         next_ids: Tensor::from_slice(&next).view(shape).to_device(device),
         mask: Tensor::from_slice(&mask).view(shape).to_device(device),
         tokens,

@@ -521,6 +521,8 @@ impl TrainConfig {
     pub fn head_config(&self, teacher: &Teacher) -> HeadConfig {
         let mut h = HeadConfig::from_teacher(&teacher.config);
         h.options = self.head.clone();
+        crate::model::kinds::arch_of(h.options.head)
+            .training_defaults(&mut h.options, &teacher.config);
         h
     }
 }

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::shards::Sample;
 use crate::model::head::DraftHead;
 use crate::model::teacher::Teacher;
-use crate::training::batches::{epoch_batches, make_batch, Batch};
+use crate::training::batches::{epoch_batches, make_batch_reading, Batch};
 use crate::training::config::TrainConfig;
 use crate::training::loss::BatchLoss;
 use crate::training::metrics::EvalRecord;
@@ -51,8 +51,9 @@ pub fn evaluate(
         let batches = epoch_batches(&lengths, cfg.tokens_per_pass(), eval.len().max(1), 0, 0);
         for idx in batches {
             let samples: Vec<&Sample> = idx.iter().map(|&i| &eval[i]).collect();
-            let batch = make_batch(teacher, &samples, None, cfg.max_len)?;
-            let outs = head.depth_outputs(&batch.u, &batch.next_ids);
+            let batch =
+                make_batch_reading(teacher, &samples, None, cfg.max_len, head.teacher_layers())?;
+            let outs = head.depth_outputs(&batch.features, &batch.next_ids);
             let parts = BatchLoss {
                 teacher,
                 u: &batch.u,
@@ -151,7 +152,7 @@ fn chained_hits(
     let positions = Tensor::arange(t, (Kind::Int64, batch.u.device()))
         .unsqueeze(0)
         .expand([b, t], true);
-    let (o0, s0) = head.depth0(&batch.u, &batch.next_ids, &positions, None, None);
+    let (o0, s0) = head.depth0(&batch.features, &batch.next_ids, &positions, None, None);
     let hdim = o0.size()[2];
     let mut o = o0.reshape([-1, hdim]).index_select(0, &rows_t);
     let mut s = s0.reshape([-1, hdim]).index_select(0, &rows_t);

@@ -18,6 +18,16 @@ use crate::model::head_config::HeadConfig;
 use crate::model::kinds::{arch_of, ALL_KINDS};
 use crate::outputs::write_marker;
 
+/// The layout `clover export` writes, parsed once from `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// The head kind's reference layout, which clover reads back (`DraftHead::load`).
+    #[default]
+    Clover,
+    /// vLLM speculators' (EAGLE-3 heads), for `vllm serve` and speculators' loader.
+    Speculators,
+}
+
 /// The command an export's marker names.
 pub const EXPORT_COMMAND: &str = "clover export";
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod distill_loss;
 pub mod evaluate;
 pub mod export;
+pub mod export_speculators;
 pub mod loss;
 pub mod metrics;
 pub mod optimizer;

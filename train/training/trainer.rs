@@ -30,7 +30,7 @@ use crate::model::finite::non_finite_count;
 use crate::model::head::{read_head_tensors, DraftHead};
 use crate::model::teacher::Teacher;
 use crate::progress::Progress;
-use crate::training::batches::{depth_counts, epoch_steps, make_batch, rank_shares, Step};
+use crate::training::batches::{depth_counts, epoch_steps, make_batch_reading, rank_shares, Step};
 use crate::training::checkpoint::{
     checkpoints_dir, list_checkpoints, load_state, recorded_best, save_best, save_checkpoint, Best,
     CheckpointState, CK_HEAD, CK_OPTIM,
@@ -341,13 +341,8 @@ struct Run<'a> {
 /// (in teacher-id order, as EAGLE-3's `d2t`); a head from `init_from` must already have N.
 /// Resuming recomputes the same vocabulary from the same data, and `load_tensors` checks it
 /// against the checkpoint's.
-fn give_draft_vocab(
-    head: &mut DraftHead,
-    cfg: &TrainConfig,
-    samples: &[Sample],
-    group: Option<&Group>,
-) -> Result<()> {
-    let Some(n) = cfg.head.draft_vocab else {
+fn give_draft_vocab(head: &mut DraftHead, samples: &[Sample], group: Option<&Group>) -> Result<()> {
+    let Some(n) = head.config().options.draft_vocab else {
         return Ok(());
     };
     ensure!(
@@ -452,7 +447,7 @@ fn build_head(
         }
         None => DraftHead::new(teacher, cfg.head_config(teacher), cfg.seed as i64)?,
     };
-    give_draft_vocab(&mut head, cfg, trained, group)?;
+    give_draft_vocab(&mut head, trained, group)?;
     if let Some(kind) = cfg.autocast_kind(teacher.device()) {
         head.set_compute_kind(kind);
     }
@@ -743,7 +738,13 @@ impl<'a> Run<'a> {
     ) -> Result<(Vec<DepthLoss>, usize)> {
         let (cfg, teacher) = (self.cfg, self.teacher);
         let samples: Vec<&Sample> = idx.iter().map(|&i| &source.samples()[i]).collect();
-        let batch = make_batch(teacher, &samples, states_for(source, idx)?, cfg.max_len)?;
+        let batch = make_batch_reading(
+            teacher,
+            &samples,
+            states_for(source, idx)?,
+            cfg.max_len,
+            self.head.teacher_layers(),
+        )?;
         // EAGLE-1's input noise: one seed per (run, step, micro-batch), so a resumed run draws
         // the same noise.
         let noise_seed = (cfg.seed as i64)
@@ -751,7 +752,7 @@ impl<'a> Run<'a> {
             .wrapping_add((step as i64) * 4096 + idx.first().copied().unwrap_or(0) as i64);
         let outs = self
             .head
-            .training_outputs(&batch.u, &batch.next_ids, noise_seed);
+            .training_outputs(&batch.features, &batch.next_ids, noise_seed);
         let head = &self.head;
         let lm_head = |i: usize, o: &Tensor| head.loss_logits_at(i as i64, o);
         let mut parts = BatchLoss {

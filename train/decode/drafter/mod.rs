@@ -21,7 +21,8 @@ pub use tree_attention::TreeAttentionDrafter;
 pub trait Drafter {
     /// Start a new generation: forget all committed positions.
     fn reset(&mut self);
-    /// Append committed positions: teacher pre-norm states `u` [1,n,H], each paired with the
+    /// Append committed positions: teacher pre-norm states `u` [1,n,H] (or the states of
+    /// `teacher_layers`, concatenated), each paired with the
     /// token that follows it, `next_ids` [1,n] (G4). Returns depth-0 (logits [1,V], state [1,H])
     /// at the last position.
     fn extend(&mut self, u: &Tensor, next_ids: &Tensor) -> Result<(Tensor, Tensor)>;
@@ -29,6 +30,11 @@ pub trait Drafter {
     /// (logits [n,V], states [n,H]). States are opaque to the caller, which only gathers their
     /// rows by parent (`TreeAttentionDrafter`'s are draft-row ids [n]).
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// The teacher layers whose inputs (concatenated) `extend` takes in place of u, for a
+    /// drafter that reads them (EAGLE-3, `DraftHead::teacher_layers`); None: u.
+    fn teacher_layers(&self) -> Option<&[i64]> {
+        None
+    }
 }
 
 /// Size of the vocabulary a head drafts from: the sliced `vocab` (`--draft-vocab`), the head's

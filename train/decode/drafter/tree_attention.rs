@@ -1,5 +1,5 @@
 //! Tree drafting for heads whose depths >= 1 attend over the tree (`HeadArch::attends_over_tree`:
-//! EAGLE-1, docs/heads.md §1.3). Unlike Clover-2's and Medusa's depths >= 1, such a head's
+//! EAGLE-1 and EAGLE-3, docs/heads.md §1.3, §6.4). Unlike Clover-2's and Medusa's depths >= 1, such a head's
 //! decoder layer runs at every depth: a tree node at depth k attends to the committed
 //! prefix, to its own ancestors in the tree and to itself, at position L + k - 1. The drafter
 //! keeps its KV cache in two parts: committed rows (append-only, as G9) and this step's tree rows
@@ -67,7 +67,7 @@ impl Drafter for TreeAttentionDrafter<'_> {
         self.ancestors = Tensor::ones([1, 1], (Kind::Bool, device));
         self.depth = 1;
         let row0 = Tensor::zeros([1], (Kind::Int64, device));
-        Ok((self.head.logits(&last), row0))
+        Ok((self.head.logits_at(0, &last), row0))
     }
 
     fn step(&mut self, states: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -116,8 +116,13 @@ impl Drafter for TreeAttentionDrafter<'_> {
         );
         self.ancestors = Tensor::cat(&[padded, new_rows], 0);
         self.features = Tensor::cat(&[&self.features, &f], 0);
+        let logits = self.head.logits_at(self.depth, &f);
         self.depth += 1;
         let ids = Tensor::arange_start(rows, rows + n, (Kind::Int64, device));
-        Ok((self.head.logits(&f), ids))
+        Ok((logits, ids))
+    }
+
+    fn teacher_layers(&self) -> Option<&[i64]> {
+        self.head.teacher_layers()
     }
 }
