@@ -595,6 +595,8 @@ fn best_checkpoint_follows_the_tau_estimate_through_pruning_and_export() {
         overwrite: false,
         with_frozen: false,
         model: None,
+        format: clover::training::export::ExportFormat::Clover,
+        verifier: None,
     })
     .unwrap();
     let loaded = DraftHead::load(&exported, &teacher).unwrap();
