@@ -151,7 +151,7 @@ impl TreePolicy for GrownTree {
     ) -> Result<DraftedStep<'p>> {
         let grown = draft_dynamic(drafter, logits0, state0, &self.shape, sampling)?;
         Ok(DraftedStep {
-            plan: PlanOf::Grown(VerifyPlan::new(&grown.tree, self.device)),
+            plan: PlanOf::Grown(VerifyPlan::owning(grown.tree, self.device)),
             tokens: grown.tokens,
             q: grown.q,
         })

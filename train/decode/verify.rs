@@ -24,7 +24,7 @@ pub struct Accepted {
 
 /// Device buffers for drafting and verifying one tree.
 pub struct VerifyPlan {
-    /// The tree (a copy: a grown tree's plan outlives the drafting that made it).
+    /// The tree it plans (owned: a grown tree's plan outlives the drafting that made it).
     pub tree: Tree,
     pub tensors: TreeTensors,
     /// retrieve_indices with -1 replaced by n (an appended pad slot).
@@ -40,6 +40,11 @@ pub struct VerifyPlan {
 
 impl VerifyPlan {
     pub fn new(tree: &Tree, device: Device) -> Self {
+        Self::owning(tree.clone(), device)
+    }
+
+    /// As `new`, keeping `tree` itself (a tree grown for one step is not copied).
+    pub fn owning(tree: Tree, device: Device) -> Self {
         let n = tree.len() as i64;
         let width = tree.max_depth() as i64 + 1;
         let retrieve: Vec<i64> = tree
@@ -64,8 +69,8 @@ impl VerifyPlan {
             .view([n, max_children as i64])
             .to_device(device);
         Self {
-            tree: tree.clone(),
             tensors: tree.to_device(device),
+            tree,
             retrieve_ext: Tensor::from_slice(&retrieve)
                 .view([-1, width])
                 .to_device(device),

@@ -74,32 +74,9 @@ pub fn export_head(
     frozen: Option<&Tensor>,
     out: &Path,
 ) -> Result<()> {
-    check_head_tensors(cfg, tensors, "export")?;
     let arch = arch_of(cfg.options.head);
     let config = export_config(cfg, teacher_config)?;
-    let mut all: BTreeMap<String, Tensor> = arch
-        .trainable_shapes(cfg)
-        .into_iter()
-        .map(|(n, _)| (n.clone(), tensors[&n].to_kind(Kind::Float)))
-        .collect();
-    if let Some(d2t) = tensors.get(D2T) {
-        // EAGLE-3's pair: the offsets, and the membership mask its loaders also read.
-        for (name, t) in mapping_of_d2t(d2t, cfg.vocab_size)? {
-            all.insert(name.to_string(), t);
-        }
-    }
-    if let Some(w) = frozen {
-        ensure!(
-            w.size() == [cfg.vocab_size, cfg.hidden_size],
-            "frozen teacher weight has shape {:?}, expected [{}, {}]",
-            w.size(),
-            cfg.vocab_size,
-            cfg.hidden_size
-        );
-        for name in arch.frozen_names() {
-            all.insert((*name).into(), w.to_kind(Kind::Float));
-        }
-    }
+    let all = export_tensors(cfg, tensors, frozen)?;
     let weights_file = arch.weights_file();
     // All or nothing: the head is written into a temporary directory, read back as a head, and
     // only then renamed to `out`, so a full disk never leaves half an export.
@@ -121,4 +98,40 @@ pub fn export_head(
         );
         Ok(())
     })
+}
+
+/// The state dict an export writes, after checking every required key and shape: the
+/// trainable tensors in f32, the draft vocabulary's `d2t`/`t2d` pair (EAGLE-3's: the offsets,
+/// and the membership mask its loaders also read), and `frozen` under the kind's
+/// `frozen_names`.
+pub fn export_tensors(
+    cfg: &HeadConfig,
+    tensors: &BTreeMap<String, Tensor>,
+    frozen: Option<&Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
+    check_head_tensors(cfg, tensors, "export")?;
+    let arch = arch_of(cfg.options.head);
+    let mut all: BTreeMap<String, Tensor> = arch
+        .trainable_shapes(cfg)
+        .into_iter()
+        .map(|(n, _)| (n.clone(), tensors[&n].to_kind(Kind::Float)))
+        .collect();
+    if let Some(d2t) = tensors.get(D2T) {
+        for (name, t) in mapping_of_d2t(d2t, cfg.vocab_size)? {
+            all.insert(name.to_string(), t);
+        }
+    }
+    if let Some(w) = frozen {
+        ensure!(
+            w.size() == [cfg.vocab_size, cfg.hidden_size],
+            "frozen teacher weight has shape {:?}, expected [{}, {}]",
+            w.size(),
+            cfg.vocab_size,
+            cfg.hidden_size
+        );
+        for name in arch.frozen_names() {
+            all.insert((*name).into(), w.to_kind(Kind::Float));
+        }
+    }
+    Ok(all)
 }

@@ -9,12 +9,10 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Map, Value};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::data::jobfiles::publish_dir;
 use crate::formats::safetensors::write_tensors;
-use crate::model::draft_vocab::{mapping_of_d2t, D2T};
-use crate::model::head::check_head_tensors;
 use crate::model::head_config::HeadConfig;
 use crate::model::kinds::arch_of;
 use crate::outputs::write_marker;
@@ -150,24 +148,8 @@ pub fn export_speculators(
     frozen: Option<&Tensor>,
     out: &Path,
 ) -> Result<()> {
-    check_head_tensors(cfg, tensors, "export")?;
-    let arch = arch_of(cfg.options.head);
     let config = speculators_config(cfg, teacher_config, verifier)?;
-    let mut all: BTreeMap<String, Tensor> = arch
-        .trainable_shapes(cfg)
-        .into_iter()
-        .map(|(n, _)| (n.clone(), tensors[&n].to_kind(Kind::Float)))
-        .collect();
-    if let Some(d2t) = tensors.get(D2T) {
-        for (name, t) in mapping_of_d2t(d2t, cfg.vocab_size)? {
-            all.insert(name.to_string(), t);
-        }
-    }
-    if let Some(w) = frozen {
-        for name in arch.frozen_names() {
-            all.insert((*name).into(), w.to_kind(Kind::Float));
-        }
-    }
+    let all = crate::training::export::export_tensors(cfg, tensors, frozen)?;
     publish_dir(out, |dir| {
         write_marker(dir, EXPORT_COMMAND)?;
         write_tensors(&dir.join("model.safetensors"), &all)?;
